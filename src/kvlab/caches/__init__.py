@@ -1,0 +1,11 @@
+"""Cache policies: transformers caches that `model(...)` and `model.generate(...)` accept.
+
+Importing this package registers the built-in policies; `RunSpec` looks them up by name.
+"""
+
+from kvlab.caches.registry import CachePolicy, make_policy, parse_policy, policy_class, policy_names, register
+
+# Built-in policies register themselves on import.
+from kvlab.caches import dynamic as _dynamic  # noqa: F401,E402
+
+__all__ = ["CachePolicy", "make_policy", "parse_policy", "policy_class", "policy_names", "register"]

@@ -1,0 +1,85 @@
+"""`kvlab capture`: run a model greedily (or teacher-forced) and save its KV cache as a snapshot."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from kvlab.cli.common import console, json_option, quiet_option, read_prompt, write_json
+
+
+@click.command("capture")
+@click.option("--model", "-m", "model_spec", default="smollm2", show_default=True, help="Model spec (see `kvlab models`).")
+@click.option("--prompt", "-p", default=None, help="Prompt text.")
+@click.option("--prompt-file", default=None, metavar="FILE", help="Read the prompt from FILE ('-' for stdin).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt as one user turn in the model's chat template.")
+@click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--run", "run_text", default="", metavar="SPEC",
+              help="Run spec, e.g. 'dtype=bfloat16,attn=eager,cache=dynamic'.")
+@click.option("--force-tokens", default=None, metavar="GOLDEN",
+              help="Teacher-force: feed the token ids of this golden snapshot instead of the model's own.")
+@click.option("--top-k", type=click.IntRange(min=1), default=20, show_default=True,
+              help="How many top logits per step to keep in meta.json.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
+@click.option("--out", "-o", required=True, metavar="DIR", help="Snapshot folder to write (replaced if it is one).")
+@json_option
+@quiet_option
+def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_text, force_tokens, top_k,
+                    ignore_eos, out, json_path, quiet) -> None:
+    """Greedy generation that records the final KV cache, the token ids and per-step logits.
+
+    The snapshot (kv.safetensors + meta.json + logits.safetensors) is written atomically to
+    --out. With --force-tokens the model is fed the golden run's tokens (teacher forcing), so
+    its cache can be compared position by position with the golden one.
+    """
+    from kvlab.capture import capture
+    from kvlab.models import load_model
+    from kvlab.progress import progress_bar
+    from kvlab.runspec import RunSpec
+    from kvlab.snapshot import Snapshot
+
+    run = RunSpec.parse(run_text)
+    golden = Snapshot.load(force_tokens) if force_tokens else None
+    text = read_prompt(prompt, prompt_file, required=golden is None)
+    loaded = load_model(model_spec, run, progress=not quiet)
+    tokens = loaded.encode(text, chat=chat) if text is not None else None
+    steps = len(golden.token_ids) - golden.n_prompt if golden is not None else max_new_tokens
+    started = time.perf_counter()
+    with progress_bar(steps, "capture", enabled=not quiet) as advance:
+        snap = capture(loaded, tokens, run, force=golden, max_new_tokens=max_new_tokens, top_k=top_k,
+                       stop_at_eos=not ignore_eos, on_step=advance)
+    elapsed = time.perf_counter() - started
+    snap.save(out)
+
+    generated = snap.token_ids[snap.n_prompt:]
+    k0 = snap.keys(0)
+    cache_bytes = sum(snap.keys(i).nbytes + snap.values(i).nbytes for i in range(snap.n_layers))
+    summary = {
+        "out": out,
+        "model": snap.model,
+        "run": snap.run,
+        "n_prompt": snap.n_prompt,
+        "n_generated": len(generated),
+        "teacher_forced": golden is not None,
+        "seconds": elapsed,
+        "tokens_per_s": len(generated) / elapsed if elapsed > 0 else None,
+        "cache_shape": list(k0.shape),
+        "cache_bytes": cache_bytes,
+        "text": loaded.decode(generated),
+    }
+    if json_path != "-":
+        con = console()
+        con.print(f"[bold]{model_spec}[/bold]  run: {snap.run}")
+        con.print(f"prompt: {snap.n_prompt} tokens  generated: {len(generated)} tokens "
+                  f"in {elapsed:.2f}s ({summary['tokens_per_s']:.1f} tok/s)"
+                  + ("  (teacher-forced)" if golden is not None else ""))
+        con.print(f"cache: {snap.n_layers} layers x {tuple(k0.shape)} {k0.dtype}, {cache_bytes / 2**20:.2f} MiB")
+        con.rule("generated text")
+        con.print(summary["text"], markup=False)
+        con.rule()
+        con.print(f"snapshot written to {out}")
+    write_json(json_path, summary)
+
+
+COMMANDS = [capture_command]

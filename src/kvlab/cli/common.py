@@ -1,0 +1,64 @@
+"""Helpers the commands share: JSON output, consoles, reading prompts, run specs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kvlab.errors import KvlabError
+
+
+def console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def write_json(path: str | None, data: Any) -> None:
+    """Write `data` as JSON to `path` atomically (`-` means stdout); nothing when path is None."""
+    if path is None:
+        return
+    text = json.dumps(data, indent=2, default=_jsonable) + "\n"
+    if path == "-":
+        sys.stdout.write(text)
+        return
+    from kvlab.atomic import write_text_atomic
+
+    write_text_atomic(path, text)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None, required: bool = True) -> str | None:
+    """The prompt text from --prompt or --prompt-file (`-` reads stdin); exactly one of them."""
+    if prompt is not None and prompt_file is not None:
+        raise click.UsageError("give --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        if prompt_file == "-":
+            return sys.stdin.read()
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise KvlabError(f"prompt file {path} does not exist")
+        try:
+            return path.read_text()
+        except UnicodeDecodeError:
+            raise KvlabError(f"prompt file {path} is not UTF-8 text") from None
+    if prompt is None and required:
+        raise click.UsageError("give --prompt TEXT or --prompt-file FILE")
+    return prompt
+
+
+json_option = click.option(
+    "--json", "json_path", metavar="FILE", default=None, help="Also write the figures as JSON to FILE ('-' for stdout)."
+)
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")

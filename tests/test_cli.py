@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from kvlab.snapshot import Snapshot
+
+
+def test_help_lists_every_command(cli):
+    code, out, _ = cli("--help")
+    assert code == 0
+    for command in ("models", "capture"):
+        assert command in out
+
+
+@pytest.mark.parametrize("command", ["models", "capture"])
+def test_each_command_has_help(cli, command):
+    code, out, _ = cli(command, "--help")
+    assert code == 0 and "Usage:" in out and len(out.splitlines()) > 5
+
+
+def test_models_json(cli, tmp_path):
+    code, _, _ = cli("models", "--json", tmp_path / "m.json")
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert code == 0 and data["models"][0]["name"] == "smollm2"
+
+
+def test_capture_then_teacher_force(cli, tmp_path):
+    code, out, err = cli("capture", "-m", "tiny-llama", "-p", "hello there", "-n", "6", "--out", tmp_path / "g",
+                         "--json", tmp_path / "g.json", "-q")
+    assert code == 0, err
+    golden = Snapshot.load(tmp_path / "g")
+    assert len(golden.token_ids) == golden.n_prompt + 6
+    assert json.loads((tmp_path / "g.json").read_text())["n_generated"] == 6
+    code, out, err = cli("capture", "-m", "tiny-llama", "--force-tokens", tmp_path / "g", "--run", "dtype=bfloat16",
+                         "--out", tmp_path / "t", "-q")
+    assert code == 0, err
+    test = Snapshot.load(tmp_path / "t")
+    assert test.token_ids == golden.token_ids and "teacher-forced" in out
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["capture", "-m", "tiny-llama", "-p", "x", "--run", "dtype=fp4", "--out", "{tmp}/o"], "dtype=fp4"),
+        (["capture", "-m", "tiny-llama", "--out", "{tmp}/o"], "--prompt"),
+        (["capture", "-m", "nope", "-p", "x", "--out", "{tmp}/o"], "unknown model"),
+        (["capture", "-m", "tiny-llama", "--force-tokens", "{tmp}/missing", "--out", "{tmp}/o"], "no snapshot"),
+        (["capture", "-m", "tiny-llama", "--prompt-file", "{tmp}/none.txt", "--out", "{tmp}/o"], "does not exist"),
+        (["capture", "-m", "tiny-llama", "-p", "x", "-n", "0", "--out", "{tmp}/o"], "max-new-tokens"),
+        (["capture", "-m", "tiny-llama", "-p", "x", "--chat", "--run", "cache=dynamic:q=1", "--out", "{tmp}/o"],
+         "unknown parameter"),
+        (["nonsense"], "No such command"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(cli, tmp_path, args, fragment):
+    code, out, err = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_module_entry_point_runs():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "kvlab", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and "kvlab" in result.stdout
