@@ -65,7 +65,7 @@ def capture(
     logits_rows: list[torch.Tensor] = []
     try:
         cache = policy.build(hf_model, batch_size=1, max_length=len(prompt) + n_steps)
-        with policy.session(hf_model), torch.inference_mode():
+        with policy.session(hf_model), torch.no_grad():
             feed = torch.tensor([prompt], dtype=torch.long, device=device)
             mask = torch.ones_like(feed)
             for step in range(n_steps):

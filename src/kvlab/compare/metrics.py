@@ -1,0 +1,77 @@
+"""Element-wise error metrics between a golden tensor and a test tensor.
+
+Everything is computed in float64 from the two tensors element by element: max abs error,
+relative L2 error and cosine similarity, either over a whole tensor or per (head, position)
+of a `[batch, heads, seq, head_dim]` cache. Never from sums of outputs, which hide
+cancelling errors and layout mistakes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+_TINY = 1e-30
+
+
+@dataclass(frozen=True)
+class Errors:
+    max_abs: float
+    rel_l2: float
+    cosine: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def tensor_errors(golden: torch.Tensor, test: torch.Tensor) -> Errors:
+    """Max abs error, relative L2 error (||t - g|| / ||g||) and cosine over whole tensors."""
+    if golden.shape != test.shape:
+        raise ValueError(f"shape mismatch: golden {tuple(golden.shape)} vs test {tuple(test.shape)}")
+    g = golden.detach().to(torch.float64).reshape(-1)
+    t = test.detach().to(torch.float64).reshape(-1)
+    diff = t - g
+    max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+    g_norm = float(torch.linalg.vector_norm(g))
+    rel = float(torch.linalg.vector_norm(diff)) / max(g_norm, _TINY)
+    denom = g_norm * float(torch.linalg.vector_norm(t))
+    cosine = float(torch.dot(g, t)) / denom if denom > _TINY else (1.0 if float(diff.abs().max(initial=0)) == 0 else 0.0)
+    return Errors(max_abs=max_abs, rel_l2=rel, cosine=cosine)
+
+
+def error_maps(golden: torch.Tensor, test: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per (batch, head, position) errors of `[batch, heads, seq, head_dim]` tensors.
+
+    Returns float64 tensors `[batch, heads, seq]` named max_abs, rel_l2 and cosine; the
+    reduction is over head_dim only.
+    """
+    if golden.shape != test.shape:
+        raise ValueError(f"shape mismatch: golden {tuple(golden.shape)} vs test {tuple(test.shape)}")
+    g = golden.detach().to(torch.float64)
+    t = test.detach().to(torch.float64)
+    diff = t - g
+    g_norm = torch.linalg.vector_norm(g, dim=-1)
+    t_norm = torch.linalg.vector_norm(t, dim=-1)
+    d_norm = torch.linalg.vector_norm(diff, dim=-1)
+    rel = d_norm / g_norm.clamp_min(_TINY)
+    dot = (g * t).sum(-1)
+    denom = g_norm * t_norm
+    both_zero = (g_norm <= _TINY) & (t_norm <= _TINY)
+    cosine = torch.where(denom > _TINY, dot / denom.clamp_min(_TINY), both_zero.to(torch.float64))
+    return {"max_abs": diff.abs().amax(dim=-1), "rel_l2": rel, "cosine": cosine}
+
+
+def kl_divergence(golden_logits: torch.Tensor, test_logits: torch.Tensor) -> torch.Tensor:
+    """KL(golden || test) per row of `[steps, vocab]` logits, in float64 (nats)."""
+    g = torch.log_softmax(golden_logits.to(torch.float64), dim=-1)
+    t = torch.log_softmax(test_logits.to(torch.float64), dim=-1)
+    return (g.exp() * (g - t)).sum(-1)
+
+
+def first_mismatch(golden_tokens: list[int], test_tokens: list[int]) -> int | None:
+    """Index of the first step where the two token lists differ (None when they agree)."""
+    for i, (a, b) in enumerate(zip(golden_tokens, test_tokens)):
+        if a != b:
+            return i
+    return None

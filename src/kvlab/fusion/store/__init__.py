@@ -1,0 +1,13 @@
+"""Chunk stores: where precomputed chunk caches live (a folder, Redis, or memory)."""
+
+from kvlab.fusion.store.base import (
+    ChunkStore,
+    CorruptChunkError,
+    EntryInfo,
+    MemoryStore,
+    StoreError,
+    check_entry,
+    open_store,
+)
+
+__all__ = ["ChunkStore", "CorruptChunkError", "EntryInfo", "MemoryStore", "StoreError", "check_entry", "open_store"]
