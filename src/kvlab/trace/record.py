@@ -1,0 +1,317 @@
+"""Record a trace: q, k, v, mask and attention output of chosen layers at each step.
+
+The recording goes through transformers' own interface: an attention function registered
+with `AttentionInterface` (and a mask function with `AttentionMaskInterface`) under the name
+`kvlab_trace`, which lets the implementation the run uses compute the attention, keeps a copy
+of its inputs and output for the chosen layers, and returns the output untouched. The model is
+switched to it only inside `TraceRecorder`'s `with` block, which always switches it back; the
+run's cache policy session (a quantized cache's own attention, say) stays underneath it.
+
+A quantized cache adds its raw payload the way it does for snapshots: its policy's `export`
+returns extras `layers.{i}.keys.q` / `layers.{i}.values.q` (and `.q.{part}` for scales or zero
+points); they are stored as `blk.{i}.step.{n}.k_quant` / `v_quant` (`.k_quant.{part}`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvlab import __version__
+from kvlab.errors import KvlabError
+from kvlab.runspec import RunSpec
+from kvlab.trace.format import TraceError, layer_key, step_key, tensor_name
+from kvlab.trace.writer import TraceWriter
+
+ATTENTION_NAME = "kvlab_trace"
+_ACTIVE: contextvars.ContextVar["TraceRecorder | None"] = contextvars.ContextVar("kvlab_trace_recorder", default=None)
+_QUANT_EXTRA = re.compile(r"^layers\.(\d+)\.(keys|values)\.q(?:\.([A-Za-z0-9_]+))?$")
+_OUT_PERMUTE = (0, 2, 1, 3)  # q and out are kept as ggml holds them: [head_dim, n_head, n_tokens]
+
+
+@dataclass
+class AttentionRecord:
+    """What one layer's attention saw and produced at one step (torch layout, on CPU)."""
+
+    q: torch.Tensor  # [batch, heads, q_len, head_dim]
+    k: torch.Tensor  # [batch, kv_heads, kv_len, head_dim]
+    v: torch.Tensor
+    mask: torch.Tensor  # additive, [batch | 1, 1, q_len, kv_len]
+    out: torch.Tensor  # [batch, heads, q_len, head_dim]
+    scale: float | None
+    softcap: float | None
+
+
+def _traced_attention(module, query, key, value, attention_mask, **kwargs):
+    recorder = _ACTIVE.get()
+    if recorder is None:
+        raise KvlabError(f"attn={ATTENTION_NAME} only works inside kvlab.trace.TraceRecorder")
+    return recorder.attend(module, query, key, value, attention_mask, **kwargs)
+
+
+def _traced_mask(*args, **kwargs):
+    recorder = _ACTIVE.get()
+    build = recorder.mask_function if recorder is not None else None
+    return build(*args, **kwargs) if build is not None else None
+
+
+def _register_once() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if AttentionInterface._global_mapping.get(ATTENTION_NAME) is not _traced_attention:
+        AttentionInterface.register(ATTENTION_NAME, _traced_attention)
+    if AttentionMaskInterface._global_mapping.get(ATTENTION_NAME) is not _traced_mask:
+        AttentionMaskInterface.register(ATTENTION_NAME, _traced_mask)
+
+
+class TraceRecorder:
+    """`with TraceRecorder(model, layers):` records the attention of `layers` while `active`.
+
+    The attention implementation the model had on entry keeps computing; on exit (error or
+    not) the model gets it back. `step` names the forward pass the records belong to.
+    """
+
+    def __init__(self, model, layers: Sequence[int]) -> None:
+        self.model = model
+        self.layers = set(int(layer) for layer in layers)
+        self.step = 0
+        self.active = True
+        self.records: dict[tuple[int, int], AttentionRecord] = {}
+        self._previous: str | None = None
+        self._token = None
+        self.mask_function: Callable | None = None
+        self._modules = {id(m) for m in model.modules()}
+
+    def __enter__(self) -> "TraceRecorder":
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        from kvlab.models import apply_attention
+
+        _register_once()
+        self._previous = self.model.config._attn_implementation
+        if self._previous == ATTENTION_NAME:
+            raise KvlabError("a trace is already being recorded on this model")
+        self.mask_function = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(self._previous)
+        self._token = _ACTIVE.set(self)
+        try:
+            apply_attention(self.model, ATTENTION_NAME)
+        except BaseException:
+            _ACTIVE.reset(self._token)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from kvlab.models import apply_attention
+
+        try:
+            apply_attention(self.model, self._previous)
+        finally:
+            _ACTIVE.reset(self._token)
+
+    def _delegate(self, module) -> Callable:
+        from transformers import AttentionInterface
+
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        return AttentionInterface().get_interface(self._previous, eager)
+
+    def attend(self, module, query, key, value, attention_mask, **kwargs):
+        out, weights = self._delegate(module)(module, query, key, value, attention_mask, **kwargs)
+        layer = getattr(module, "layer_idx", None)
+        if self.active and layer in self.layers and id(module) in self._modules:
+            self.records[(layer, self.step)] = AttentionRecord(
+                q=_copy(query),
+                k=_copy(key),
+                v=_copy(value),
+                mask=additive_mask(attention_mask, query.shape[2], key.shape[2]),
+                out=_copy(out.transpose(1, 2)),  # attention functions return [batch, q_len, heads, head_dim]
+                scale=_number(kwargs.get("scaling", getattr(module, "scaling", None))),
+                softcap=_number(kwargs.get("softcap")),
+            )
+        return out, weights
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
+def _number(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def additive_mask(mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tensor:
+    """The mask an attention kernel got, as an additive float32 `[b, 1, q_len, kv_len]` (0 or -inf).
+
+    None (the kernel's own causal rule) becomes the causal mask of the last q_len positions;
+    boolean masks (True = attend) and additive ones (eager's dtype minimum) become 0 / -inf.
+    """
+    if mask is None:
+        positions = torch.arange(q_len)[:, None] + (kv_len - q_len)
+        allowed = torch.arange(kv_len)[None, :] <= positions
+        return torch.zeros(1, 1, q_len, kv_len).masked_fill(~allowed, float("-inf"))
+    mask = mask.detach().to("cpu")[..., -q_len:, :kv_len]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    blocked = mask <= torch.finfo(mask.dtype).min / 2
+    return mask.to(torch.float32).masked_fill(blocked, float("-inf"))
+
+
+# ---- the recording run --------------------------------------------------------------------------
+@dataclass
+class TraceSummary:
+    """What `record_trace` wrote."""
+
+    path: Path
+    layers: list[int]
+    steps: list[int]
+    token_ids: list[int]
+    n_prompt: int
+    tensors: dict[str, list[int]] = field(default_factory=dict)  # name -> torch shape
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"out": str(self.path), "layers": self.layers, "steps": self.steps, "token_ids": self.token_ids,
+                "n_prompt": self.n_prompt, "n_tensors": len(self.tensors), "bytes": self.bytes,
+                "seconds": self.seconds}
+
+
+def record_trace(
+    model,
+    tokens: Sequence[int],
+    run: RunSpec | str | None = None,
+    *,
+    layers: Sequence[int],
+    steps: int,
+    out: str | os.PathLike,
+    prefill: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> TraceSummary:
+    """Generate `steps` tokens greedily after the prompt and write the chosen layers' attention.
+
+    Step 0 is the prompt's forward pass (recorded only with `prefill`), steps 1..`steps` the
+    decode steps, each feeding the previous greedy token. The trace is written atomically to
+    `out` in ggml conventions (see kvlab.trace.format).
+    """
+    from kvlab.capture import _unwrap
+    from kvlab.models import apply_attention, model_shape
+
+    hf_model, describe = _unwrap(model)
+    run = RunSpec.parse(run).resolve(hf_model)
+    if run.tp != 1:
+        raise KvlabError("traces are recorded with tp=1")
+    prompt = [int(t) for t in tokens]
+    if not prompt:
+        raise KvlabError("recording a trace needs at least one prompt token")
+    if steps < 1:
+        raise KvlabError(f"steps must be at least 1, got {steps}")
+    shape = model_shape(hf_model.config)
+    layers = sorted(set(int(layer) for layer in layers))
+    bad = [layer for layer in layers if not 0 <= layer < shape["n_layers"]]
+    if bad or not layers:
+        raise KvlabError(f"layers {bad or '(none)'}: the model has layers 0..{shape['n_layers'] - 1}")
+    policy = run.policy
+    started = time.perf_counter()
+    previous_attn = hf_model.config._attn_implementation
+    apply_attention(hf_model, run.attn)
+    ids = list(prompt)
+    quant: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    try:
+        cache = policy.build(hf_model, batch_size=1, max_length=len(prompt) + steps + 1)
+        with policy.session(hf_model), TraceRecorder(hf_model, layers) as recorder, torch.no_grad():
+            feed = torch.tensor([prompt], dtype=torch.long, device=hf_model.device)
+            mask = torch.ones_like(feed)
+            for step in range(steps + 1):
+                recorder.step, recorder.active = step, step > 0 or prefill
+                result = hf_model(input_ids=feed, attention_mask=mask, past_key_values=cache, use_cache=True,
+                                  logits_to_keep=1)
+                cache = result.past_key_values
+                if recorder.active:
+                    quant.update(_quant_payloads(policy, cache, layers, step))
+                nxt = int(torch.argmax(result.logits[0, -1]))
+                ids.append(nxt)
+                if on_step is not None:
+                    on_step(1)
+                feed = torch.tensor([[nxt]], dtype=torch.long, device=hf_model.device)
+                mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
+        records = recorder.records
+    finally:
+        if hf_model.config._attn_implementation != previous_attn:
+            apply_attention(hf_model, previous_attn)
+
+    recorded_steps = list(range(0 if prefill else 1, steps + 1))
+    writer = TraceWriter(out)
+    meta = {
+        "kvlab.version": __version__,
+        "kvlab.model": describe["spec"],
+        "kvlab.model.fingerprint": describe["fingerprint"],
+        "kvlab.model.family": shape["family"],
+        "kvlab.run": str(run),
+        "kvlab.n_heads": shape["n_heads"],
+        "kvlab.n_kv_heads": shape["n_kv_heads"],
+        "kvlab.head_dim": shape["head_dim"],
+        "kvlab.layers": layers,
+        "kvlab.steps": recorded_steps,
+        "kvlab.token_ids": ids,
+        "kvlab.n_prompt": len(prompt),
+    }
+    for key, value in meta.items():
+        writer.add_meta(key, value)
+    summary = TraceSummary(path=Path(out), layers=layers, steps=recorded_steps, token_ids=ids, n_prompt=len(prompt))
+    for step in recorded_steps:
+        first = len(prompt) + step - 1 if step else 0
+        writer.add_meta(step_key(step, "position"), first)
+        writer.add_meta(step_key(step, "n_tokens"), len(prompt) if step == 0 else 1)
+    for layer in layers:
+        _, record = next(((k, r) for k, r in records.items() if k[0] == layer), (None, None))
+        if record is None:
+            raise TraceError(f"layer {layer} never reached the attention function: nothing was recorded")
+        if record.scale is not None:
+            writer.add_meta(layer_key(layer, "scale"), record.scale)
+        if record.softcap is not None:
+            writer.add_meta(layer_key(layer, "softcap"), record.softcap)
+    for (layer, step), record in sorted(records.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        for role in ("q", "k", "v", "mask", "out"):
+            tensor = getattr(record, role)
+            name = tensor_name(layer, step, role)
+            if role == "mask":
+                writer.add_tensor(name, tensor, store="f16" if _fits_f16(tensor) else None)
+            else:
+                writer.add_tensor(name, tensor, permute=_OUT_PERMUTE if role in ("q", "out") else None)
+            summary.tensors[name] = list(tensor.shape)
+        for name, tensor in quant.get((layer, step), {}).items():
+            writer.add_tensor(name, tensor)
+            summary.tensors[name] = list(tensor.shape)
+    writer.write()
+    summary.bytes = summary.path.stat().st_size
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _fits_f16(mask: torch.Tensor) -> bool:
+    """True when the mask survives f16 exactly (llama.cpp keeps its masks in f16)."""
+    return bool(torch.equal(mask.to(torch.float16).to(mask.dtype), mask))
+
+
+def _quant_payloads(policy, cache, layers: Sequence[int], step: int) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """The policy's raw quantized extras of the chosen layers, under their trace names."""
+    _, extras = policy.export(cache)
+    found: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for name, tensor in (extras or {}).items():
+        m = _QUANT_EXTRA.match(name)
+        if m is None or int(m.group(1)) not in layers:
+            continue
+        layer = int(m.group(1))
+        role = "k_quant" if m.group(2) == "keys" else "v_quant"
+        found.setdefault((layer, step), {})[tensor_name(layer, step, role, m.group(3))] = _copy(tensor)
+    return found
+

@@ -1,0 +1,177 @@
+"""Write trace files: GGUF through the `gguf` package, in ggml conventions.
+
+Each tensor is stored with `ne` = its torch shape reversed (what `GGUFWriter` does with a numpy
+array), in the dtype it was recorded in, with its torch shape and dtype in `kvlab.tensor.*`
+metadata. A tensor can be stored the way a ggml graph holds it instead: as the contiguous
+source of a `ggml_permute` view (the axes are recorded), or quantized to a ggml block format.
+The file appears at its path only once it is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvlab.trace import ggml
+from kvlab.trace.format import ARCHITECTURE, FORMAT, TraceError, tensor_key
+
+# torch dtypes GGUF holds natively (numpy dtype GGUFWriter maps to a ggml type)
+_NATIVE = {
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.float64: np.float64,
+    torch.int8: np.int8,
+    torch.int16: np.int16,
+    torch.int32: np.int32,
+    torch.int64: np.int64,
+}
+# ggml types a float tensor can be converted to on write
+STORE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+
+
+def _ggml_type(name: str):
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType[name.upper()]
+
+
+class TraceWriter:
+    """Collects tensors and metadata, then writes one GGUF file atomically (`write()`)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._meta: dict[str, Any] = {"kvlab.format": FORMAT}
+        self._tensors: dict[str, tuple[np.ndarray, Any]] = {}
+
+    # ---- metadata --------------------------------------------------------------------------
+    def add_meta(self, key: str, value: Any) -> None:
+        """A `kvlab.*` value: str, bool, int, float, or a non-empty list of ints, floats or strs."""
+        if not key.startswith("kvlab."):
+            raise ValueError(f"trace metadata keys live under 'kvlab.', got {key!r}")
+        self._meta[key] = value
+
+    # ---- tensors ---------------------------------------------------------------------------
+    def add_tensor(
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        *,
+        store: str | None = None,
+        permute: Sequence[int] | None = None,
+    ) -> None:
+        """Add `tensor` (the torch tensor a reader gets back) under `name`.
+
+        store: convert a float tensor to one of STORE_TYPES (q8_0 / q4_0 need the stored
+            innermost dimension to be a multiple of 32); default: keep the recorded dtype.
+        permute: store the contiguous source S with `ggml_permute(S, *permute) == tensor`,
+            the way ggml holds a permuted view (e.g. (0, 2, 1, 3) for an attention output kept
+            as `[head_dim, n_head, n_tokens]`); the axes go into the metadata.
+        """
+        if name in self._tensors:
+            raise ValueError(f"tensor {name} added twice")
+        tensor = tensor.detach().to("cpu")
+        if tensor.dim() == 0 or tensor.numel() == 0:
+            raise ValueError(f"{name}: a trace tensor has at least one dimension and one element")
+        self.add_meta(tensor_key(name, "torch_shape"), [int(n) for n in tensor.shape])
+        self.add_meta(tensor_key(name, "dtype"), str(tensor.dtype).removeprefix("torch."))
+        source = tensor
+        if permute is not None:
+            axes = ggml.check_axes(permute)
+            if tensor.dim() > ggml.GGML_MAX_DIMS:
+                raise ValueError(f"{name}: a permuted tensor has at most 4 dimensions")
+            four = tensor.reshape((1,) * (ggml.GGML_MAX_DIMS - tensor.dim()) + tuple(tensor.shape))
+            perm = ggml.torch_permutation(axes)
+            inverse = [perm.index(j) for j in range(ggml.GGML_MAX_DIMS)]
+            source = four.permute(inverse)
+            self.add_meta(tensor_key(name, "ggml_permute"), list(axes))
+        self._tensors[name] = _encode(name, source.contiguous(), store)
+
+    # ---- output ----------------------------------------------------------------------------
+    def write(self) -> Path:
+        """Write the file under a temporary name beside `path`, then rename it into place."""
+        from gguf import GGUFWriter
+
+        if not self._tensors:
+            raise TraceError("nothing to write: the trace has no tensors")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # GGUFWriter opens its file by name: give it a temporary one beside the target
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        try:
+            writer = GGUFWriter(tmp, ARCHITECTURE)
+            try:
+                for key, value in self._meta.items():
+                    _add_value(writer, key, value)
+                for name, (array, raw_type) in self._tensors.items():
+                    writer.add_tensor(name, array, raw_dtype=raw_type)
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file()
+            finally:
+                writer.close()
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return self.path
+
+
+def _encode(name: str, tensor: torch.Tensor, store: str | None) -> tuple[np.ndarray, Any]:
+    """(numpy array, raw ggml type or None) for GGUFWriter.add_tensor."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    if store is not None:
+        if store not in STORE_TYPES:
+            raise ValueError(f"{name}: store={store} is not one of {', '.join(STORE_TYPES)}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name}: only float tensors can be stored as {store}")
+        qtype = _ggml_type(store)
+        array = tensor.to(torch.float32).numpy()
+        try:
+            packed = quantize(array, qtype)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+        if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            return packed, None
+        return packed, qtype
+    if tensor.dtype == torch.bfloat16:
+        # bf16 bits as bytes; ggml's BF16 is the same 16 bits
+        return tensor.view(torch.int16).numpy().view(np.uint8), GGMLQuantizationType.BF16
+    if tensor.dtype in _NATIVE:
+        return tensor.numpy().reshape(tensor.shape), None
+    # anything else (uint8 packed codes, bool, float8): its bytes as I8, dtype in the metadata
+    raw = tensor.view(torch.uint8).numpy().view(np.int8)
+    return raw.reshape(*tensor.shape[:-1], tensor.shape[-1] * tensor.element_size()), None
+
+
+def _add_value(writer, key: str, value: Any) -> None:
+    from gguf import GGUFValueType
+
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_int64(key, value)
+    elif isinstance(value, float):
+        writer.add_float64(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, (list, tuple)) and value:
+        first = value[0]
+        if isinstance(first, bool) or not isinstance(first, (int, float, str)):
+            raise ValueError(f"metadata {key}: lists hold ints, floats or strings")
+        sub = {int: GGUFValueType.INT64, float: GGUFValueType.FLOAT64, str: GGUFValueType.STRING}[type(first)]
+        writer.add_key_value(key, list(value), GGUFValueType.ARRAY, sub_type=sub)
+    else:
+        raise ValueError(f"metadata {key}: cannot store {type(value).__name__} {value!r}")
