@@ -50,3 +50,9 @@ def test_kl_and_first_mismatch():
     assert (kl_divergence(logits, logits.flip(-1)) >= 0).all()
     assert first_mismatch([1, 2, 3], [1, 2, 3]) is None
     assert first_mismatch([1, 2, 3], [1, 5, 3]) == 1
+
+
+def test_whole_tensor_errors_of_zero_tensors():
+    z = torch.zeros(2, 3)
+    assert tensor_errors(z, z).as_dict() == {"max_abs": 0.0, "rel_l2": 0.0, "cosine": 1.0}
+    assert tensor_errors(z, torch.ones(2, 3)).cosine == 0.0

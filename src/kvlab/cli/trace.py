@@ -68,7 +68,7 @@ def record_command(model_spec, layers_text, steps, run_text, prompt, prompt_file
                                prefill=prefill, on_step=advance)
     if json_path != "-":
         con = console()
-        con.print(f"[bold]{model_spec}[/bold]  run: {loaded.spec if False else run}")
+        con.print(f"[bold]{model_spec}[/bold]  run: {summary.run}")
         con.print(f"layers {', '.join(map(str, summary.layers))}  steps {summary.steps[0]}..{summary.steps[-1]}  "
                   f"{len(summary.tensors)} tensors, {summary.bytes / 2**20:.2f} MiB in {summary.seconds:.2f}s")
         con.print(f"trace written to {summary.path}")

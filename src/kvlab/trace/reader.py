@@ -9,6 +9,7 @@ bf16 exactly); q8_0 / q4_0 and other block formats are dequantized with `gguf.qu
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from kvlab.trace import ggml
+from kvlab.trace.gguf_scan import scan_gguf
 from kvlab.trace.format import (
     LAYOUTS,
     ROLES,
@@ -32,7 +34,7 @@ from kvlab.trace.format import (
 
 # what GGUFReader raises on a malformed file
 _PARSE_ERRORS = (ValueError, KeyError, IndexError, OverflowError, TypeError, struct.error, MemoryError,
-                 NotImplementedError, AttributeError)
+                 NotImplementedError, AttributeError, RecursionError, OSError)
 _NATIVE_FLOAT = {"F32": torch.float32, "F16": torch.float16, "F64": torch.float64}
 _NATIVE_INT = {"I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
 
@@ -74,11 +76,31 @@ def open_gguf(path: str | os.PathLike):
         raise TraceError(f"{path} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF')")
     if size < 24:
         raise TraceError(f"{path} is truncated: {size} bytes, shorter than a GGUF header (24)")
+    version = struct.unpack_from("<I", head, 4)[0]
+    if version & 0xFFFF == 0:  # written on a machine of the other byte order
+        version = struct.unpack_from(">I", head, 4)[0]
+    if version not in (2, 3):
+        raise TraceError(f"{path} is GGUF version {version}; this reader knows versions 2 and 3")
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        scan_gguf(path, mapped)
     try:
         return GGUFReader(path)
     except _PARSE_ERRORS as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TraceError(f"{path} is a corrupt or truncated GGUF file ({detail[:200]})") from None
+        raise TraceError(f"{path} is a corrupt or truncated GGUF file: {_reason(err)}") from None
+
+
+def _reason(err: BaseException) -> str:
+    """GGUFReader's exception, said in terms of the file."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, IndexError) or "size must be a divisor" in text:
+        return "it ends in the middle of its header, or a count or length in the header is wrong"
+    for kind, what in (("GGMLQuantizationType", "a tensor has an unknown ggml type"),
+                       ("GGUFValueType", "a metadata value has an unknown type")):
+        if kind in text:
+            return f"{what} ({text.split(' is not')[0].replace('np.uint32(', '').rstrip(')')})"
+    if "cannot reshape array" in text:
+        return "its tensor data end before the last tensor does, or a tensor's dimensions are wrong"
+    return text[:200]
 
 
 class TraceFile:
@@ -204,7 +226,8 @@ class TraceFile:
             if kind == "BF16":
                 raw = np.ascontiguousarray(data.reshape(-1)).view(np.int16).copy()
                 return torch.from_numpy(raw).view(torch.bfloat16)
-            values = dequantize(np.asarray(data), info.tensor_type)
+            with np.errstate(all="ignore"):  # corrupt blocks may hold inf / NaN scales
+                values = dequantize(np.asarray(data), info.tensor_type)
         except NotImplementedError:
             raise TraceError(f"{self.path}: tensor {name} has ggml type {kind}, which cannot be dequantized") from None
         except (ValueError, TypeError, RuntimeError) as err:

@@ -171,6 +171,7 @@ class TraceSummary:
     """What `record_trace` wrote."""
 
     path: Path
+    run: str
     layers: list[int]
     steps: list[int]
     token_ids: list[int]
@@ -180,7 +181,7 @@ class TraceSummary:
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"out": str(self.path), "layers": self.layers, "steps": self.steps, "token_ids": self.token_ids,
+        return {"out": str(self.path), "run": self.run, "layers": self.layers, "steps": self.steps, "token_ids": self.token_ids,
                 "n_prompt": self.n_prompt, "n_tensors": len(self.tensors), "bytes": self.bytes,
                 "seconds": self.seconds}
 
@@ -266,7 +267,7 @@ def record_trace(
     }
     for key, value in meta.items():
         writer.add_meta(key, value)
-    summary = TraceSummary(path=Path(out), layers=layers, steps=recorded_steps, token_ids=ids, n_prompt=len(prompt))
+    summary = TraceSummary(path=Path(out), run=str(run), layers=layers, steps=recorded_steps, token_ids=ids, n_prompt=len(prompt))
     for step in recorded_steps:
         first = len(prompt) + step - 1 if step else 0
         writer.add_meta(step_key(step, "position"), first)
