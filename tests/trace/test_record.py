@@ -204,8 +204,30 @@ def test_cli_record_then_check(cli, tmp_path):
         (layer, step, head) for layer in (0, 2) for step in (1, 2) for head in range(4)}
     assert set(report["entries"][0]) >= {"layer", "step", "head", "max_abs", "rel_l2", "cosine"}
     # an impossible tolerance fails the check: exit status 1, the table says which heads
-    code, stdout, err = cli("trace", "check", out, "--tol", "1e-12", "--per-head")
+    code, stdout, err = cli("trace", "check", out, "--tol", "1e-12", "--per-head", "--plot", tmp_path / "c.png")
     assert code == 1 and "FAIL" in stdout and "16 of 16 heads exceed" in stdout
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_error_grid_puts_each_head_in_its_cell():
+    from kvlab.trace import CheckReport, HeadError
+    from kvlab.trace.plot import error_grid
+
+    report = CheckReport("x.gguf", 1e-4, None, entries=[
+        HeadError(0, 1, 0, 0.1, 1e-7, 1.0), HeadError(0, 1, 1, 0.1, 2e-7, 1.0), HeadError(3, 1, 1, 0.1, 0.5, 0.9)])
+    grid, rows, heads = error_grid(report)
+    assert rows == [(0, 1), (3, 1)] and heads == 2
+    assert grid[0].tolist() == [1e-7, 2e-7] and grid[1, 1] == 0.5 and grid[1, 0] != grid[1, 0]  # NaN: not recorded
+    assert [(e.layer, e.head) for e in report.failures] == [(3, 1)]
+
+
+@pytest.mark.slow
+def test_smollm2_trace_checks(smollm2, tmp_path):
+    summary = record_trace(smollm2, smollm2.encode("The capital of France is"), layers=[0, 29], steps=2,
+                           out=tmp_path / "s.gguf")
+    report = check_trace(summary.path)
+    assert report.ok and len(report.entries) == 2 * 2 * 9
+    assert max(e.rel_l2 for e in report.entries) < 1e-5
 
 
 @pytest.mark.parametrize("args, message", [

@@ -86,9 +86,11 @@ def record_command(model_spec, layers_text, steps, run_text, prompt, prompt_file
               help="How tensors without kvlab metadata are laid out.")
 @click.option("--deinterleave-qk", is_flag=True, help="q and k use LLaMA GGUF's interleaved RoPE channel order.")
 @click.option("--per-head", is_flag=True, help="One table row per head instead of per layer and step.")
+@click.option("--plot", "plot_path", default=None, metavar="PNG", help="Also draw the errors per layer, step and head.")
 @json_option
 @quiet_option
-def check_command(trace_path, tol, max_abs, scale, layout, deinterleave_qk, per_head, json_path, quiet) -> int:
+def check_command(trace_path, tol, max_abs, scale, layout, deinterleave_qk, per_head, plot_path, json_path,
+                  quiet) -> int:
     """Recompute each recorded attention in float64 and compare element-wise with the recorded output.
 
     Per layer, step and query head: max abs error, relative L2 error and cosine similarity
@@ -103,8 +105,14 @@ def check_command(trace_path, tol, max_abs, scale, layout, deinterleave_qk, per_
         raise TraceError(f"{trace_path} holds no attention tensors (blk.{{layer}}.step.{{n}}.q, k, v, out)")
     with progress_bar(len(pairs), "check", enabled=not quiet) as advance:
         report = check_trace(trace, tol=tol, max_abs=max_abs, scale=scale, on_step=advance)
+    if plot_path is not None:
+        from kvlab.trace.plot import plot_check
+
+        plot_check(report, plot_path)
     if json_path != "-":
         _print_report(report, per_head)
+        if plot_path is not None:
+            console().print(f"plot written to {plot_path}")
     write_json(json_path, report.as_dict())
     return 0 if report.ok else 1
 
@@ -115,7 +123,7 @@ def _print_report(report, per_head: bool) -> None:
     con = console()
     types = ", ".join(f"{role} {kind}" for role, kind in report.types.items())
     table = Table(title=f"{report.path}  ({types})", title_justify="left")
-    for column in ("layer", "step", "head", "max abs", "rel L2", "cosine", ""):
+    for column in ("layer", "step", "head", "max abs", "rel L2", "1 - cosine", ""):
         table.add_column(column, justify="right")
     rows: dict[tuple[int, int], list] = {}
     for entry in report.entries:
@@ -125,7 +133,7 @@ def _print_report(report, per_head: bool) -> None:
         for e in shown:
             ok = e.within(report.tolerance, report.max_abs_tolerance)
             head = str(e.head) if per_head else f"{e.head} (worst of {len(entries)})"
-            table.add_row(str(layer), str(step), head, f"{e.max_abs:.3g}", f"{e.rel_l2:.3g}", f"{e.cosine:.9f}",
+            table.add_row(str(layer), str(step), head, f"{e.max_abs:.3g}", f"{e.rel_l2:.3g}", f"{1 - e.cosine:.3g}",
                           "[green]ok[/green]" if ok else "[red]FAIL[/red]")
     con.print(table)
     bound = f"rel L2 <= {report.tolerance:g}" + (f", max abs <= {report.max_abs_tolerance:g}" if report.max_abs_tolerance is not None else "")
