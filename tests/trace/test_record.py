@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from kvlab.caches.registry import CachePolicy
-from kvlab.capture import capture
 from kvlab.runspec import RunSpec
 from kvlab.trace import TraceFile, TraceRecorder, check_trace, record_trace
 from kvlab.trace.record import ATTENTION_NAME, additive_mask
@@ -18,6 +17,9 @@ PROMPT = "Traces record attention."
 
 @pytest.mark.parametrize("name", TINY_FAMILIES)
 def test_recorded_tensors_are_the_runs_own(name, tmp_path):
+    # imported here: importing the kvlab.capture module early would hide kvlab.capture, the function
+    from kvlab.capture import capture
+
     loaded = tiny(name)
     ids = loaded.encode(PROMPT)
     path = tmp_path / "t.gguf"

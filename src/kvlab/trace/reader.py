@@ -35,8 +35,7 @@ from kvlab.trace.format import (
 # what GGUFReader raises on a malformed file
 _PARSE_ERRORS = (ValueError, KeyError, IndexError, OverflowError, TypeError, struct.error, MemoryError,
                  NotImplementedError, AttributeError, RecursionError, OSError)
-_NATIVE_FLOAT = {"F32": torch.float32, "F16": torch.float16, "F64": torch.float64}
-_NATIVE_INT = {"I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
+_NATIVE = frozenset({"F32", "F16", "F64", "I8", "I16", "I32", "I64"})  # numpy reads these typed
 
 
 @dataclass
@@ -67,9 +66,12 @@ def open_gguf(path: str | os.PathLike):
         raise TraceError(f"{path}: no such file")
     if not path.is_file():
         raise TraceError(f"{path} is not a file")
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(24)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(24)
+    except OSError as err:
+        raise TraceError(f"{path} cannot be read: {err.strerror or err}") from None
     if size == 0:
         raise TraceError(f"{path} is empty")
     if head[:4] != b"GGUF":
@@ -216,7 +218,7 @@ class TraceFile:
         kind = info.tensor_type.name
         data = info.data
         try:
-            if kind in _NATIVE_FLOAT or kind in _NATIVE_INT:
+            if kind in _NATIVE:
                 array = np.ascontiguousarray(data.reshape(-1)).astype(data.dtype.newbyteorder("="), copy=True)
                 flat = torch.from_numpy(array)
                 wanted = self.meta.get(tensor_key(name, "dtype"))
