@@ -189,6 +189,19 @@ def test_raw_payload_dtypes_without_a_ggml_type_round_trip(tmp_path):
     assert torch.equal(trace.tensor("blk.0.step.1.v_quant.scale"), bf16)
 
 
+def test_a_failed_write_leaves_nothing_behind(tmp_path):
+    from kvlab.trace import TraceWriter
+
+    writer = TraceWriter(tmp_path / "t.gguf")
+    writer.add_tensor("blk.0.step.1.q", torch.ones(1, 2, 1, 4))
+    writer.add_meta("kvlab.bad", {"not": "storable"})
+    with pytest.raises(ValueError, match="cannot store dict"):
+        writer.write()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="ne.0.=16 is not a multiple of the q8_0 block"):
+        writer.add_tensor("blk.0.step.1.k", torch.ones(1, 1, 3, 16), store="q8_0")
+
+
 # ---- the command line -------------------------------------------------------------------------
 def test_cli_record_then_check(cli, tmp_path):
     out = tmp_path / "cli.gguf"
@@ -237,6 +250,7 @@ def test_smollm2_trace_checks(smollm2, tmp_path):
     (["trace", "record", "-m", "tiny-llama", "--layers", "a,b", "-o", "{tmp}/x.gguf"], "layer numbers like 0,5"),
     (["trace", "check", "{tmp}/missing.gguf"], "no such file"),
     (["trace", "check", "{tmp}"], "is not a file"),
+    (["trace", "record", "-m", "tiny-llama", "-o", "{tmp}"], "it is a folder"),
 ])
 def test_cli_bad_input_is_one_line(cli, tmp_path, args, message):
     code, _, err = cli(*[a.format(tmp=tmp_path) for a in args])

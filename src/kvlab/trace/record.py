@@ -30,7 +30,7 @@ from kvlab import __version__
 from kvlab.errors import KvlabError
 from kvlab.runspec import RunSpec
 from kvlab.trace.format import TraceError, layer_key, step_key, tensor_name
-from kvlab.trace.writer import TraceWriter
+from kvlab.trace.writer import TraceWriter, check_writable
 
 ATTENTION_NAME = "kvlab_trace"
 _ACTIVE: contextvars.ContextVar["TraceRecorder | None"] = contextvars.ContextVar("kvlab_trace_recorder", default=None)
@@ -220,6 +220,7 @@ def record_trace(
     bad = [layer for layer in layers if not 0 <= layer < shape["n_layers"]]
     if bad or not layers:
         raise KvlabError(f"layers {bad or '(none)'}: the model has layers 0..{shape['n_layers'] - 1}")
+    check_writable(Path(out))
     policy = run.policy
     started = time.perf_counter()
     previous_attn = hf_model.config._attn_implementation

@@ -36,6 +36,12 @@ _NATIVE = {
 STORE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 
+def block_size(qtype) -> int:
+    from gguf.constants import GGML_QUANT_SIZES
+
+    return GGML_QUANT_SIZES[qtype][0]
+
+
 def _ggml_type(name: str):
     from gguf import GGMLQuantizationType
 
@@ -100,7 +106,7 @@ class TraceWriter:
 
         if not self._tensors:
             raise TraceError("nothing to write: the trace has no tensors")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_writable(self.path)
         # GGUFWriter opens its file by name: give it a temporary one beside the target
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(fd)
@@ -120,17 +126,29 @@ class TraceWriter:
                 os.fsync(handle.fileno())
             os.chmod(tmp, 0o644)
             os.replace(tmp, self.path)
-        except BaseException:
+        except BaseException as err:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+            if isinstance(err, OSError):
+                raise TraceError(f"cannot write {self.path}: {err.strerror or err}") from None
             raise
         return self.path
+
+
+def check_writable(path: Path) -> None:
+    """Fail early, in one line, when a trace cannot be written to `path`."""
+    if path.is_dir():
+        raise TraceError(f"cannot write the trace to {path}: it is a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TraceError(f"cannot write the trace to {path}: {err.strerror or err}") from None
 
 
 def _encode(name: str, tensor: torch.Tensor, store: str | None) -> tuple[np.ndarray, Any]:
     """(numpy array, raw ggml type or None) for GGUFWriter.add_tensor."""
     from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
+    from gguf.quants import QuantError, quantize
 
     if store is not None:
         if store not in STORE_TYPES:
@@ -139,9 +157,12 @@ def _encode(name: str, tensor: torch.Tensor, store: str | None) -> tuple[np.ndar
             raise ValueError(f"{name}: only float tensors can be stored as {store}")
         qtype = _ggml_type(store)
         array = tensor.to(torch.float32).numpy()
+        if array.shape[-1] % block_size(qtype):
+            raise ValueError(f"{name}: ne[0]={array.shape[-1]} is not a multiple of the {store} block "
+                             f"({block_size(qtype)} elements)")
         try:
             packed = quantize(array, qtype)
-        except ValueError as err:
+        except (ValueError, QuantError) as err:
             raise ValueError(f"{name}: {err}") from None
         if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             return packed, None
