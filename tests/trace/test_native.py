@@ -140,3 +140,46 @@ def test_a_step_missing_tensors_or_with_shapes_that_disagree_is_a_clear_error(tm
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
     with pytest.raises(TraceError, match="v .* does not match k"):
         check_trace(tmp_path / "mismatch.gguf")
+
+
+def test_permuted_views_described_by_kvlab_metadata(tmp_path):
+    """A hand-made file says per tensor how it is laid out; no role layout is needed."""
+    h, kv, t, s, d = 4, 2, 3, 11, 32
+    q, k, v, mask, out = attention_case(h, kv, t, s, d, seed=6)
+    kinds = {"q": "f32", "k": "f32", "v": "f32", "out": "f32"}
+    path = tmp_path / "meta.gguf"
+    write_llama_cpp_trace(path, q, k, v, mask, out, kinds=kinds, views=True)
+    # same tensors again, now with the layout in kvlab.* metadata
+    reader = gguf.GGUFReader(path)
+    writer = gguf.GGUFWriter(str(tmp_path / "described.gguf"), "llama")
+    swap = [0, 2, 1, 3]
+    writer.add_array("kvlab.tensor.blk.0.step.1.q.ggml_permute", swap)
+    writer.add_bool("kvlab.tensor.blk.0.step.1.q.ne_is_view", True)
+    for role in ("k", "v"):  # the cache rows [kv * d, s] as [d, kv, s], then permuted
+        writer.add_array(f"kvlab.tensor.blk.0.step.1.{role}.source_ne", [d, kv, s])
+        writer.add_array(f"kvlab.tensor.blk.0.step.1.{role}.ggml_permute", swap)
+        writer.add_array(f"kvlab.tensor.blk.0.step.1.{role}.torch_shape", [1, kv, s, d])
+    writer.add_array("kvlab.tensor.blk.0.step.1.out.ggml_permute", swap)
+    for tensor in reader.tensors:
+        data = np.array(tensor.data)
+        if tensor.name.endswith((".k", ".v")):
+            data = data.reshape(s, kv * d)  # stored as the cache itself this time
+        writer.add_tensor(tensor.name, data)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    step = TraceFile(tmp_path / "described.gguf").attention_step(0, 1)
+    assert torch.equal(step.q, q) and torch.equal(step.k, k) and torch.equal(step.v, v) and torch.equal(step.out, out)
+
+
+def test_a_custom_role_layout(tmp_path):
+    from kvlab.trace import LAYOUTS, TensorLayout
+
+    q, k, v, mask, out = attention_case(seed=7)
+    path = tmp_path / "custom.gguf"
+    write_llama_cpp_trace(path, q, k, v, mask, out, kinds={"q": "f32", "k": "f32", "v": "f32", "out": "f32"})
+    layout = {**LAYOUTS["llama.cpp"], "out": TensorLayout()}  # forgets that out is [head_dim, n_head, n_tokens]
+    trace = TraceFile(path, layout=layout)
+    assert torch.equal(trace.tensor("blk.0.step.1.out"), out[0].transpose(0, 1))  # [t, h, d]: ne reversed
+    with pytest.raises(TraceError, match=r"out \(1, 3, 4, 32\) is not \[batch, heads, q_len, head_dim\]"):
+        trace.attention_step(0, 1)
+    with pytest.raises(TraceError, match="layout 'nope' is not one of kvlab, llama.cpp, llama.cpp-views"):
+        TraceFile(path, layout="nope")

@@ -35,7 +35,7 @@ from kvlab.trace.writer import TraceWriter, check_writable
 ATTENTION_NAME = "kvlab_trace"
 _ACTIVE: contextvars.ContextVar["TraceRecorder | None"] = contextvars.ContextVar("kvlab_trace_recorder", default=None)
 _QUANT_EXTRA = re.compile(r"^layers\.(\d+)\.(keys|values)\.q(?:\.([A-Za-z0-9_]+))?$")
-_OUT_PERMUTE = (0, 2, 1, 3)  # q and out are kept as ggml holds them: [head_dim, n_head, n_tokens]
+_GGML_PERMUTE = (0, 2, 1, 3)  # q and out are kept as ggml holds them: [head_dim, n_head, n_tokens]
 
 
 @dataclass
@@ -181,9 +181,9 @@ class TraceSummary:
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"out": str(self.path), "run": self.run, "layers": self.layers, "steps": self.steps, "token_ids": self.token_ids,
-                "n_prompt": self.n_prompt, "n_tensors": len(self.tensors), "bytes": self.bytes,
-                "seconds": self.seconds}
+        return {"out": str(self.path), "run": self.run, "layers": self.layers, "steps": self.steps,
+                "token_ids": self.token_ids, "n_prompt": self.n_prompt, "n_tensors": len(self.tensors),
+                "bytes": self.bytes, "seconds": self.seconds}
 
 
 def record_trace(
@@ -204,7 +204,7 @@ def record_trace(
     `out` in ggml conventions (see kvlab.trace.format).
     """
     from kvlab.capture import _unwrap
-    from kvlab.models import apply_attention, model_shape
+    from kvlab.models import model_shape
 
     hf_model, describe = _unwrap(model)
     run = RunSpec.parse(run).resolve(hf_model)
@@ -221,34 +221,8 @@ def record_trace(
     if bad or not layers:
         raise KvlabError(f"layers {bad or '(none)'}: the model has layers 0..{shape['n_layers'] - 1}")
     check_writable(Path(out))
-    policy = run.policy
     started = time.perf_counter()
-    previous_attn = hf_model.config._attn_implementation
-    apply_attention(hf_model, run.attn)
-    ids = list(prompt)
-    quant: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    try:
-        cache = policy.build(hf_model, batch_size=1, max_length=len(prompt) + steps + 1)
-        with policy.session(hf_model), TraceRecorder(hf_model, layers) as recorder, torch.no_grad():
-            feed = torch.tensor([prompt], dtype=torch.long, device=hf_model.device)
-            mask = torch.ones_like(feed)
-            for step in range(steps + 1):
-                recorder.step, recorder.active = step, step > 0 or prefill
-                result = hf_model(input_ids=feed, attention_mask=mask, past_key_values=cache, use_cache=True,
-                                  logits_to_keep=1)
-                cache = result.past_key_values
-                if recorder.active:
-                    quant.update(_quant_payloads(policy, cache, layers, step))
-                nxt = int(torch.argmax(result.logits[0, -1]))
-                ids.append(nxt)
-                if on_step is not None:
-                    on_step(1)
-                feed = torch.tensor([[nxt]], dtype=torch.long, device=hf_model.device)
-                mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
-        records = recorder.records
-    finally:
-        if hf_model.config._attn_implementation != previous_attn:
-            apply_attention(hf_model, previous_attn)
+    ids, records, payloads = _decode(hf_model, run, prompt, layers, steps, prefill, on_step)
 
     recorded_steps = list(range(0 if prefill else 1, steps + 1))
     writer = TraceWriter(out)
@@ -266,37 +240,83 @@ def record_trace(
         "kvlab.token_ids": ids,
         "kvlab.n_prompt": len(prompt),
     }
+    for step in recorded_steps:
+        meta[step_key(step, "position")] = len(prompt) + step - 1 if step else 0
+        meta[step_key(step, "n_tokens")] = len(prompt) if step == 0 else 1
     for key, value in meta.items():
         writer.add_meta(key, value)
-    summary = TraceSummary(path=Path(out), run=str(run), layers=layers, steps=recorded_steps, token_ids=ids, n_prompt=len(prompt))
-    for step in recorded_steps:
-        first = len(prompt) + step - 1 if step else 0
-        writer.add_meta(step_key(step, "position"), first)
-        writer.add_meta(step_key(step, "n_tokens"), len(prompt) if step == 0 else 1)
+    summary = TraceSummary(path=Path(out), run=str(run), layers=layers, steps=recorded_steps, token_ids=ids,
+                           n_prompt=len(prompt))
+    summary.tensors = _add_records(writer, records, payloads, layers)
+    writer.write()
+    summary.bytes = summary.path.stat().st_size
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _decode(hf_model, run: RunSpec, prompt: list[int], layers: list[int], steps: int, prefill: bool,
+            on_step: Callable[[int], None] | None):
+    """Prompt pass + `steps` greedy decode steps under the run, recording `layers`.
+
+    Returns the token ids, the attention records by (layer, step) and the cache's raw quantized
+    payloads by (layer, step).
+    """
+    from kvlab.models import apply_attention
+
+    policy = run.policy
+    previous_attn = hf_model.config._attn_implementation
+    apply_attention(hf_model, run.attn)
+    ids = list(prompt)
+    payloads: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    try:
+        cache = policy.build(hf_model, batch_size=1, max_length=len(prompt) + steps + 1)
+        with policy.session(hf_model), TraceRecorder(hf_model, layers) as recorder, torch.no_grad():
+            feed = torch.tensor([prompt], dtype=torch.long, device=hf_model.device)
+            mask = torch.ones_like(feed)
+            for step in range(steps + 1):
+                recorder.step, recorder.active = step, step > 0 or prefill
+                result = hf_model(input_ids=feed, attention_mask=mask, past_key_values=cache, use_cache=True,
+                                  logits_to_keep=1)
+                cache = result.past_key_values
+                if recorder.active:
+                    payloads.update(_quant_payloads(policy, cache, layers, step))
+                nxt = int(torch.argmax(result.logits[0, -1]))
+                ids.append(nxt)
+                if on_step is not None:
+                    on_step(1)
+                feed = torch.tensor([[nxt]], dtype=torch.long, device=hf_model.device)
+                mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
+    finally:
+        if hf_model.config._attn_implementation != previous_attn:
+            apply_attention(hf_model, previous_attn)
+    return ids, recorder.records, payloads
+
+
+def _add_records(writer: TraceWriter, records: dict[tuple[int, int], AttentionRecord],
+                 payloads: dict[tuple[int, int], dict[str, torch.Tensor]], layers: list[int]) -> dict[str, list[int]]:
+    """Layer metadata and every recorded tensor, step by step; returns name -> torch shape."""
     for layer in layers:
-        _, record = next(((k, r) for k, r in records.items() if k[0] == layer), (None, None))
+        record = next((r for (at, _), r in records.items() if at == layer), None)
         if record is None:
             raise TraceError(f"layer {layer} never reached the attention function: nothing was recorded")
         if record.scale is not None:
             writer.add_meta(layer_key(layer, "scale"), record.scale)
         if record.softcap is not None:
             writer.add_meta(layer_key(layer, "softcap"), record.softcap)
-    for (layer, step), record in sorted(records.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    shapes: dict[str, list[int]] = {}
+    for (layer, step), record in sorted(records.items(), key=lambda item: (item[0][1], item[0][0])):
         for role in ("q", "k", "v", "mask", "out"):
             tensor = getattr(record, role)
             name = tensor_name(layer, step, role)
             if role == "mask":
                 writer.add_tensor(name, tensor, store="f16" if _fits_f16(tensor) else None)
             else:
-                writer.add_tensor(name, tensor, permute=_OUT_PERMUTE if role in ("q", "out") else None)
-            summary.tensors[name] = list(tensor.shape)
-        for name, tensor in quant.get((layer, step), {}).items():
+                writer.add_tensor(name, tensor, permute=_GGML_PERMUTE if role in ("q", "out") else None)
+            shapes[name] = list(tensor.shape)
+        for name, tensor in payloads.get((layer, step), {}).items():
             writer.add_tensor(name, tensor)
-            summary.tensors[name] = list(tensor.shape)
-    writer.write()
-    summary.bytes = summary.path.stat().st_size
-    summary.seconds = time.perf_counter() - started
-    return summary
+            shapes[name] = list(tensor.shape)
+    return shapes
 
 
 def _fits_f16(mask: torch.Tensor) -> bool:
