@@ -120,3 +120,12 @@ def test_bad_inputs_are_clear_errors():
         kvlab.capture(loaded, [1, 2], "dtype=bfloat16")
     with pytest.raises(KvlabError, match="torch.distributed"):
         kvlab.capture(loaded, [1, 2], "tp=2")
+
+
+def test_kvlab_capture_stays_callable_once_its_module_is_imported():
+    import importlib
+
+    module = importlib.import_module("kvlab.capture")  # what the CLI and kvlab.distributed do
+    loaded = tiny("tiny-llama")
+    assert module.capture is not None
+    assert kvlab.capture(loaded, [1, 2, 3], max_new_tokens=2).token_ids[:3] == [1, 2, 3]

@@ -8,6 +8,8 @@ Token index equals position: the K/V at position t were computed when token t wa
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -160,3 +162,19 @@ def _eos_ids(model) -> set[int]:
     if eos is None:
         return set()
     return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as `capture`.
+
+    `kvlab.capture` is the public function, but importing this submodule (the CLI and
+    kvlab.distributed do) makes Python set the package attribute `kvlab.capture` to the
+    module. Calling the module calls the function, so `kvlab.capture(...)` works in any
+    import order.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Snapshot:
+        return capture(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -33,6 +33,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvlab.capture import _plan as plan_steps
 from kvlab.errors import KvlabError
 from kvlab.runspec import RunSpec
 
@@ -165,7 +166,9 @@ def capture_tp(
         recorded). tokens, force, max_new_tokens, top_k, stop_at_eos: as in `kvlab.capture`.
     out: where rank 0 writes the full snapshot (optional). shards: the folder for the per-rank
         shard snapshots `rank{r}` (default `OUT.shards`, or a temporary folder without `out`).
-    Under torchrun this process runs its own rank; otherwise N ranks are started here.
+    timeout_s: how long a rank waits for its peers in one collective before failing.
+    Under torchrun this process runs its own rank; otherwise N ranks are started here, their
+    output kept in `SHARDS/logs` when one fails.
     """
     from kvlab.models import LoadedModel, load_model
     from kvlab.snapshot import Snapshot
@@ -176,6 +179,7 @@ def capture_tp(
     loaded = model if isinstance(model, LoadedModel) else load_model(model, replace(run, tp=None))
     check_tp_fits(loaded.config, tp)
     prompt, golden, forced_from = _forcing(tokens, force)
+    plan_steps(prompt, golden, max_new_tokens)  # bad tokens are one error here, not one per rank
     env = torchrun_env()
     if env is not None and env.world_size > 1:
         with _model_dir(loaded) as model_dir:
@@ -192,8 +196,9 @@ def capture_tp(
             job = _job(loaded, model_dir, run, prompt, golden, forced_from, max_new_tokens, top_k, stop_at_eos,
                        full_dir, shards_dir, timeout_s)
             job.save(scratch / "job.json")
-            launch(["-m", "kvlab.distributed", str(scratch / "job.json")], tp, logs=scratch / "logs",
-                   device=run.device or "cpu", timeout_s=timeout_s)
+            logs = shards_dir / "logs"
+            launch(["-m", "kvlab.distributed", str(scratch / "job.json")], tp, logs=logs, device=run.device or "cpu")
+            shutil.rmtree(logs, ignore_errors=True)  # kept only when a rank fails
         snapshot = Snapshot.load(full_dir)
         if out is None:  # the folder goes away with the scratch space: keep the tensors in memory
             snapshot = Snapshot.from_layers([tuple(t.clone() for t in snapshot.layer(i)) for i in range(snapshot.n_layers)],
@@ -282,7 +287,7 @@ def launch(argv: Sequence[str], world: int, *, logs: Path, device: str = "cpu",
             if failed:
                 rank = failed[0]
                 raise RankFailed(f"rank {rank} of {world} failed (exit {codes[rank]}): "
-                                 f"{_last_error(logs / f'rank{rank}.log')}")
+                                 f"{_last_error(logs / f'rank{rank}.log')} (output of every rank in {logs})")
             if all(code == 0 for code in codes):
                 return
             if deadline is not None and time.monotonic() > deadline:
@@ -388,6 +393,8 @@ def _capture_rank(job: Job, run: RunSpec, env: RankEnv, on_step) -> TPCapture:
     snap.meta["layout"] = layout.rank_meta(env.rank, seq_len=snap.shape(0)[2] if snap.n_layers else 0)
     shards = Path(job.shards)
     snap.save(shards / f"rank{env.rank}")
+    if env.rank == 0:
+        _remove_stale_shards(shards, env.world_size)
 
     layers = [snap.layer(i) for i in range(snap.n_layers)]
     gathered: list[Any] | None = [None] * env.world_size if env.rank == 0 else None
@@ -402,6 +409,14 @@ def _capture_rank(job: Job, run: RunSpec, env: RankEnv, on_step) -> TPCapture:
     if job.out is not None:
         full.save(job.out)
     return TPCapture(tp=env.world_size, rank=0, snapshot=full, shards=shards)
+
+
+def _remove_stale_shards(shards: Path, tp: int) -> None:
+    """Shard snapshots `rank{r}` with r >= tp left by an earlier, wider run would not fit this one."""
+    for entry in shards.glob("rank*"):
+        suffix = entry.name.removeprefix("rank")
+        if suffix.isdigit() and int(suffix) >= tp and (entry / "meta.json").is_file():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _load_sharded(model_dir: Path, run: RunSpec, tp: int):

@@ -59,7 +59,8 @@ def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_t
     started = time.perf_counter()
     tp_result = None
     env = torchrun_env()
-    with progress_bar(steps, "capture", enabled=not quiet and (env is None or env.rank == 0)) as advance:
+    in_process = degree == 1 or (env is not None and env.rank == 0)  # spawned ranks cannot report steps
+    with progress_bar(steps, "capture", enabled=not quiet and in_process) as advance:
         if degree > 1:
             tp_result = capture_tp(loaded, tokens, run, force=golden, max_new_tokens=max_new_tokens, top_k=top_k,
                                    stop_at_eos=not ignore_eos, out=out, shards=shards, on_step=advance)
