@@ -47,6 +47,7 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT
 LAYOUT = "contiguous"  # what transformers' tp_plan does with k_proj / v_proj
 GRACE_S = 5.0  # how long a rank gets to exit after SIGTERM before SIGKILL
 DEFAULT_TIMEOUT_S = 600.0
+LAUNCHER_VAR = "KVLAB_LAUNCHER_PID"
 
 
 class RankFailed(KvlabError):
@@ -279,8 +280,9 @@ def launch(argv: Sequence[str], world: int, *, logs: Path, device: str = "cpu",
             if not device.startswith("cuda"):
                 env["CUDA_VISIBLE_DEVICES"] = ""  # transformers picks the accelerator it sees
             with open(logs / f"rank{rank}.log", "wb") as log:
+                env[LAUNCHER_VAR] = str(os.getpid())
                 procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent))
+                                              stdin=subprocess.DEVNULL))
         while True:
             codes = [p.poll() for p in procs]
             failed = [r for r, code in enumerate(codes) if code not in (None, 0)]
@@ -313,13 +315,17 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if the launcher dies (Linux), so no rank is orphaned."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _die_with_launcher() -> None:
+    """In a launched rank: get SIGTERM when the launcher dies (Linux), so no rank outlives it."""
+    launcher = os.environ.get(LAUNCHER_VAR)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
 
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(launcher):  # it died before the line above
+        sys.exit(1)
 
 
 def _free_port() -> int:
@@ -441,6 +447,7 @@ def _load_sharded(model_dir: Path, run: RunSpec, tp: int):
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m kvlab.distributed JOB`: one rank started by `launch` (or by hand with torchrun's variables)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _die_with_launcher()
     env = torchrun_env()
     rank = env.rank if env is not None else "?"
     try:
