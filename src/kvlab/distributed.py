@@ -38,8 +38,6 @@ from kvlab.errors import KvlabError
 from kvlab.runspec import RunSpec
 
 if TYPE_CHECKING:
-    import torch
-
     from kvlab.models import LoadedModel
     from kvlab.snapshot import Snapshot
 
@@ -122,7 +120,7 @@ class TPCapture:
     tp: int
     rank: int
     snapshot: "Snapshot | None"  # the rebuilt full snapshot (rank 0 / the launcher), else None
-    shards: Path
+    shards: Path | None  # the per-rank shard snapshots (None: they were temporary)
     layout: str = LAYOUT
 
     @property
@@ -168,8 +166,9 @@ def capture_tp(
     out: where rank 0 writes the full snapshot (optional). shards: the folder for the per-rank
         shard snapshots `rank{r}` (default `OUT.shards`, or a temporary folder without `out`).
     timeout_s: how long a rank waits for its peers in one collective before failing.
+    on_step: per-step progress, reported only when this process runs rank 0 (under torchrun).
     Under torchrun this process runs its own rank; otherwise N ranks are started here, their
-    output kept in `SHARDS/logs` when one fails.
+    output kept (in `SHARDS/logs`, or a temporary folder) when one fails.
     """
     from kvlab.models import LoadedModel, load_model
     from kvlab.snapshot import Snapshot
@@ -197,14 +196,15 @@ def capture_tp(
             job = _job(loaded, model_dir, run, prompt, golden, forced_from, max_new_tokens, top_k, stop_at_eos,
                        full_dir, shards_dir, timeout_s)
             job.save(scratch / "job.json")
-            logs = shards_dir / "logs"
+            kept = shards is not None or out is not None
+            logs = shards_dir / "logs" if kept else Path(tempfile.mkdtemp(prefix="kvlab-tp-logs-"))
             launch(["-m", "kvlab.distributed", str(scratch / "job.json")], tp, logs=logs, device=run.device or "cpu")
             shutil.rmtree(logs, ignore_errors=True)  # kept only when a rank fails
         snapshot = Snapshot.load(full_dir)
         if out is None:  # the folder goes away with the scratch space: keep the tensors in memory
-            snapshot = Snapshot.from_layers([tuple(t.clone() for t in snapshot.layer(i)) for i in range(snapshot.n_layers)],
-                                            snapshot.meta, logits=snapshot.logits())
-    return TPCapture(tp=tp, rank=0, snapshot=snapshot, shards=shards_dir)
+            layers = [(k.clone(), v.clone()) for k, v in (snapshot.layer(i) for i in range(snapshot.n_layers))]
+            snapshot = Snapshot.from_layers(layers, snapshot.meta, logits=snapshot.logits())
+    return TPCapture(tp=tp, rank=0, snapshot=snapshot, shards=shards_dir if kept else None)
 
 
 def _forcing(tokens, force) -> tuple[list[int] | None, list[int] | None, dict[str, Any] | None]:
