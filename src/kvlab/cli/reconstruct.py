@@ -49,9 +49,10 @@ def reconstruct_command(shard_dir, layout_name, heads, kv_heads, tp, dp, seq_spl
 
     DIR holds one entry per rank (kvlab shard snapshots, or .safetensors / .pt files named
     with their rank, e.g. rank0.safetensors). Every replica of a KV head is compared with the
-    first copy and every padding slot with zero; each disagreement is reported with its layer,
-    tensor, head, rank and position. Exit status 1 when the checks find a problem (the
-    snapshot and JSON are still written), 0 when the shards are consistent.
+    copy most others match (that one is kept) and every padding slot with zero; each
+    disagreement is reported with its layer, tensor, head, rank and position. Exit status 1
+    when the checks find a problem (the snapshot and JSON are still written), 0 when the
+    shards are consistent.
     """
     from kvlab.layouts import make_layout
     from kvlab.layouts.files import imported_meta, reconstruct_dir

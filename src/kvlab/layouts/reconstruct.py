@@ -1,9 +1,10 @@
 """Shard a full KV cache by a layout, and rebuild it from shards while checking them.
 
-Reconstruction never silently takes the first copy of a replicated head: it compares every
-replica with the first one and every padding slot (or padded position) with zero, per layer,
-tensor and head, and reports each disagreement with its location. A device bug that corrupts
-one rank's copy shows up here.
+Reconstruction never silently takes the first copy of a replicated head: it compares the
+copies of every head with each other and every padding slot (or padded position) with zero,
+per layer, tensor and head, and reports each disagreement with its location. A device bug
+that corrupts one rank's copy shows up here, and with three or more copies the odd one out is
+named and left out of the rebuilt cache.
 
 Shards are `[batch, slots, seq, head_dim]` per layer and tensor (keys, values), the layout of
 a transformers cache layer with the local heads of one rank.
@@ -461,8 +462,9 @@ def reconstruct(
 
     shards: shard Snapshots (the layout may then come from their metadata, and they are put in
     rank order), per-rank lists of `(keys, values)` indexed by physical rank, or a `ShardSet`.
-    A replica differing from the first copy by more than `replica_atol`, or padding larger than
-    `padding_atol`, is a Problem; the first copy is what the rebuilt cache holds.
+    A copy differing by more than `replica_atol` from the one most copies match (the first on a
+    tie, which is what the rebuilt cache holds), or padding larger than `padding_atol`, is a
+    Problem.
     """
     from kvlab.snapshot import Snapshot
 
