@@ -125,6 +125,7 @@ def test_bad_inputs_are_clear_errors():
 def test_capture_function_survives_importing_its_module():
     import importlib
 
-    module = importlib.import_module("kvlab.capture")
-    assert module.capture is kvlab.capture
-    assert callable(kvlab.capture) and kvlab.capture.__name__ == "capture"
+    module = importlib.import_module("kvlab.capture")  # what the CLI and kvlab.distributed do
+    assert module.capture is kvlab.capture and kvlab.capture.__name__ == "capture"
+    loaded = tiny("tiny-llama")
+    assert kvlab.capture(loaded, [1, 2, 3], max_new_tokens=2).token_ids[:3] == [1, 2, 3]

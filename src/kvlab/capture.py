@@ -47,8 +47,8 @@ def capture(
     """
     hf_model, describe = _unwrap(model)
     run = RunSpec.parse(run).resolve(hf_model)
-    if run.tp != 1:
-        raise KvlabError("tp > 1 runs on torch.distributed: use `kvlab capture --tp N`")
+    if run.tp != 1 and not _in_tp_group(run.tp):
+        raise KvlabError("tp > 1 runs on torch.distributed: use `kvlab capture --tp N` (kvlab.distributed.capture_tp)")
     prompt, forced, n_steps = _plan(tokens, force, max_new_tokens)
     policy = run.policy
     eos = _eos_ids(hf_model) if stop_at_eos and forced is None else set()
@@ -114,6 +114,13 @@ def capture(
     return Snapshot.from_layers(layers, meta, extras=extras, logits=logits)
 
 
+def _in_tp_group(tp: int) -> bool:
+    """True inside one rank of a `tp`-way process group (kvlab.distributed runs capture there)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() == tp
+
+
 def _unwrap(model) -> tuple[Any, dict[str, Any]]:
     from kvlab.models import LoadedModel, model_fingerprint, model_shape
 
@@ -153,3 +160,4 @@ def _eos_ids(model) -> set[int]:
     if eos is None:
         return set()
     return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+

@@ -26,9 +26,15 @@ def cli() -> None:
 
 
 def _register() -> None:
+<<<<<<< HEAD
     from kvlab.cli import capture, models, trace
 
     for module in (models, capture, trace):
+=======
+    from kvlab.cli import capture, models, reconstruct
+
+    for module in (models, capture, reconstruct):
+>>>>>>> layouts
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -22,35 +22,57 @@ from kvlab.cli.common import console, json_option, quiet_option, read_prompt, wr
 @click.option("--top-k", type=click.IntRange(min=1), default=20, show_default=True,
               help="How many top logits per step to keep in meta.json.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
+@click.option("--tp", type=click.IntRange(min=1), default=None,
+              help="Tensor-parallel ranks (same as tp=N in --run): N processes on torch.distributed, "
+                   "model sharded by transformers' tp_plan; also what torchrun --nproc-per-node N gives.")
+@click.option("--shards", default=None, metavar="DIR",
+              help="With --tp: folder for the per-rank shard snapshots (default OUT.shards).")
 @click.option("--out", "-o", required=True, metavar="DIR", help="Snapshot folder to write (replaced if it is one).")
 @json_option
 @quiet_option
 def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_text, force_tokens, top_k,
-                    ignore_eos, out, json_path, quiet) -> None:
+                    ignore_eos, tp, shards, out, json_path, quiet) -> None:
     """Greedy generation that records the final KV cache, the token ids and per-step logits.
 
     The snapshot (kv.safetensors + meta.json + logits.safetensors) is written atomically to
     --out. With --force-tokens the model is fed the golden run's tokens (teacher forcing), so
-    its cache can be compared position by position with the golden one.
+    its cache can be compared position by position with the golden one. With --tp N each rank
+    writes its shard snapshot to OUT.shards/rank{r} and --out gets the cache rebuilt from them.
     """
+    from dataclasses import replace
+
     from kvlab.capture import capture
+    from kvlab.distributed import capture_tp, torchrun_env, tp_degree
     from kvlab.models import load_model
     from kvlab.progress import progress_bar
     from kvlab.runspec import RunSpec
     from kvlab.snapshot import Snapshot
 
     run = RunSpec.parse(run_text)
+    degree = tp_degree(run, tp)
+    run = replace(run, tp=degree) if degree > 1 else run
     golden = Snapshot.load(force_tokens) if force_tokens else None
     text = read_prompt(prompt, prompt_file, required=golden is None)
-    loaded = load_model(model_spec, run, progress=not quiet)
+    loaded = load_model(model_spec, replace(run, tp=None), progress=not quiet)
     tokens = loaded.encode(text, chat=chat) if text is not None else None
     steps = len(golden.token_ids) - golden.n_prompt if golden is not None else max_new_tokens
     started = time.perf_counter()
-    with progress_bar(steps, "capture", enabled=not quiet) as advance:
-        snap = capture(loaded, tokens, run, force=golden, max_new_tokens=max_new_tokens, top_k=top_k,
-                       stop_at_eos=not ignore_eos, on_step=advance)
+    tp_result = None
+    env = torchrun_env()
+    in_process = degree == 1 or (env is not None and env.rank == 0)  # spawned ranks cannot report steps
+    with progress_bar(steps, "capture", enabled=not quiet and in_process) as advance:
+        if degree > 1:
+            tp_result = capture_tp(loaded, tokens, run, force=golden, max_new_tokens=max_new_tokens, top_k=top_k,
+                                   stop_at_eos=not ignore_eos, out=out, shards=shards, on_step=advance)
+            snap = tp_result.snapshot
+        else:
+            snap = capture(loaded, tokens, run, force=golden, max_new_tokens=max_new_tokens, top_k=top_k,
+                           stop_at_eos=not ignore_eos, on_step=advance)
     elapsed = time.perf_counter() - started
-    snap.save(out)
+    if snap is None:  # a rank other than 0 under torchrun: its shard is written, rank 0 reports
+        return
+    if tp_result is None:
+        snap.save(out)
 
     generated = snap.token_ids[snap.n_prompt:]
     k0 = snap.keys(0)
@@ -68,6 +90,8 @@ def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_t
         "cache_bytes": cache_bytes,
         "text": loaded.decode(generated),
     }
+    if tp_result is not None:
+        summary["tp"] = {"ranks": tp_result.tp, "shards": str(tp_result.shards), **tp_result.check}
     if json_path != "-":
         con = console()
         con.print(f"[bold]{model_spec}[/bold]  run: {snap.run}")
@@ -75,11 +99,23 @@ def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_t
                   f"in {elapsed:.2f}s ({summary['tokens_per_s']:.1f} tok/s)"
                   + ("  (teacher-forced)" if golden is not None else ""))
         con.print(f"cache: {snap.n_layers} layers x {tuple(k0.shape)} {k0.dtype}, {cache_bytes / 2**20:.2f} MiB")
+        if tp_result is not None:
+            _print_tp(con, tp_result)
         con.rule("generated text")
         con.print(summary["text"], markup=False)
         con.rule()
         con.print(f"snapshot written to {out}")
     write_json(json_path, summary)
+
+
+def _print_tp(con, result) -> None:
+    check = result.check
+    heads = "  ".join(f"r{r} {h}" for r, h in enumerate(check.get("heads_by_rank", [])))
+    con.print(f"tensor parallel: {result.tp} ranks, layout {result.layout} ({heads}); shards in {result.shards}")
+    problems = check.get("n_problems", 0)
+    verdict = "[green]consistent[/green]" if not problems else f"[red]{problems} problem(s)[/red]"
+    con.print(f"rebuilt from the shards: replica max diff {check.get('replica_max_diff')}, "
+              f"padding max abs {check.get('padding_max_abs')}: {verdict}")
 
 
 COMMANDS = [capture_command]
