@@ -26,15 +26,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-<<<<<<< HEAD
-    from kvlab.cli import capture, models, trace
+    from kvlab.cli import capture, models, reconstruct, trace
 
-    for module in (models, capture, trace):
-=======
-    from kvlab.cli import capture, models, reconstruct
-
-    for module in (models, capture, reconstruct):
->>>>>>> layouts
+    for module in (models, capture, reconstruct, trace):
         for command in module.COMMANDS:
             cli.add_command(command)
 
