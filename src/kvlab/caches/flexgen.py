@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from kvlab.caches.registry import CachePolicy, register
-from kvlab.caches.split import SplitCache, SplitLayer
+from kvlab.caches.split import SplitCache, SplitLayer, compact_spec
 from kvlab.errors import KvlabError
 
 GIB = 2**30
@@ -118,6 +118,9 @@ class FlexGenPolicy(CachePolicy):
 
     def export(self, cache):
         return cache.export_layers(), {}
+
+    def spec(self) -> str:
+        return compact_spec(self)
 
     def _rule(self, model, batch_size: int, max_length: int | None):
         if self.gpu_len is not None:

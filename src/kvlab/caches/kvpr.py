@@ -27,7 +27,7 @@ import torch
 
 from kvlab.caches.recompute import KVRecomputer, attention_modules
 from kvlab.caches.registry import CachePolicy, register
-from kvlab.caches.split import SplitCache, SplitLayer
+from kvlab.caches.split import SplitCache, SplitLayer, compact_spec
 from kvlab.errors import KvlabError
 
 
@@ -189,6 +189,9 @@ class KVPRPolicy(CachePolicy):
 
     def export(self, cache):
         return cache.export_layers(), {}
+
+    def spec(self) -> str:
+        return compact_spec(self)
 
     def _rule(self, model, batch_size: int):
         if isinstance(self.recompute_len, int):

@@ -12,6 +12,7 @@ The split is one length for every layer, fixed by the policy at the cache's firs
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 
@@ -243,3 +244,19 @@ class SplitCache(Cache):
 
     def export_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [layer.materialize() for layer in self.layers]
+
+    def close(self) -> None:
+        """Drop every layer's rows (tier=disk files go at once) and the landing buffers."""
+        self.reset()
+        self.mover = Mover(self.device, self.mover.lanes)
+
+
+
+def compact_spec(policy) -> str:
+    """`name:p=v,...` with only the parameters that differ from their defaults, flags bare (`auto`)."""
+    from kvlab.params import render
+
+    items = [f.name if value is True else f"{f.name}={render(value)}"
+             for f in dataclasses.fields(policy)
+             if (value := getattr(policy, f.name)) != f.default]
+    return policy.name + (":" + ",".join(items) if items else "")
