@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -41,7 +42,9 @@ def metrics_path() -> Path:
 
 def device_key(device: str | torch.device) -> str:
     """`cpu`, or `cuda:N` (plain `cuda` is the current CUDA device)."""
-    dev = torch.device(device)
+    if not isinstance(device, torch.device) and not re.fullmatch(r"cpu|cuda(:\d+)?", device.strip()):
+        raise KvlabError(f"device {device!r}: use cpu, cuda or cuda:N")
+    dev = torch.device(device.strip() if isinstance(device, str) else device)
     if dev.type == "cuda":
         index = dev.index if dev.index is not None else (torch.cuda.current_device() if torch.cuda.is_available() else 0)
         return f"cuda:{index}"
@@ -93,8 +96,6 @@ def measure(device: str | torch.device = "cpu", *, size_mb: int = 256, gemm_n: i
     dev = torch.device(device_key(device))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise KvlabError(f"--device {dev}: this machine has no CUDA device")
-    if dev.type not in ("cpu", "cuda"):
-        raise KvlabError(f"--device {dev}: only cpu and cuda:N are measured")
     if size_mb < 1:
         raise KvlabError("--size-mb must be at least 1")
     nbytes = size_mb * 2**20
