@@ -28,7 +28,7 @@ def test_measure_records_every_figure_and_saves_them(hw_home, tmp_path):
     assert metrics["gemm_flops_per_s"]["float32"] > 0
     path = hw.save_metrics(metrics)
     assert path == hw_home / "hw_metrics.json"
-    assert hw.load_metrics("cpu")["gemm_n"] == 32
+    assert hw.load_metrics("cpu")["gemm_n"]["float32"] == 32
     hw.save_metrics({**metrics, "device": "cuda:0"})  # entries merge, one per device
     assert set(json.loads(path.read_text())["devices"]) == {"cpu", "cuda:0"}
     assert hw.load_metrics("cuda")["device"] == "cuda:0"

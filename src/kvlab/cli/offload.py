@@ -47,7 +47,7 @@ def hw_command(device, size_mb, gemm_n, disk_dir, repeats, json_path, quiet) -> 
             value = metrics.get(key)
             table.add_row(label, "n/a (no pinned memory without CUDA)" if value is None else f"{value / 1e9:.2f} GB/s")
         for dtype, rate in metrics["gemm_flops_per_s"].items():
-            table.add_row(f"GEMM {dtype} (n={metrics['gemm_n']})", "n/a" if rate is None else f"{rate / 1e12:.3f} TFLOP/s")
+            table.add_row(f"GEMM {dtype} (n={metrics['gemm_n'][dtype]})", "n/a" if rate is None else f"{rate / 1e12:.3f} TFLOP/s")
         table.add_row("device memory", f"{metrics['device_memory_bytes'] / 2**30:.1f} GiB")
         console().print(table)
         console().print(f"saved to {path}")

@@ -119,12 +119,10 @@ def measure(device: str | torch.device = "cpu", *, size_mb: int = 256, gemm_n: i
     result.update(_disk_read(nbytes, disk_dir, repeats))
     step("GEMM")
     n = gemm_n or (4096 if dev.type == "cuda" else 1024)
-    result["gemm_n"] = n
     # float16 GEMM on a CPU is a slow emulation: a smaller matrix measures its rate as well
-    result["gemm_flops_per_s"] = {
-        name: _gemm(dev, getattr(torch, name), min(n, 256) if (dev.type, name) == ("cpu", "float16") else n, timer)
-        for name in GEMM_DTYPES
-    }
+    result["gemm_n"] = {name: min(n, 256) if (dev.type, name) == ("cpu", "float16") else n for name in GEMM_DTYPES}
+    result["gemm_flops_per_s"] = {name: _gemm(dev, getattr(torch, name), size, timer)
+                                  for name, size in result["gemm_n"].items()}
     result["device_memory_bytes"] = _device_memory(dev)
     return result
 
