@@ -63,18 +63,7 @@ def parse_random_spec(spec: str) -> tuple[str, RandomModelSpec]:
 
 def build_random(spec: str):
     """The seeded float32 model for a `random:...` spec."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from kvlab.tinymodels import build_seeded
 
     family, params = parse_random_spec(spec)
-    config = params.config(family)
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(params.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    finally:
-        torch.random.set_rng_state(state)
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=None, pad_token_id=config.pad_token_id
-    )
-    return model.eval()
+    return build_seeded(params.config(family), params.seed)

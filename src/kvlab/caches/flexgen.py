@@ -27,40 +27,63 @@ GIB = 2**30
 
 
 class FlexGenLayer(SplitLayer):
-    """Near part = K/V of `[0, split)` resident on the compute device."""
+    """Near part = K/V of `[0, split)` resident on the compute device, written in place into
+    buffers of the split's length (or grown, when the cache's length is not known)."""
+
+    near_holds_new = True
 
     def __init__(self, cache, index: int) -> None:
         super().__init__(cache, index)
-        self.resident: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
 
     def near(self, count, landed):
-        keys, values = self.resident if self.resident is not None else self._empty()
-        return keys[:, :, :count], values[:, :, :count]
+        if self._keys is None:
+            batch, kv_heads, head_dim = self.far.row_shape[1:]
+            empty = torch.empty((batch, kv_heads, 0, head_dim), dtype=self.dtype, device=self.device)
+            return empty, empty
+        return self._keys[:, :, :count], self._values[:, :, :count]
 
     def store_near(self, start, keys, values):
-        if self.resident is None:
-            self.resident = (keys.clone(), values.clone())
-        else:
-            self.resident = (torch.cat([self.resident[0], keys], dim=-2), torch.cat([self.resident[1], values], dim=-2))
+        end = start + keys.shape[-2]
+        self._reserve(end, keys)
+        self._keys[:, :, start:end].copy_(keys)
+        self._values[:, :, start:end].copy_(values)
+
+    def _reserve(self, need: int, like: torch.Tensor) -> None:
+        capacity = 0 if self._keys is None else self._keys.shape[-2]
+        if need <= capacity:
+            return
+        known = self.cache.max_length
+        grown = min(self.split, known) if known else min(self.split, max(need, int(capacity * 1.5), 64))
+        shape = (*like.shape[:2], max(need, grown), like.shape[-1])
+        keys = torch.empty(shape, dtype=like.dtype, device=like.device)
+        values = torch.empty_like(keys)
+        if capacity:
+            keys[:, :, :capacity].copy_(self._keys)
+            values[:, :, :capacity].copy_(self._values)
+        self._keys, self._values = keys, values
 
     def drop_near(self, length):
-        if self.resident is not None:
-            self.resident = (self.resident[0][:, :, :length], self.resident[1][:, :, :length])
+        pass  # rows past `length` are overwritten by the next store
 
     def reset(self) -> None:
         super().reset()
-        self.resident = None
+        self._keys = self._values = None
+
+    @property
+    def resident(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The resident K/V `[b, kv, n, d]` (views), or None before the first update."""
+        if self._keys is None:
+            return None
+        count = min(self.split, self.length)
+        return self._keys[:, :, :count], self._values[:, :, :count]
 
     @property
     def near_device_bytes(self) -> int:
-        if self.resident is None:
+        if self._keys is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in self.resident)
-
-    def _empty(self):
-        batch, kv_heads, head_dim = self.far.row_shape[1:]
-        empty = torch.empty((batch, kv_heads, 0, head_dim), dtype=self.dtype, device=self.device)
-        return empty, empty
+        return 2 * self._keys.numel() * self._keys.element_size()
 
 
 class FlexGenCache(SplitCache):

@@ -33,6 +33,7 @@ class SplitLayer(CacheLayerMixin):
 
     is_croppable = True
     is_sliding = False
+    near_holds_new = False  # `near(n)` returns stored rows as they are (device views), new ones included
 
     def __init__(self, cache: "SplitCache", index: int) -> None:
         super().__init__()
@@ -80,9 +81,20 @@ class SplitLayer(CacheLayerMixin):
             self.cache.resolve_split(key_states.shape[-2])
             self.lazy_initialization(key_states, value_states)
         start, new = self.length, key_states.shape[-2]
+        end = start + new
+        cut = max(0, min(self.split - start, new))  # new rows that belong to the near part
+        if cut:
+            self.store_near(start, key_states[:, :, :cut], value_states[:, :, :cut])
+        if cut < new:
+            rows = torch.stack((key_states[:, :, cut:], value_states[:, :, cut:])).permute(3, 0, 1, 2, 4)
+            self.far.append(rows)
         if start == 0:
             keys, values = key_states, value_states
+        elif end <= self.split and self.near_holds_new:
+            keys, values = self.near(end, {})  # everything is near, new rows included: no copy
+            self._landing = None
         else:
+            # `length` is still `start` here: what landed is rows [0, start), whatever was just stored
             landed = self.take_landed()
             near_k, near_v = self.near(min(self.split, start), landed)
             far = landed.get("kv")
@@ -92,13 +104,7 @@ class SplitLayer(CacheLayerMixin):
                 parts_v.append(far[:, 1].permute(1, 2, 0, 3))
             keys = torch.cat([*parts_k, key_states], dim=-2)
             values = torch.cat([*parts_v, value_states], dim=-2)
-        cut = max(0, min(self.split - start, new))  # new rows that belong to the near part
-        if cut:
-            self.store_near(start, key_states[:, :, :cut], value_states[:, :, :cut])
-        if cut < new:
-            rows = torch.stack((key_states[:, :, cut:], value_states[:, :, cut:])).permute(3, 0, 1, 2, 4)
-            self.far.append(rows)
-        self.length = start + new
+        self.length = end
         return keys, values
 
     def get_seq_length(self) -> int:
