@@ -88,9 +88,11 @@ def test_predicted_step_by_hand():
     hw = cm.Hardware(gemm_flops_per_s=1e12, link_bytes_per_s=1e9, d2h_bytes_per_s=1e9, mem_bytes_per_s=1e11,
                      overlap=False)
     # compute: flops 2*10000 + 4*100*1000 = 4.2e5 -> 4.2e-7 s; bytes 40000 + 1000*800 = 8.4e5 -> 8.4e-6 s
-    c = 8.4e-6
-    assert cm.layer_compute_seconds(1000, shape, hw) == pytest.approx(c)
+    assert cm.layer_compute_seconds(1000, shape, hw) == pytest.approx(8.4e-6)
+    # plus assembling the layer's K/V for attention: read + write (1000 + 1) * 800 B at 1e11 B/s
+    c = 8.4e-6 + 2 * 1001 * 800 / 1e11
     assert cm.predict_step("baseline", 1000, shape, hw) == pytest.approx(2 * c)
+    assert cm.predict_step("flexgen", 1000, shape, hw, split=2000) == pytest.approx(2 * 8.4e-6)  # all resident
     # flexgen, 400 resident: far 600 * 800 B / 1e9 = 4.8e-4, new row 800 / 1e9 = 8e-7
     assert cm.predict_step("flexgen", 1000, shape, hw, split=400) == pytest.approx(2 * (c + 4.8e-4 + 8e-7))
     # offload: every layer in and out, (1000 + 1) * 800 B each way

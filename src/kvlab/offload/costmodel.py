@@ -33,7 +33,8 @@ layer's far part 2 (s - g) k, and one layer's assembled K/V s k while attention 
 and g = s when everything fits resident (W + R + (L + 1) s k <= budget).
 
 Step time (`predict_step`). A layer's compute c = max(FLOPs / v_gpu, bytes read / v_mem) with
-the weights and the K/V it reads; with overlap (CUDA streams) a layer costs
+the weights and the K/V it reads, plus the copy that assembles its K/V for attention (read and
+write of one layer's K/V at v_mem); with overlap (CUDA streams) a layer costs
 baseline c; offload max(c + t_d2h(all K/V of the layer), t_h2d(same)); FlexGen max(c, t_far);
 KVPR max(c + t_rec, t_X + max(t_rec, t_KV)); without overlap, the sum of the parts.
 """
@@ -253,9 +254,12 @@ def layer_compute_seconds(seq_len: int, shape: ModelShape, hw: Hardware) -> floa
 
 def predict_step(method: str, seq_len: int, shape: ModelShape, hw: Hardware, split: int = 0) -> float:
     """Predicted seconds of one decode step at `seq_len` cached positions (see the module docstring)."""
-    c = layer_compute_seconds(seq_len, shape, hw)
-    head = 2 * shape.batch * shape.hidden * shape.vocab / hw.gemm_flops_per_s
     layer_kv = (seq_len + 1) * shape.kv_row_bytes
+    # every method hands attention one layer's K/V built by a copy (DynamicCache's cat included),
+    # except a FlexGen split that keeps everything resident and hands over its buffer
+    assemble = 0.0 if method == "flexgen" and split > seq_len else 2 * layer_kv / hw.mem_bytes_per_s
+    c = layer_compute_seconds(seq_len, shape, hw) + assemble
+    head = 2 * shape.batch * shape.hidden * shape.vocab / hw.gemm_flops_per_s
     if method in ("baseline", "dynamic"):
         per_layer = c
     elif method == "offload":
@@ -263,7 +267,7 @@ def predict_step(method: str, seq_len: int, shape: ModelShape, hw: Hardware, spl
         per_layer = max(c + d2h, h2d) if hw.overlap else c + d2h + h2d
     elif method == "flexgen":
         far = max(0, seq_len - split) * shape.kv_row_bytes / hw.link_bytes_per_s
-        new = shape.kv_row_bytes / hw.d2h_bytes_per_s
+        new = 0.0 if split > seq_len else shape.kv_row_bytes / hw.d2h_bytes_per_s  # written to the host
         per_layer = (max(c, far) if hw.overlap else c + far) + new
     elif method == "kvpr":
         parts = kvpr_layer_seconds(min(split, seq_len), seq_len, shape, hw)
