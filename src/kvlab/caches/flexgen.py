@@ -39,9 +39,7 @@ class FlexGenLayer(SplitLayer):
 
     def near(self, count, landed):
         if self._keys is None:
-            batch, kv_heads, head_dim = self.far.row_shape[1:]
-            empty = torch.empty((batch, kv_heads, 0, head_dim), dtype=self.dtype, device=self.device)
-            return empty, empty
+            return self.empty_kv()
         return self._keys[:, :, :count], self._values[:, :, :count]
 
     def store_near(self, start, keys, values):

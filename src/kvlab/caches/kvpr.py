@@ -83,9 +83,7 @@ class KVPRLayer(SplitLayer):
 
     def near(self, count, landed):
         if count == 0:
-            batch, kv_heads, head_dim = self.far.row_shape[1:]
-            empty = torch.empty((batch, kv_heads, 0, head_dim), dtype=self.dtype, device=self.device)
-            return empty, empty
+            return self.empty_kv()
         x = landed["act"].permute(1, 0, 2)  # [count, b, hidden] -> [b, count, hidden]
         return self.cache.recomputer.kv(self.index, x, self.cos[:, :count], self.sin[:, :count])
 

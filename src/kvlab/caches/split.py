@@ -65,6 +65,12 @@ class SplitLayer(CacheLayerMixin):
     def near_device_bytes(self) -> int:
         return 0
 
+    def empty_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of no positions, shaped like this layer's."""
+        batch, kv_heads, head_dim = self.far.row_shape[1:]
+        empty = torch.empty((batch, kv_heads, 0, head_dim), dtype=self.dtype, device=self.device)
+        return empty, empty
+
     def stores(self) -> list[RowStore | None]:
         """The host/disk stores this layer writes to."""
         return [self.far]
