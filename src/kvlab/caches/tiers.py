@@ -156,6 +156,7 @@ class DiskStore(RowStore):
         )
 
     def _write(self, target: torch.Tensor, rows: torch.Tensor) -> None:
+        # From CUDA this waits for the copy to the host: a mapped page is written by the CPU.
         target.copy_(rows.to("cpu") if rows.device.type != "cpu" else rows)
 
     def close(self) -> None:
