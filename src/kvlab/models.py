@@ -157,6 +157,11 @@ def _load_raw(spec: str, progress: bool = False):
         from kvlab.tokenizer_bytes import byte_tokenizer
 
         return build_tiny(spec), byte_tokenizer()
+    if spec.startswith("random:"):
+        from kvlab.randommodels import build_random
+        from kvlab.tokenizer_bytes import byte_tokenizer
+
+        return build_random(spec), byte_tokenizer()
     if spec == DEFAULT_MODEL:
         from kvlab import embedded
 
@@ -165,7 +170,8 @@ def _load_raw(spec: str, progress: bool = False):
     if path.is_dir():
         return _load_folder(path, spec)
     known = ", ".join([DEFAULT_MODEL, *TINY_MODELS])
-    raise KvlabError(f"unknown model {spec!r}: use one of {known}, or a local Hugging Face model folder")
+    raise KvlabError(f"unknown model {spec!r}: use one of {known}, random:FAMILY,k=v,..., or a local Hugging Face "
+                     "model folder")
 
 
 def _load_folder(path: Path, spec: str):

@@ -85,14 +85,18 @@ TINY_MODELS: dict[str, TinySpec] = {
 
 def build_tiny(name: str):
     """The seeded float32 model for `name`; the same weights on every machine."""
+    spec = TINY_MODELS[name]
+    return build_seeded(spec.config(), spec.seed)
+
+
+def build_seeded(config, seed: int):
+    """A float32 model with random weights drawn from `seed` (the global RNG is left as it was)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    spec = TINY_MODELS[name]
-    config = spec.config()
     generator_state = torch.random.get_rng_state()
     try:
-        torch.manual_seed(spec.seed)
+        torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     finally:
         torch.random.set_rng_state(generator_state)

@@ -1,0 +1,25 @@
+"""Fixtures for the offload tests.
+
+The tiny models' matrices are far too small to split across threads: on a busy 2-core machine
+the second thread only adds waiting, so these tests run torch on one thread (restored after).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="package")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def hw_home(tmp_path, monkeypatch):
+    """KVLAB_HOME in a temporary folder: hw_metrics.json is written and read there."""
+    monkeypatch.setenv("KVLAB_HOME", str(tmp_path))
+    return tmp_path
