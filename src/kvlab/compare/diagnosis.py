@@ -1,0 +1,104 @@
+"""What a divergence means, given how the golden and test runs differ.
+
+This is NxDI's accuracy-debugging decision table (reference model on CPU vs the port on CPU
+deviates -> the model code is wrong; those agree but CPU vs device deviates -> lowering,
+compiler, runtime or collectives) applied to kvlab's run-spec keys: a diff isolates a cause
+only when the two runs differ in exactly one key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvlab.runspec import KEYS, RunSpec
+
+_LABELS = {"dtype": "precision", "attn": "attention kernel", "cache": "cache policy", "tp": "tensor parallel",
+           "device": "device"}
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    differs_in: tuple[str, ...] | None  # run-spec keys that differ; None when a run spec is unreadable
+    kind: str  # "same", "dtype", "attn", "cache", "tp", "device", "several", "unknown"
+    text: str
+
+    def as_dict(self) -> dict:
+        return {"differs_in": None if self.differs_in is None else list(self.differs_in), "kind": self.kind,
+                "text": self.text}
+
+
+def run_differences(golden: RunSpec, test: RunSpec) -> tuple[str, ...]:
+    """Run-spec keys whose values differ, with unset keys at kvlab's defaults."""
+    g, t = golden.with_defaults(), test.with_defaults()
+    return tuple(key for key in KEYS if _text(g, key) != _text(t, key))
+
+
+def diagnose(golden: RunSpec | None, test: RunSpec | None, diverged: bool, where: str = "") -> Diagnosis:
+    """One verdict for the runs' difference and whether the cache diverged (`where` names the place)."""
+    if golden is None or test is None:
+        return Diagnosis(None, "unknown", "a run spec could not be read: the diff cannot say what the difference means")
+    differs = run_differences(golden, test)
+    at = f" ({where})" if where else ""
+    if not differs:
+        text = (f"same run spec, yet the caches differ{at}: nondeterminism or a capture bug" if diverged
+                else "same run spec and the caches agree")
+        return Diagnosis(differs, "same", text)
+    if len(differs) > 1:
+        names = " and ".join(_LABELS[k] for k in differs)
+        return Diagnosis(differs, "several", f"the runs differ in {names}: a divergence cannot be pinned on one "
+                         "cause; diff one change at a time (one --test per key)")
+    key = differs[0]
+    text = _ONE_KEY[key](golden.with_defaults(), test.with_defaults(), diverged, at)
+    return Diagnosis(differs, key, text)
+
+
+def _dtype(g: RunSpec, t: RunSpec, diverged: bool, at: str) -> str:
+    if not diverged:
+        return f"precision only ({g.dtype} -> {t.dtype}): every row within the rounding budget of {t.dtype}"
+    return (f"precision only ({g.dtype} -> {t.dtype}): the cache drifts past what {t.dtype} rounding explains{at}; "
+            "look for a range overflow (float16) or a sum accumulated in low precision in the layers up to there")
+
+
+def _attn(g: RunSpec, t: RunSpec, diverged: bool, at: str) -> str:
+    if not diverged:
+        return (f"attention kernel only ({g.attn} -> {t.attn}): the kernels agree, so model code is not the cause "
+                "of a device deviation (NxDI table: look at lowering/compiler/runtime/collectives)")
+    return (f"attention kernel only ({g.attn} -> {t.attn}), same weights and dtype: the kernels disagree{at}, "
+            "so the kernel or its mask / scaling / GQA repeat is wrong (NxDI table: model code wrong)")
+
+
+def _cache(g: RunSpec, t: RunSpec, diverged: bool, at: str) -> str:
+    policy = t.policy
+    name = policy.spec()
+    if not diverged:
+        return f"cache policy only ({g.policy.spec()} -> {name}): within tolerance"
+    if getattr(policy, "lossless", False):
+        return (f"cache policy only ({g.policy.spec()} -> {name}): a lossless policy changed the cache{at}: "
+                "a bug in its cache layers (update / export)")
+    return (f"cache policy only ({g.policy.spec()} -> {name}): the lossy cache exceeds the tolerance{at}; "
+            "compare with its stated error bound (--tol) or tune the policy")
+
+
+def _tp(g: RunSpec, t: RunSpec, diverged: bool, at: str) -> str:
+    if not diverged:
+        return (f"tensor parallel only (tp={g.tp} -> tp={t.tp}): the shards reconstruct to the golden cache "
+                "up to all-reduce order")
+    return (f"tensor parallel only (tp={g.tp} -> tp={t.tp}): beyond all-reduce reordering{at}: a sharding, "
+            "layout or collective bug (NxDI table: lowering/compiler/runtime/collectives); "
+            "check the replica and padding report of `kvlab reconstruct`")
+
+
+def _device(g: RunSpec, t: RunSpec, diverged: bool, at: str) -> str:
+    if not diverged:
+        return f"device only ({g.device} -> {t.device}): the device run matches the CPU run"
+    return (f"device only ({g.device} -> {t.device}), same model code: CPU vs device deviates{at}, so per NxDI's "
+            "table the cause is lowering, compiler, runtime or collectives (rule out model code with an "
+            "attn-only diff on CPU)")
+
+
+_ONE_KEY = {"dtype": _dtype, "attn": _attn, "cache": _cache, "tp": _tp, "device": _device}
+
+
+def _text(spec: RunSpec, key: str) -> str:
+    value = getattr(spec, key)
+    return value.spec() if key == "cache" else str(value)
