@@ -87,7 +87,8 @@ def print_summary(study) -> None:
     con.print(f"[bold]golden[/bold] {study.golden_run}   model {golden.model.get('spec', '?')}, "
               f"{golden.n_prompt} prompt + {len(golden.token_ids) - golden.n_prompt} generated tokens")
     for i, result in enumerate(study.results, start=1):
-        con.rule(f"test {i}: {result.test_run}")
+        con.rule(f"test {i}: {result.label}")
+        con.print(f"run: {result.test_run}")
         first = result.first_divergence
         tol = result.tolerance
         con.print(f"tolerance: rel-L2 > {fmt_num(tol.rel_l2)} per (layer, KV head, position) row ({tol.basis})")
@@ -115,13 +116,14 @@ def print_summary(study) -> None:
         for column in ("layer", "K max abs", "K rel-L2", "K cosine", "V max abs", "V rel-L2", "V cosine"):
             layers.add_column(column, justify="right")
         k, v = result.cache.layer_errors("keys"), result.cache.layer_errors("values")
-        for layer in result.worst_layers(5):
+        rows = 5 if len(study.results) == 1 else 3
+        for layer in result.worst_layers(rows):
             layers.add_row(str(layer), *_cells(k[layer], fmt_num), *_cells(v[layer], fmt_num))
         heads = Table(title="worst KV heads", title_justify="left")
         for column in ("layer", "KV head", "K rel-L2", "K cosine", "V rel-L2", "V cosine"):
             heads.add_column(column, justify="right")
         hk, hv = result.cache.head_errors("keys"), result.cache.head_errors("values")
-        for layer, head in result.worst_heads(5):
+        for layer, head in result.worst_heads(rows):
             a, b = hk[layer][head], hv[layer][head]
             heads.add_row(str(layer), str(head), fmt_num(a.rel_l2), fmt_num(a.cosine, 6), fmt_num(b.rel_l2),
                           fmt_num(b.cosine, 6))
@@ -138,14 +140,13 @@ def _study_table(study):
     from kvlab.compare.fmt import fmt_num, fmt_pct
 
     table = Table(title="summary", title_justify="left")
-    for column in ("test run", "tol", "first divergence (pos, layer, head)", "KL mean", "top-1 agree",
-                   "first token mismatch"):
+    for column in ("test (change)", "tol", "first divergence", "KL mean", "top-1", "token mismatch"):
         table.add_column(column)
     for result in study.results:
         first = result.first_divergence
         where = "none" if first is None else f"{first.position}, L{first.layer}, H{first.head} {first.tensor[0].upper()}"
         mismatch = result.logits.first_token_mismatch
-        table.add_row(result.test_run, fmt_num(result.tolerance.rel_l2), where, fmt_num(result.logits.kl_mean),
+        table.add_row(result.label, fmt_num(result.tolerance.rel_l2), where, fmt_num(result.logits.kl_mean),
                       fmt_pct(result.logits.top1_agreement), "none" if mismatch is None else f"step {mismatch}")
     return table
 

@@ -109,7 +109,7 @@ class CacheDiff:
         best: Divergence | None = None
         for tensor in TENSORS:
             column = self.maps[tensor]["rel_l2"][:, :, position].to(torch.float64)
-            column = torch.nan_to_num(column, nan=float("inf"))
+            column = torch.where(column.isnan(), float("inf"), column)
             flat = int(torch.argmax(column))
             layer, head = divmod(flat, column.shape[1])
             value = float(column[layer, head])

@@ -33,6 +33,15 @@ def run_differences(golden: RunSpec, test: RunSpec) -> tuple[str, ...]:
     return tuple(key for key in KEYS if _text(g, key) != _text(t, key))
 
 
+def change_label(golden: RunSpec | None, test: RunSpec | None) -> str | None:
+    """The test run as its changes against the golden run, e.g. 'dtype=bfloat16' (None if unreadable)."""
+    if golden is None or test is None:
+        return None
+    t = test.with_defaults()
+    differs = run_differences(golden, test)
+    return ",".join(f"{key}={_text(t, key)}" for key in differs) if differs else "same run"
+
+
 def diagnose(golden: RunSpec | None, test: RunSpec | None, diverged: bool, where: str = "") -> Diagnosis:
     """One verdict for the runs' difference and whether the cache diverged (`where` names the place)."""
     if golden is None or test is None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvlab.compare.cachediff import CacheDiff, Divergence, diff_caches
-from kvlab.compare.diagnosis import Diagnosis, diagnose
+from kvlab.compare.diagnosis import Diagnosis, change_label, diagnose
 from kvlab.compare.logitsdiff import LogitsDiff, diff_logits
 from kvlab.compare.source import TENSORS, SnapshotSource
 from kvlab.compare.tolerance import Tolerance, ToleranceOverride, tolerance_for
@@ -43,6 +43,7 @@ class DiffResult:
     diagnosis: Diagnosis
     golden_path: str | None = None
     test_path: str | None = None
+    label: str = ""  # the test run as its change against the golden run, e.g. "dtype=bfloat16"
 
     @property
     def n_positions(self) -> int:
@@ -71,6 +72,7 @@ class DiffResult:
         heads_k, heads_v = self.cache.head_errors("keys"), self.cache.head_errors("values")
         return {
             "run": self.test_run,
+            "label": self.label,
             "first_divergence": None if self.first_divergence is None else self.first_divergence.as_dict(),
             "layers": [
                 {"layer": i, "keys": _errors_json(layers_k[i]), "values": _errors_json(layers_v[i])}
@@ -128,6 +130,7 @@ def diff_snapshots(
         diagnosis=diagnose(g_run, t_run, first is not None, where),
         golden_path=str(golden.path) if golden.path else None,
         test_path=str(test.path) if test.path else None,
+        label=change_label(g_run, t_run) or test.run,
     )
 
 

@@ -77,10 +77,10 @@ def logits_png(results: Sequence[DiffResult]) -> bytes:
         color = f"C{i % 10}"
         if logits.kl is not None:
             ax_kl.plot(steps, [max(v, _FLOOR) if math.isfinite(v) else float("nan") for v in logits.kl],
-                       marker=".", color=color, label=result.test_run)
+                       marker=".", color=color, label=result.label)
         if logits.top1 is not None:
             ax_top.step(steps, [1.0 if a else 0.0 for a in logits.top1], where="mid", color=color,
-                        label=result.test_run)
+                        label=result.label)
         if logits.first_token_mismatch is not None:
             for ax in (ax_kl, ax_top):
                 ax.axvline(logits.first_token_mismatch, color=color, ls=":", lw=1.2)

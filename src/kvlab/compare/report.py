@@ -77,7 +77,7 @@ def _summary_table(study: Study) -> str:
         k, v = result.cache.layer_errors("keys")[worst], result.cache.layer_errors("values")[worst]
         logits = result.logits
         rows.append([
-            ("text", f"<code>{_e(result.test_run)}</code>"),
+            ("text", f"<code>{_e(result.label)}</code>"),
             ("", fmt_num(result.tolerance.rel_l2)),
             ("text", _first_text(result) if first else '<span class="ok">none</span>'),
             ("", f"{worst} (K {fmt_num(k.rel_l2)}, V {fmt_num(v.rel_l2)})"),
@@ -85,13 +85,14 @@ def _summary_table(study: Study) -> str:
             ("", fmt_pct(logits.top1_agreement)),
             ("", _mismatch_text(study, result)),
         ])
-    head = ["test run", "tol (rel-L2)", "first divergence", "worst layer", "KL mean", "top-1 agree",
+    head = ["test (change)", "tol (rel-L2)", "first divergence", "worst layer", "KL mean", "top-1 agree",
             "first token mismatch"]
     return _table(head, rows)
 
 
 def _test_section(study: Study, index: int, result: DiffResult) -> list[str]:
-    parts = [f"<h2>Test {index}: <code>{_e(result.test_run)}</code></h2>"]
+    parts = [f"<h2>Test {index}: <code>{_e(result.label)}</code></h2>",
+             f'<p class="muted">run <code>{_e(result.test_run)}</code></p>']
     first = result.first_divergence
     parts.append(f"<p>First divergence: {_first_text(result) if first else '<span class=ok>none</span>'} "
                  f"(tolerance rel-L2 {fmt_num(result.tolerance.rel_l2)}, {_e(result.tolerance.basis)}).</p>")
