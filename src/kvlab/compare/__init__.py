@@ -5,29 +5,12 @@ golden=SPEC, tests=[SPEC, ...])` captures the golden run and teacher-forced test
 `write_report(study, path)` writes the HTML report.
 """
 
+from kvlab.compare.diff import DiffResult, diff_snapshots
 from kvlab.compare.metrics import Errors, error_maps, first_mismatch, kl_divergence, tensor_errors
+from kvlab.compare.report import write_report
+from kvlab.compare.study import Study, compare_snapshots, run_study
 
 __all__ = [
     "DiffResult", "Errors", "Study", "compare_snapshots", "diff_snapshots", "error_maps", "first_mismatch",
     "kl_divergence", "run_study", "tensor_errors", "write_report",
 ]
-
-_LAZY = {
-    "DiffResult": "kvlab.compare.diff",
-    "diff_snapshots": "kvlab.compare.diff",
-    "Study": "kvlab.compare.study",
-    "compare_snapshots": "kvlab.compare.study",
-    "run_study": "kvlab.compare.study",
-    "write_report": "kvlab.compare.report",
-}
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kvlab.compare' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value

@@ -57,55 +57,50 @@ def diagnose(golden: RunSpec | None, test: RunSpec | None, diverged: bool, where
         return Diagnosis(differs, "several", f"the runs differ in {names}: a divergence cannot be pinned on one "
                          "cause; diff one change at a time (one --test per key)")
     key = differs[0]
-    text = _ONE_KEY[key](golden.with_defaults(), test.with_defaults(), diverged, at)
-    return Diagnosis(differs, key, text)
+    g, t = golden.with_defaults(), test.with_defaults()
+    before, after = _text(g, key), _text(t, key)
+    if key == "cache" and diverged and not getattr(t.policy, "lossless", False):
+        clean, broken = _VERDICTS["lossy cache"]
+    else:
+        clean, broken = _VERDICTS[key]
+    return Diagnosis(differs, key, (broken if diverged else clean).format(g=before, t=after, at=at))
 
 
-def _dtype(g: RunSpec, t: RunSpec, diverged: bool, at: str) -> str:
-    if not diverged:
-        return f"precision only ({g.dtype} -> {t.dtype}): every row within the rounding budget of {t.dtype}"
-    return (f"precision only ({g.dtype} -> {t.dtype}): the cache drifts past what {t.dtype} rounding explains{at}; "
-            "look for a range overflow (float16) or a sum accumulated in low precision in the layers up to there")
-
-
-def _attn(g: RunSpec, t: RunSpec, diverged: bool, at: str) -> str:
-    if not diverged:
-        return (f"attention kernel only ({g.attn} -> {t.attn}): the kernels agree, so model code is not the cause "
-                "of a device deviation (NxDI table: look at lowering/compiler/runtime/collectives)")
-    return (f"attention kernel only ({g.attn} -> {t.attn}), same weights and dtype: the kernels disagree{at}, "
-            "so the kernel or its mask / scaling / GQA repeat is wrong (NxDI table: model code wrong)")
-
-
-def _cache(g: RunSpec, t: RunSpec, diverged: bool, at: str) -> str:
-    policy = t.policy
-    name = policy.spec()
-    if not diverged:
-        return f"cache policy only ({g.policy.spec()} -> {name}): within tolerance"
-    if getattr(policy, "lossless", False):
-        return (f"cache policy only ({g.policy.spec()} -> {name}): a lossless policy changed the cache{at}: "
-                "a bug in its cache layers (update / export)")
-    return (f"cache policy only ({g.policy.spec()} -> {name}): the lossy cache exceeds the tolerance{at}; "
-            "compare with its stated error bound (--tol) or tune the policy")
-
-
-def _tp(g: RunSpec, t: RunSpec, diverged: bool, at: str) -> str:
-    if not diverged:
-        return (f"tensor parallel only (tp={g.tp} -> tp={t.tp}): the shards reconstruct to the golden cache "
-                "up to all-reduce order")
-    return (f"tensor parallel only (tp={g.tp} -> tp={t.tp}): beyond all-reduce reordering{at}: a sharding, "
-            "layout or collective bug (NxDI table: lowering/compiler/runtime/collectives); "
-            "check the replica and padding report of `kvlab reconstruct`")
-
-
-def _device(g: RunSpec, t: RunSpec, diverged: bool, at: str) -> str:
-    if not diverged:
-        return f"device only ({g.device} -> {t.device}): the device run matches the CPU run"
-    return (f"device only ({g.device} -> {t.device}), same model code: CPU vs device deviates{at}, so per NxDI's "
-            "table the cause is lowering, compiler, runtime or collectives (rule out model code with an "
-            "attn-only diff on CPU)")
-
-
-_ONE_KEY = {"dtype": _dtype, "attn": _attn, "cache": _cache, "tp": _tp, "device": _device}
+# per key: (the caches agree, the caches diverge); {g} / {t} are the key's golden / test values
+_VERDICTS = {
+    "dtype": (
+        "precision only ({g} -> {t}): every row within the rounding budget of {t}",
+        "precision only ({g} -> {t}): the cache drifts past what {t} rounding explains{at}; look for a range "
+        "overflow (float16) or a sum accumulated in low precision in the layers up to there",
+    ),
+    "attn": (
+        "attention kernel only ({g} -> {t}): the kernels agree, so model code is not the cause of a device "
+        "deviation (NxDI table: look at lowering/compiler/runtime/collectives)",
+        "attention kernel only ({g} -> {t}), same weights and dtype: the kernels disagree{at}, so the kernel or "
+        "its mask / scaling / GQA repeat is wrong (NxDI table: model code wrong)",
+    ),
+    "cache": (
+        "cache policy only ({g} -> {t}): within tolerance",
+        "cache policy only ({g} -> {t}): a lossless policy changed the cache{at}: a bug in its cache layers "
+        "(update / export)",
+    ),
+    "lossy cache": (
+        "cache policy only ({g} -> {t}): within tolerance",
+        "cache policy only ({g} -> {t}): the lossy cache exceeds the tolerance{at}; compare with its stated error "
+        "bound (--tol) or tune the policy",
+    ),
+    "tp": (
+        "tensor parallel only (tp={g} -> tp={t}): the shards reconstruct to the golden cache up to all-reduce order",
+        "tensor parallel only (tp={g} -> tp={t}): beyond all-reduce reordering{at}: a sharding, layout or "
+        "collective bug (NxDI table: lowering/compiler/runtime/collectives); check the replica and padding "
+        "report of `kvlab reconstruct`",
+    ),
+    "device": (
+        "device only ({g} -> {t}): the device run matches the CPU run",
+        "device only ({g} -> {t}), same model code: CPU vs device deviates{at}, so per NxDI's table the cause is "
+        "lowering, compiler, runtime or collectives (rule out model code with an attn-only diff on CPU)",
+    ),
+}
 
 
 def _text(spec: RunSpec, key: str) -> str:
