@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvlab.compare.cachediff import CacheDiff, Divergence, diff_caches
@@ -185,10 +185,23 @@ def _shard_hint(golden: Snapshot, test: Snapshot) -> str:
 
 
 def _parse_run(text: str) -> RunSpec | None:
+    """The run spec a snapshot records, or None when it cannot be read.
+
+    Its attn value was checked when the run was captured and is taken as written: checking it
+    again would import transformers (about 100 MB and seconds) only to read a name.
+    """
+    kept, attn = [], None
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "attn":
+            attn = value.strip()
+        else:
+            kept.append(item)
     try:
-        return RunSpec.parse(text)
+        spec = RunSpec.parse(",".join(kept))
     except KvlabError:
         return None
+    return replace(spec, attn=attn) if attn else spec
 
 
 def _precision(run: RunSpec | None, source: SnapshotSource) -> str:
