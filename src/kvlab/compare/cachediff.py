@@ -12,7 +12,8 @@ cosine = NaN in the maps, are left out of the sums, and are listed with their lo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from kvlab.compare.metrics import Errors, rel_l2_and_cosine, row_sums
 from kvlab.compare.source import TENSORS, SnapshotSource
 
-CHUNK_ELEMENTS = 1 << 20  # elements of one float64 temporary (8 MiB); three live at once
+CHUNK_ELEMENTS = 1 << 18  # elements of one float64 temporary (2 MiB); three live at once
 MAX_NONFINITE_LISTED = 100
 _SUMS = ("diff_sq", "golden_sq", "test_sq", "dot", "max_abs")
 
@@ -134,19 +135,36 @@ def diff_caches(
     sums: dict[str, dict[str, torch.Tensor]] = {}
     listed: list[NonFinite] = []
     bad_rows = 0
-    for layer in range(n_layers):
-        for tensor in TENSORS:
-            g = golden.tensor(layer, tensor)
-            t = test.tensor(layer, tensor)
-            if tensor not in maps:
-                maps[tensor], sums[tensor] = _allocate(n_layers, g.shape)
-            bad_rows += _diff_layer(g, t, layer, tensor, maps[tensor], sums[tensor], listed)
-            del g, t
-        if on_layer is not None:
-            on_layer(1)
+    with one_thread():
+        for layer in range(n_layers):
+            for tensor in TENSORS:
+                g = golden.tensor(layer, tensor)
+                t = test.tensor(layer, tensor)
+                if tensor not in maps:
+                    maps[tensor], sums[tensor] = _allocate(n_layers, g.shape)
+                bad_rows += _diff_layer(g, t, layer, tensor, maps[tensor], sums[tensor], listed)
+                del g, t
+            if on_layer is not None:
+                on_layer(1)
     if not maps:
         raise ValueError("no layers to diff")
     return CacheDiff(maps=maps, sums=sums, nonfinite=listed, nonfinite_rows=bad_rows)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread for the block, then restore the caller's setting.
+
+    A chunk is a few memory-bound passes over a few MiB: a second thread barely speeds them
+    up, and on a busy machine threads spinning at every op's barrier cost 5-10x the CPU time
+    (bench/diff_throughput.py: 0.5 s of CPU on one thread, 4-6 s on two).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _allocate(n_layers: int, shape: tuple[int, ...]):
