@@ -4,15 +4,15 @@ The tolerance is a relative L2 error per cache row (one layer, KV head and posit
 V: `||t - g|| / ||g||` over head_dim). Its default follows the precision of the coarser of the
 two runs, because rounding alone already moves every row by about that much:
 
-| precision | default rel-L2 | measured (smollm2 and tiny models, teacher-forced vs float32) |
+| precision | default rel-L2 | largest row measured, teacher-forced vs float32 (smollm2) |
 | --- | --- | --- |
-| float32 | 1e-4 | another attention kernel: < 5e-6 |
-| float16 | 0.03 | 99.9th percentile ~0.01, max ~0.013 |
-| bfloat16 | 0.15 | 99.9th percentile ~0.06, max ~0.09 |
-| float8 (e4m3 / e5m2) | 0.25 / 0.5 | 3 / 2 mantissa bits |
+| float32 | 1e-4 | another attention kernel (eager vs sdpa): 5e-6 at 1k tokens, 1e-5 at 4k |
+| float16 | 0.05 | 0.013 at 1k tokens, 0.021 at 4k (99.99th percentile 0.015) |
+| bfloat16 | 0.25 | 0.080 at 1k tokens, 0.133 at 4k (99.99th percentile 0.097) |
+| float8 (e4m3 / e5m2) | 0.25 / 0.5 | 3 / 2 mantissa bits against bfloat16's 7 |
 | a lossy cache policy | 0.5 | at least the dtype's figure; set `--tol` to the policy's bound |
 
-so a default run flags rows that drift several times past what the precision explains, and
+so a default run flags rows that drift about twice past the worst that rounding gave at 4k tokens, and
 a clean precision study reports no divergence. `--tol` overrides: one number for every run
 (`--tol 0.02`) or per precision (`--tol bfloat16=0.1,float16=0.02,lossy=0.3`).
 """
@@ -25,8 +25,8 @@ from kvlab.errors import KvlabError
 
 DEFAULT_REL_L2: dict[str, float] = {
     "float32": 1e-4,
-    "float16": 3e-2,
-    "bfloat16": 0.15,
+    "float16": 0.05,
+    "bfloat16": 0.25,
     "float8_e4m3fn": 0.25,
     "float8_e5m2": 0.5,
 }
