@@ -1,5 +1,5 @@
 # kvlab: two commands do all set-up on a fresh machine.
-#   make demo   create .venv, install everything, run the main job on the default model
+#   make demo   create .venv, install everything, run the main job (kvlab diff float32 vs bfloat16) on the default model
 #   make test   create .venv, install everything, run the test suite (what CI runs)
 
 PYTHON ?= python3
@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 DEMO_PROMPT := Explain in two sentences what the KV cache of a transformer stores and why it makes generation faster.
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install browser demo test test-fast bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -24,17 +24,25 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
-demo: install
-	$(KVLAB) capture --model smollm2 --chat --prompt "$(DEMO_PROMPT)" --max-new-tokens 64 --out runs/demo
+# the report test opens an HTML report in headless Chromium: install it where it is missing
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
-test: install
+# the main job: float32 golden run, bfloat16 teacher-forced on its tokens, diffed; report in runs/demo
+demo: install
+	$(KVLAB) diff --model smollm2 --chat --prompt "$(DEMO_PROMPT)" --golden dtype=float32 --test dtype=bfloat16 \
+	  --max-new-tokens 64 --out runs/demo --json runs/demo/diff.json
+
+test: install browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install browser
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/capture_overhead.py
+	$(PY) bench/diff_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -92,3 +92,13 @@ def test_two_processes_convert_the_default_model_once(tmp_path):
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert env_loaded.returncode == 0 and len(env_loaded.stdout.strip()) == 16
+
+
+def test_low_precision_runs_keep_rotary_frequencies_in_float32():
+    # like from_pretrained(dtype=bfloat16): only weights are cast; a bfloat16 inv_freq puts the
+    # keys of late positions off by radians
+    low = load_model("tiny-llama", "dtype=bfloat16").model
+    rotary = low.model.rotary_emb
+    assert rotary.inv_freq.dtype == torch.float32
+    assert torch.equal(rotary.inv_freq, tiny("tiny-llama").model.model.rotary_emb.inv_freq)
+    assert low.model.layers[0].self_attn.k_proj.weight.dtype == torch.bfloat16

@@ -132,10 +132,29 @@ def load_model(
     run = run.with_defaults()
     model, tokenizer = _load_raw(spec, progress=progress)
     fingerprint = model_fingerprint(model)
-    model = model.to(dtype=run.torch_dtype, device=run.device)
+    model = _cast(model, run.torch_dtype, run.device)
     apply_attention(model, run.attn)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, fingerprint=fingerprint)
+
+
+def _cast(model, dtype: "torch.dtype", device: str):
+    """Cast the weights to `dtype` but keep rotary frequency buffers in float32.
+
+    `from_pretrained(dtype=...)` never casts `inv_freq`; a plain `.to(bfloat16)` does, and
+    position * a bfloat16 inv_freq is off by radians past a few hundred tokens.
+    """
+    kept = {
+        (module_name, name): buffer
+        for module_name, module in model.named_modules()
+        if "RotaryEmbedding" in type(module).__name__
+        for name, buffer in module.named_buffers(recurse=False)
+        if buffer.is_floating_point()
+    }
+    model = model.to(dtype=dtype, device=device)
+    for (module_name, name), buffer in kept.items():
+        setattr(model.get_submodule(module_name), name, buffer.to(device=device))
+    return model
 
 
 def apply_attention(model, attn: str) -> None:

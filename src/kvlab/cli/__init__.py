@@ -26,9 +26,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from kvlab.cli import capture, models, offload, reconstruct, trace
+    from kvlab.cli import capture, diff, models, offload, reconstruct, trace
 
-    for module in (models, capture, reconstruct, trace, offload):
+    for module in (models, capture, offload, reconstruct, trace, diff):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from tests.compare.helpers import edited_copy, golden_run
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    golden = golden_run()
+    golden.save(root / "golden")
+    row = golden.keys(2)[0, 1, 12] * 1.5
+    edited_copy(golden, [(2, "keys", (0, 1, 12), row)]).save(root / "test")
+    return root
+
+
+def test_two_snapshots_summary_json_and_report(cli, pair, tmp_path):
+    code, out, err = cli("diff", pair / "golden", pair / "test", "--json", tmp_path / "d.json",
+                         "--report", tmp_path / "r.html", "-q")
+    assert code == 0, err
+    assert "first divergence: position 12 (prompt token 12), layer 2, KV head 1, keys, rel-L2 0.5" in out
+    assert "worst layers" in out and "worst KV heads" in out and "top-1 agreement 100.0%" in out
+    data = json.loads((tmp_path / "d.json").read_text())
+    first = data["tests"][0]["first_divergence"]
+    assert (first["position"], first["layer"], first["head"], first["tensor"]) == (12, 2, 1, "keys")
+    assert (tmp_path / "r.html").stat().st_size > 10_000
+
+
+def test_json_to_stdout_is_only_json(cli, pair):
+    code, out, _ = cli("diff", pair / "golden", pair / "golden", "--json", "-", "-q")
+    assert code == 0
+    data = json.loads(out)
+    assert data["tests"][0]["first_divergence"] is None
+    assert data["tests"][0]["diagnosis"]["kind"] == "same"
+
+
+def test_capture_mode_writes_snapshots_and_report(cli, tmp_path):
+    code, out, err = cli("diff", "--model", "tiny-mistral", "--prompt", "abc abc abc", "--golden", "dtype=float32",
+                         "--test", "dtype=bfloat16", "-n", "3", "--out", tmp_path / "run", "-q")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["golden", "report.html", "test1-dtype-bfloat16"]
+    assert "test 1: dtype=bfloat16" in out and f"report written to {tmp_path / 'run' / 'report.html'}" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["only-one"], "exactly two snapshots"),
+    ([], "give GOLDEN TEST snapshots"),
+    (["a", "b", "--test", "dtype=float16"], "not both"),
+    (["--model", "tiny-llama", "--test", "dtype=float16"], "--prompt"),
+    (["--model", "tiny-llama", "--prompt", "x", "--test", "dtype=int3"], "dtype=int3 is not one of"),
+    (["--model", "tiny-llama", "--prompt", "x", "--test", "tp=2"], "tp>1 test runs need kvlab capture --tp"),
+    (["--model", "tiny-llama", "--prompt", "x", "--test", "dtype=float16", "--tol", "big"], "--tol"),
+    (["missing-a", "missing-b"], "no snapshot at missing-a"),
+])
+def test_bad_input_is_one_error_line(cli, args, message):
+    code, out, err = cli("diff", *args)
+    assert code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_mismatched_models_are_one_error_line(cli, pair, tmp_path):
+    golden_run("tiny-qwen2").save(tmp_path / "other")
+    code, _, err = cli("diff", pair / "golden", tmp_path / "other")
+    assert code == 2 and "different models" in err and err.count("\n") == 1

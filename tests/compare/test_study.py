@@ -1,0 +1,79 @@
+import json
+
+import pytest
+
+from kvlab.compare.study import TP_PENDING, resolve_test_runs, run_study
+from kvlab.errors import KvlabError
+from kvlab.runspec import RunSpec
+from kvlab.snapshot import Snapshot
+
+PROMPT = "Keys and values, position by position."
+
+# DESIGN.md, "Machine-readable output", kvlab diff
+TEST_KEYS = {"run", "first_divergence", "layers", "logits"}
+DIVERGENCE_KEYS = {"position", "layer", "head", "tensor", "error"}
+LOGITS_KEYS = {"first_token_mismatch", "kl_mean", "top1_agreement"}
+ERROR_KEYS = {"max_abs", "rel_l2", "cosine"}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    return run_study("tiny-llama", PROMPT, golden="dtype=float32",
+                     tests=["dtype=bfloat16", "dtype=float16", "attn=eager"], max_new_tokens=10, out=out), out
+
+
+def test_precision_study_orders_the_runs_and_teacher_forces_them(study):
+    result, out = study
+    golden = result.golden
+    assert [r.label for r in result.results] == ["dtype=bfloat16", "dtype=float16", "attn=eager"]
+    assert [r.test_run for r in result.results] == [
+        "dtype=bfloat16,attn=sdpa,cache=dynamic,tp=1,device=cpu",
+        "dtype=float16,attn=sdpa,cache=dynamic,tp=1,device=cpu",
+        "dtype=float32,attn=eager,cache=dynamic,tp=1,device=cpu",
+    ]
+    saved = sorted(p.name for p in out.iterdir())
+    assert saved == ["golden", "test1-dtype-bfloat16", "test2-dtype-float16", "test3-attn-eager"]
+    for name in saved[1:]:
+        snap = Snapshot.load(out / name)
+        assert snap.token_ids == golden.token_ids and snap.meta["teacher_forced"]
+    bf16, fp16, eager = (r.cache.total_errors("keys").rel_l2 for r in result.results)
+    # bfloat16 has 8 mantissa bits, float16 11: its cache is several times closer; eager is float32
+    assert bf16 > 3 * fp16 > 0 and 0 < eager < 1e-5
+    for r in result.results:
+        assert r.first_divergence is None  # default tolerances: rounding alone is not a divergence
+        assert r.logits.top1_agreement == 1.0 and r.logits.first_token_mismatch is None
+    assert [r.diagnosis.kind for r in result.results] == ["dtype", "dtype", "attn"]
+    assert result.golden_text() and result.golden.n_prompt == len(PROMPT)
+
+
+def test_json_follows_the_design_contract(study):
+    result, _ = study
+    data = json.loads(json.dumps(result.to_json(), allow_nan=False))
+    assert data["golden"] == "dtype=float32,attn=sdpa,cache=dynamic,tp=1,device=cpu"
+    assert len(data["tests"]) == 3
+    for entry in data["tests"]:
+        assert TEST_KEYS <= set(entry)
+        assert entry["first_divergence"] is None
+        assert LOGITS_KEYS <= set(entry["logits"])
+        assert isinstance(entry["logits"]["kl_mean"], float) and entry["logits"]["first_token_mismatch"] is None
+        assert [layer["layer"] for layer in entry["layers"]] == [0, 1, 2, 3]
+        for layer in entry["layers"]:
+            assert set(layer) == {"layer", "keys", "values"}
+            assert set(layer["keys"]) == set(layer["values"]) == ERROR_KEYS
+    tight = run_study("tiny-llama", PROMPT, tests=["dtype=bfloat16"], max_new_tokens=4, tol="1e-4").to_json()
+    first = tight["tests"][0]["first_divergence"]
+    assert DIVERGENCE_KEYS <= set(first) and first["tensor"] in ("keys", "values")
+    assert first["error"] > 1e-4
+
+
+def test_test_specs_inherit_the_golden_keys():
+    golden = RunSpec.parse("dtype=float16,attn=eager")
+    runs = resolve_test_runs(golden, ["attn=sdpa", "dtype=bfloat16,cache=dynamic"])
+    assert [str(r) for r in runs] == ["dtype=float16,attn=sdpa", "dtype=bfloat16,attn=eager,cache=dynamic"]
+
+
+def test_tp_runs_wait_for_the_distributed_capture():
+    with pytest.raises(KvlabError, match="tp>1 test runs need kvlab capture --tp; diff the snapshots") as err:
+        run_study("tiny-llama", PROMPT, tests=["tp=2"])
+    assert str(err.value) == TP_PENDING
