@@ -49,7 +49,7 @@ def test_capture_mode_writes_snapshots_and_report(cli, tmp_path):
     (["a", "b", "--test", "dtype=float16"], "not both"),
     (["--model", "tiny-llama", "--test", "dtype=float16"], "--prompt"),
     (["--model", "tiny-llama", "--prompt", "x", "--test", "dtype=int3"], "dtype=int3 is not one of"),
-    (["--model", "tiny-llama", "--prompt", "x", "--test", "tp=2"], "tp>1 test runs need kvlab capture --tp"),
+    (["--model", "tiny-llama", "--prompt", "x", "-n", "2", "--test", "tp=3"], "do not split 3 ways"),
     (["--model", "tiny-llama", "--prompt", "x", "--test", "dtype=float16", "--tol", "big"], "--tol"),
     (["missing-a", "missing-b"], "no snapshot at missing-a"),
 ])

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from kvlab.compare.study import TP_PENDING, resolve_test_runs, run_study
+from kvlab.compare.study import resolve_test_runs, run_study
 from kvlab.errors import KvlabError
 from kvlab.runspec import RunSpec
 from kvlab.snapshot import Snapshot
@@ -73,7 +73,10 @@ def test_test_specs_inherit_the_golden_keys():
     assert [str(r) for r in runs] == ["dtype=float16,attn=sdpa", "dtype=bfloat16,attn=eager,cache=dynamic"]
 
 
-def test_tp_runs_wait_for_the_distributed_capture():
-    with pytest.raises(KvlabError, match="tp>1 test runs need kvlab capture --tp; diff the snapshots") as err:
-        run_study("tiny-llama", PROMPT, tests=["tp=2"])
-    assert str(err.value) == TP_PENDING
+def test_a_tensor_parallel_test_run_is_captured_on_its_ranks_and_diffed():
+    study = run_study("tiny-llama", PROMPT, tests=["tp=2"], max_new_tokens=3).to_json()
+    (entry,) = study["tests"]
+    assert ",tp=2," in entry["run"] and entry["first_divergence"] is None
+    assert entry["logits"]["top1_agreement"] == 1.0
+    # all-reduce order is the only difference from tp=1
+    assert max(layer["keys"]["max_abs"] for layer in entry["layers"]) < 1e-5

@@ -20,9 +20,6 @@ from kvlab.progress import progress_bar
 from kvlab.runspec import RunSpec
 from kvlab.snapshot import Snapshot
 
-TP_PENDING = "tp>1 test runs need kvlab capture --tp; diff the snapshots"
-
-
 @dataclass
 class Study:
     """One golden run against one or more test runs."""
@@ -125,10 +122,21 @@ def run_study(
 
 
 def capturer(run: RunSpec) -> Callable[..., Snapshot]:
-    """The function that captures `run`: this process for tp=1; tp>1 runs need the distributed capture."""
+    """The function that captures `run`: this process for tp=1, tensor-parallel ranks for tp>1."""
     if (run.tp or 1) > 1:
-        raise KvlabError(TP_PENDING)
+        return capture_distributed
     return capture_local
+
+
+def capture_distributed(models: "ModelCache", run: RunSpec, tokens: list[int] | None, *, force: Snapshot | None,
+                        max_new_tokens: int, progress: bool = False, label: str = "capture") -> Snapshot:
+    """Capture of a tp>1 run on its ranks (kvlab.distributed); returns the rebuilt full cache."""
+    from kvlab.distributed import capture_tp
+
+    result = capture_tp(models.spec, tokens, run, force=force, max_new_tokens=max_new_tokens)
+    if result.snapshot is None:
+        raise KvlabError(f"the tp={run.tp} capture returned no rebuilt snapshot")
+    return result.snapshot
 
 
 def capture_local(models: "ModelCache", run: RunSpec, tokens: list[int] | None, *, force: Snapshot | None,
