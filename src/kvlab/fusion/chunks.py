@@ -100,7 +100,7 @@ class ChunkKV:
         for name, tensor in self.tensors().items():
             t = tensor.detach().contiguous().cpu()
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
         return h.hexdigest()
 
     def nbytes(self) -> int:
