@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 DEMO_PROMPT := Explain in two sentences what the KV cache of a transformer stores and why it makes generation faster.
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install redis-server demo test test-fast bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -24,13 +24,20 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
+# The chunk-store tests run a real Redis server: install the Debian package only where it is missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (Debian package)"; \
+	  $(SUDO) apt-get install -y redis-server || { $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server; }; }
+
 demo: install
 	$(KVLAB) capture --model smollm2 --chat --prompt "$(DEMO_PROMPT)" --max-new-tokens 64 --out runs/demo
 
-test: install
+test: install redis-server
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install redis-server
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install

@@ -26,9 +26,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from kvlab.cli import capture, models, reconstruct, trace
+    from kvlab.cli import capture, fuse, models, reconstruct, trace
 
-    for module in (models, capture, reconstruct, trace):
+    for module in (models, capture, reconstruct, trace, fuse):
         for command in module.COMMANDS:
             cli.add_command(command)
 
