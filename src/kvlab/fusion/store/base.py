@@ -181,7 +181,9 @@ class MemoryStore(ChunkStore):
         digest = key.digest()
         if digest in self._data:
             return False
-        chunk.meta.setdefault("checksum", chunk.checksum())
+        from kvlab.fusion.store.codec import sealed_meta
+
+        chunk.meta["checksum"] = sealed_meta(chunk)["checksum"]
         self._data[digest] = (key, chunk)
         return True
 
