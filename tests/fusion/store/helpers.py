@@ -4,6 +4,8 @@ and ways to damage a stored chunk the way a disk or a stray write would."""
 from __future__ import annotations
 
 import hashlib
+import json
+import random
 
 import torch
 
@@ -64,3 +66,56 @@ def flip_stored_byte(store, key: ChunkKey, offset: int = -1) -> None:
         store._r.set(name, bytes(data), keepttl=True)
     else:
         raise TypeError(type(store))
+
+
+def hammer(url: str, seed: int, n_keys: int, phase: str) -> dict[str, int]:
+    """One process's share of the multi-process test; asserts every chunk it reads back."""
+    from kvlab.fusion.store import open_store
+
+    torch.set_num_threads(1)
+    rng = random.Random(seed)
+    counts = {"stored": 0, "hits": 0, "misses": 0}
+    with open_store(url) as store:
+        if phase == "warm-up":  # the processes are started and importing is done: nothing to time
+            return counts
+        if phase == "fill":  # every process writes every chunk, in its own order
+            order = list(range(n_keys))
+            rng.shuffle(order)
+            for n in order:
+                counts["stored"] += store.put(make_key(n), make_chunk(make_key(n)))
+        else:  # mixed reads and writes while a capacity forces evictions
+            for _ in range(4 * n_keys):
+                key = make_key(rng.randrange(2 * n_keys))
+                if rng.random() < 0.5:
+                    counts["stored"] += store.put(key, make_chunk(key))
+                else:
+                    got = store.get(key)
+                    if got is None:
+                        counts["misses"] += 1
+                    else:
+                        assert same_chunk(got, make_chunk(key))
+                        counts["hits"] += 1
+    return counts
+
+
+_WORDS = "the cat sat on a mat while rain fell over quiet hills and rivers ran down to the sea".split()
+
+
+def task_record(n: int, sentences: int = 8) -> dict:
+    """Task number `n` in kvlab's task-file form: its text depends on `n` only."""
+    rng = random.Random(n)
+
+    def sentence() -> str:
+        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 9)))
+        return words.capitalize() + rng.choice([".", "!", "?"])
+
+    chunks = [" ".join(sentence() for _ in range(sentences)) for _ in range(2)]
+    return {"id": f"t{n}", "chunks": chunks, "question": "Where did the rivers run?", "answers": ["to the sea"]}
+
+
+def write_tasks(path, numbers, sentences: int = 8):
+    """A task file holding tasks `numbers` (overlapping files share those tasks' chunks)."""
+    with open(path, "w") as handle:
+        for n in numbers:
+            handle.write(json.dumps(task_record(n, sentences)) + "\n")
+    return path

@@ -154,15 +154,17 @@ class LocalStore(ChunkStore):
         rows = self._read("SELECT value FROM settings WHERE name = 'capacity'")
         return int(rows[0][0]) if rows else None
 
-    def set_capacity(self, capacity: int | None) -> None:
-        """Bound the store to `capacity` bytes (None: unbounded) for every process that uses it."""
+    def set_capacity(self, capacity: int | None) -> tuple[int, int]:
+        """Bound the store to `capacity` bytes (None: unbounded) for every process that uses it,
+        evicting the least recently used entries now if it holds more."""
         if capacity is not None and capacity < 0:
             raise StoreError(f"capacity must be at least 0 bytes, not {capacity}")
         with self._write() as db:
             if capacity is None:
                 db.execute("DELETE FROM settings WHERE name = 'capacity'")
-            else:
-                db.execute("INSERT OR REPLACE INTO settings VALUES ('capacity', ?)", (str(int(capacity)),))
+                return 0, 0
+            db.execute("INSERT OR REPLACE INTO settings VALUES ('capacity', ?)", (str(int(capacity)),))
+            return self._evict_over(db, int(capacity))
 
     def _evict_over(self, db: sqlite3.Connection, capacity: int, keep: str | None = None) -> tuple[int, int]:
         """Inside a write transaction: drop least recently used entries until the total fits."""
@@ -267,6 +269,9 @@ class LocalStore(ChunkStore):
         return self.delete_digest(key.digest())
 
     def delete_digest(self, digest: str) -> bool:
+        if not codec.is_digest(digest):  # a tampered index row: drop the row, touch no file
+            with self._write() as db:
+                return db.execute("DELETE FROM chunks WHERE digest = ?", (digest,)).rowcount > 0
         path = self._path(digest)
         with self._write() as db:
             had_row = db.execute("DELETE FROM chunks WHERE digest = ?", (digest,)).rowcount > 0
@@ -277,6 +282,8 @@ class LocalStore(ChunkStore):
         return True
 
     def read_entry(self, digest: str) -> tuple[ChunkKey, ChunkKV]:
+        if not codec.is_digest(digest):
+            raise CorruptChunkError(f"the index of {self.url} names an entry {digest!r}, which is not a chunk name")
         rows = self._read("SELECT fingerprint, dtype, n_tokens, position_base, prefix_digest FROM chunks "
                           "WHERE digest = ?", (digest,))
         found = self._load(digest) if rows else None
@@ -354,8 +361,7 @@ class LocalStore(ChunkStore):
         Temporary files younger than `min_age_s` may belong to a write in progress and are kept;
         files without a row are checked under the write lock, where no write is half-done.
         """
-        if capacity is not None:
-            self.set_capacity(capacity)
+        evicted, freed = self.set_capacity(capacity) if capacity is not None else (0, 0)
         with self._write() as db:
             found = self._leftovers(min_age_s, db)
             unindexed = self._leftovers(0.0, db)["unindexed"]
@@ -369,7 +375,9 @@ class LocalStore(ChunkStore):
                      if e <= now or owner_is_dead(o)]
             db.executemany("DELETE FROM claims WHERE digest = ? AND owner = ?", stale)
             limit = db.execute("SELECT value FROM settings WHERE name = 'capacity'").fetchone()
-            evicted, freed = self._evict_over(db, int(limit[0])) if limit is not None else (0, 0)
+            if limit is not None:
+                more, more_bytes = self._evict_over(db, int(limit[0]))
+                evicted, freed = evicted + more, freed + more_bytes
         return {"url": self.url, "removed_stray": len(found["temporary"]) + len(unindexed) + len(found["missing"]),
                 "released_claims": len(stale), "evicted": evicted, "evicted_bytes": freed,
                 "capacity": None if limit is None else int(limit[0])}
