@@ -86,17 +86,16 @@ def precompute(
     if workers < 1:
         raise KvlabError(f"--workers must be at least 1, not {workers}")
     records = read_task_file(tasks)
-    loaded = load_model(model, run)
-    plan = plan_chunks(loaded, records, chunk_tokens)
-    prefix_ids = prefix_token_ids(loaded, prefix)
-    dtype = chunk_key(loaded, [0]).dtype
-    report = PrecomputeReport(store_url, model, dtype, len(records), len(plan), workers=workers,
-                              chunk_tokens=chunk_tokens, prefix_tokens=len(prefix_ids), surprisal=surprisal)
-    if on_start is not None:
-        on_start(len(plan))
-    started = time.perf_counter()
+    loaded = load_model(model, run)  # a bad model spec fails before a new store folder is made
     with open_store(store_url) as store:
-        report.store = store.url
+        plan = plan_chunks(loaded, records, chunk_tokens)
+        prefix_ids = prefix_token_ids(loaded, prefix)
+        report = PrecomputeReport(store.url, model, chunk_key(loaded, [0]).dtype, len(records), len(plan),
+                                  workers=workers, chunk_tokens=chunk_tokens, prefix_tokens=len(prefix_ids),
+                                  surprisal=surprisal)
+        if on_start is not None:
+            on_start(len(plan))
+        started = time.perf_counter()
         if workers == 1 or len(plan) <= 1:
             report.workers = 1
             outcomes = compute_missing(loaded, store, plan, prefix_ids, surprisal,

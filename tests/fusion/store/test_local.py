@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import shutil
 
 import pytest
+import torch
 
 from kvlab.fusion.store import CorruptChunkError, StoreError, open_store
 from kvlab.fusion.store.local import LocalStore
@@ -120,3 +122,26 @@ def test_processes_writing_and_reading_at_once(tmp_path):
         report = store.verify()
         assert report.ok and report.stray == 0
         assert store.stats()["bytes"] <= store.capacity
+
+
+def test_chunk_files_are_plain_safetensors_both_ways(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from kvlab.fusion.store import codec
+
+    store = LocalStore(tmp_path / "s")
+    key = make_key(5, dtype="bfloat16")
+    chunk = make_chunk(key)
+    store.put(key, chunk)
+    with safe_open(store._path(key.digest()), "pt") as handle:  # what we write, safetensors reads
+        assert handle.metadata()["format"] == codec.FORMAT
+        assert all(torch.equal(handle.get_tensor(n), t) for n, t in chunk.tensors().items())
+    header = {"format": codec.FORMAT, "key": json.dumps(codec.key_to_dict(key)), "meta": json.dumps(chunk.meta)}
+    theirs = save(chunk.tensors(), metadata=header)  # what safetensors writes, we read
+    assert theirs == codec.encode(key, chunk)
+    back_key, back = codec.decode(bytearray(theirs), "test")
+    assert back_key == key and same_chunk(back, chunk)
+    for damaged in (theirs[:-1], theirs[:20], theirs + b"\0", b"\xff" * 8 + theirs[8:]):
+        with pytest.raises(CorruptChunkError, match="not a readable kvlab chunk"):
+            codec.decode(bytearray(damaged), "test")

@@ -198,23 +198,23 @@ class LocalStore(ChunkStore):
         final = self._path(digest)
         if self._present(digest, final):
             return False
-        data = codec.encode(key, chunk)
+        parts, meta = codec.encode_parts(key, chunk)
+        nbytes = sum(len(part) for part in parts)
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{digest}.", suffix=".tmp", dir=final.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                handle.writelines(parts)
                 handle.flush()
                 if self.durable:
                     os.fsync(handle.fileno())
-            meta = codec.read_header(memoryview(data), self.url)[1]
             with self._write() as db:
                 if self._present(digest, final, db):
                     return False
                 os.replace(tmp, final)
                 db.execute(f"INSERT OR REPLACE INTO chunks ({_ROW}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
                     digest, str(meta.get("model", "")), key.fingerprint, key.dtype, len(key.token_ids),
-                    key.position_base, key.prefix_digest, len(data), meta["checksum"],
+                    key.position_base, key.prefix_digest, nbytes, meta["checksum"],
                     str(meta.get("created", "")), time.time()))
                 capacity = db.execute("SELECT value FROM settings WHERE name = 'capacity'").fetchone()
                 if capacity is not None:
@@ -260,7 +260,7 @@ class LocalStore(ChunkStore):
 
     def _load(self, digest: str) -> tuple[ChunkKey, ChunkKV] | None:
         try:
-            data = self._path(digest).read_bytes()
+            data = codec.read_file(self._path(digest))
         except FileNotFoundError:
             return None
         return codec.decode(data, f"chunk file {digest[:12]} in {self.url}")

@@ -62,7 +62,8 @@ class RedisStore(ChunkStore):
         self.url = urlunsplit(parts._replace(netloc=f"{host}:{parts.port or 6379}"))
         self._owner = new_owner()
         try:
-            self._r = redis.Redis.from_url(server_url, socket_connect_timeout=5, socket_timeout=60)
+            self._r = redis.Redis.from_url(server_url, socket_connect_timeout=5, socket_timeout=60,
+                                           socket_read_size=1 << 20)  # chunks are megabytes: read big pieces
             self._r.ping()
         except (redis.RedisError, ValueError) as err:
             raise StoreError(f"cannot reach the Redis store at {self.url}: {_first_line(err)}") from None
@@ -95,8 +96,8 @@ class RedisStore(ChunkStore):
 
     def put(self, key: ChunkKey, chunk: ChunkKV) -> bool:
         digest = key.digest()
-        data = codec.encode(key, chunk)
-        meta = codec.read_header(memoryview(data), self.url)[1]
+        parts, meta = codec.encode_parts(key, chunk)
+        data = b"".join(parts)
         row = {"model": str(meta.get("model", "")), "fingerprint": key.fingerprint, "dtype": key.dtype,
                "n_tokens": len(key.token_ids), "position_base": key.position_base,
                "prefix_digest": key.prefix_digest, "nbytes": len(data), "checksum": meta["checksum"],
@@ -140,7 +141,7 @@ class RedisStore(ChunkStore):
             _identity(row)
         except (ValueError, KeyError, TypeError):
             raise CorruptChunkError(f"{where} has unreadable metadata") from None
-        stored_key, chunk = codec.decode(data, where)
+        stored_key, chunk = codec.decode(bytearray(data), where)  # writable: the tensors are views of it
         return row, stored_key, chunk
 
     def delete(self, key: ChunkKey) -> bool:
