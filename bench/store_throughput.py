@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 import kvlab
-from kvlab.fusion.chunking import chunk_text
 from kvlab.fusion.chunks import ChunkKV, compute_chunk_kv
 from kvlab.fusion.store import open_store
 from kvlab.fusion.store.local import LocalStore
@@ -52,7 +51,10 @@ def essay_text(max_chars: int) -> str:
 
 def make_chunks(n: int, tokens: int) -> tuple[list, list[ChunkKV]]:
     loaded = kvlab.load_model("smollm2")
-    pieces = [p for p in chunk_text(loaded.tokenizer, essay_text(n * tokens * 8), tokens) if len(p) == tokens][:n]
+    ids = loaded.tokenizer(essay_text(n * tokens * 6), add_special_tokens=False)["input_ids"]
+    pieces = [ids[i * tokens:(i + 1) * tokens] for i in range(n)]
+    if len(pieces[-1]) < tokens:
+        raise SystemExit("not enough essay text for that many chunks")
     keys, chunks = [], []
     for ids in pieces:
         key, chunk = compute_chunk_kv(loaded, ids)

@@ -61,6 +61,11 @@ def key_from_dict(data: dict[str, Any]) -> ChunkKey:
     )
 
 
+def identity(key: ChunkKey) -> tuple[str, str, int, int, str]:
+    """What an index row records of a key: model fingerprint, dtype, length, position base, prefix."""
+    return (key.fingerprint, key.dtype, len(key.token_ids), key.position_base, key.prefix_digest)
+
+
 def sealed_meta(chunk: ChunkKV) -> dict[str, Any]:
     """The chunk's metadata with a checksum that matches its tensors.
 

@@ -242,7 +242,7 @@ class LocalStore(ChunkStore):
         if not rows:
             return None
         indexed = tuple(rows[0])
-        wanted = (key.fingerprint, key.dtype, len(key.token_ids), key.position_base, key.prefix_digest)
+        wanted = codec.identity(key)
         if indexed != wanted:
             raise CorruptChunkError(f"the index of {self.url} files chunk {digest[:12]} under another model, "
                                     f"dtype or prefix: {indexed[:2]} instead of {wanted[:2]}")
@@ -293,7 +293,7 @@ class LocalStore(ChunkStore):
         where = f"chunk file {digest[:12]} in {self.url}"
         if key.digest() != digest:
             raise CorruptChunkError(f"{where} holds the key of another chunk")
-        if tuple(rows[0]) != (key.fingerprint, key.dtype, len(key.token_ids), key.position_base, key.prefix_digest):
+        if tuple(rows[0]) != codec.identity(key):
             raise CorruptChunkError(f"{where} does not match its index row")
         return key, check_entry(key, chunk, self.url)
 

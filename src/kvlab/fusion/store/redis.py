@@ -124,7 +124,7 @@ class RedisStore(ChunkStore):
         if found is None:
             return None
         row, stored_key, chunk = found
-        wanted = (key.fingerprint, key.dtype, len(key.token_ids), key.position_base, key.prefix_digest)
+        wanted = codec.identity(key)
         if _identity(row) != wanted or stored_key != key:
             raise CorruptChunkError(f"chunk {digest[:12]} in {self.url} was stored for another model, dtype "
                                     f"or prefix: {_identity(row)[:2]} instead of {wanted[:2]}")
@@ -159,7 +159,7 @@ class RedisStore(ChunkStore):
         where = f"chunk {digest[:12]} in {self.url}"
         if key.digest() != digest:
             raise CorruptChunkError(f"{where} holds the key of another chunk")
-        if _identity(row) != (key.fingerprint, key.dtype, len(key.token_ids), key.position_base, key.prefix_digest):
+        if _identity(row) != codec.identity(key):
             raise CorruptChunkError(f"{where} does not match its metadata")
         return key, check_entry(key, chunk, self.url)
 
