@@ -188,7 +188,7 @@ def _run_workers(model, run, store_url, plan, prefix_ids, surprisal, workers, on
     queue = ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // workers)
     procs = [ctx.Process(target=_worker, args=(model, run, store_url, plan[w::workers], prefix_ids, surprisal,
-                                               threads, queue), daemon=True) for w in range(workers)]
+                                               threads, queue, os.getpid()), daemon=True) for w in range(workers)]
     for proc in procs:
         proc.start()
     outcomes, finished, error = [], 0, None
@@ -221,17 +221,27 @@ def _run_workers(model, run, store_url, plan, prefix_ids, surprisal, workers, on
     return outcomes
 
 
-def _worker(model, run, store_url, chunks, prefix_ids, surprisal, threads, queue) -> None:
+class _ParentGone(Exception):
+    """The precompute that started this worker was killed: stop after the chunk in hand."""
+
+
+def _worker(model, run, store_url, chunks, prefix_ids, surprisal, threads, queue, parent_pid) -> None:
     import torch
 
     from kvlab.models import load_model
+
+    def report(*outcome) -> None:
+        if os.getppid() != parent_pid:
+            raise _ParentGone
+        queue.put(("chunk", outcome))
 
     torch.set_num_threads(threads)
     try:
         loaded = load_model(model, run)
         with open_store(store_url) as store:
-            compute_missing(loaded, store, chunks, prefix_ids, surprisal,
-                            on_chunk=lambda *outcome: queue.put(("chunk", outcome)))
+            compute_missing(loaded, store, chunks, prefix_ids, surprisal, on_chunk=report)
+    except _ParentGone:
+        return
     except KvlabError as err:
         queue.put(("error", str(err)))
         return
