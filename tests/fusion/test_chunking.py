@@ -1,22 +1,14 @@
-"""Task files and chunking: both record forms, clear errors, cuts at sentence ends near the limit."""
+"""Chunking: documents cut into token chunks at sentence ends near the limit, nothing lost."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvlab.errors import KvlabError
-from kvlab.fusion.chunking import (
-    SentenceEnds,
-    TaskRecord,
-    chunk_text,
-    read_task_file,
-    split_at_sentences,
-    task_chunks,
-)
+from kvlab.fusion.chunking import SentenceEnds, chunk_text, split_at_sentences, task_chunks
+from kvlab.tasks import Task
 from kvlab.tokenizer_bytes import byte_tokenizer
 
 
@@ -67,45 +59,7 @@ def test_chunks_cover_the_document_in_order_and_respect_the_size(parts, size):
 
 def test_given_chunks_are_kept_whole_when_they_fit():
     tok = byte_tokenizer()
-    record = TaskRecord("t", chunks=["short one.", "x" * 25])
-    assert [tok.decode(p) for p in task_chunks(tok, record, 10)] == ["short one.", "x" * 10, "x" * 10, "x" * 5]
-    longbench = TaskRecord("l", context="Yes. No.")
+    task = Task("t", ["short one.", "x" * 25], "q?", [])
+    assert [tok.decode(p) for p in task_chunks(tok, task, 10)] == ["short one.", "x" * 10, "x" * 10, "x" * 5]
+    longbench = Task("l", [], "q?", [], context="Yes. No.")
     assert [tok.decode(p) for p in task_chunks(tok, longbench, 4)] == ["Yes.", " No."]
-
-
-def test_both_task_file_forms_are_read(tmp_path):
-    path = tmp_path / "tasks.jsonl"
-    path.write_text("\n".join([
-        json.dumps({"id": "a", "chunks": ["x", "y"], "question": "q?", "answers": ["x"]}),
-        "",
-        json.dumps({"_id": "b", "context": "long text", "input": "what?", "answers": ["t"], "dataset": "hotpotqa"}),
-        json.dumps({"chunks": ["z"], "answer": "z"}),
-    ]) + "\n")
-    a, b, c = read_task_file(path)
-    assert (a.id, a.chunks, a.context, a.question, a.answers) == ("a", ["x", "y"], None, "q?", ["x"])
-    assert (b.id, b.documents, b.question, b.answers, b.extra) == ("b", ["long text"], "what?", ["t"],
-                                                                      {"dataset": "hotpotqa"})
-    assert (c.id, c.answers) == ("4", ["z"])  # the line number when there is no id
-
-
-@pytest.mark.parametrize("line, message", [
-    ("{not json", r"tasks.jsonl:2: not JSON"),
-    ("[1, 2]", r"tasks.jsonl:2: a task is a JSON object, not list"),
-    ('{"id": "x"}', r"tasks.jsonl:2: a task needs 'chunks'"),
-    ('{"chunks": "one"}', r"tasks.jsonl:2: 'chunks' must be a list of strings"),
-    ('{"chunks": [1]}', r"tasks.jsonl:2: 'chunks' must be a list of strings"),
-    ('{"context": 3}', r"tasks.jsonl:2: 'context' must be a string"),
-])
-def test_a_bad_record_names_its_line(tmp_path, line, message):
-    path = tmp_path / "tasks.jsonl"
-    path.write_text(json.dumps({"chunks": ["ok"]}) + "\n" + line + "\n")
-    with pytest.raises(KvlabError, match=message):
-        read_task_file(path)
-
-
-def test_a_missing_or_empty_task_file_is_an_error(tmp_path):
-    with pytest.raises(KvlabError, match="does not exist"):
-        read_task_file(tmp_path / "none.jsonl")
-    (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(KvlabError, match="holds no records"):
-        read_task_file(tmp_path / "empty.jsonl")

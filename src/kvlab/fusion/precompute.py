@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvlab.errors import KvlabError
-from kvlab.fusion.chunking import DEFAULT_CHUNK_TOKENS, SentenceEnds, read_task_file, task_chunks
+from kvlab.fusion.chunking import DEFAULT_CHUNK_TOKENS, SentenceEnds, task_chunks
 from kvlab.fusion.chunks import chunk_key, compute_chunk_kv
 from kvlab.fusion.store import ChunkStore, CorruptChunkError, open_store
+from kvlab.tasks import read_task_file
 
 # What one chunk's work came to: found intact, computed, or found damaged and recomputed.
 EXISTING, COMPUTED, REPAIRED = "existing", "computed", "repaired"
@@ -54,12 +55,12 @@ def prefix_token_ids(loaded, prefix: str | None) -> list[int]:
     return loaded.encode(prefix) if prefix else []
 
 
-def plan_chunks(loaded, records, chunk_tokens: int) -> list[list[int]]:
-    """The distinct token chunks of all records, in first-seen order."""
+def plan_chunks(loaded, tasks, chunk_tokens: int) -> list[list[int]]:
+    """The distinct token chunks of all tasks, in first-seen order."""
     ends = SentenceEnds(loaded.tokenizer)
     seen: dict[tuple[int, ...], None] = {}
-    for record in records:
-        for ids in task_chunks(loaded.tokenizer, record, chunk_tokens, ends):
+    for task in tasks:
+        for ids in task_chunks(loaded.tokenizer, task, chunk_tokens, ends):
             seen.setdefault(tuple(ids), None)
     return [list(ids) for ids in seen]
 
@@ -85,12 +86,12 @@ def precompute(
 
     if workers < 1:
         raise KvlabError(f"--workers must be at least 1, not {workers}")
-    records = read_task_file(tasks)
+    task_list = read_task_file(tasks)
     loaded = load_model(model, run)  # a bad model spec fails before a new store folder is made
     with open_store(store_url) as store:
-        plan = plan_chunks(loaded, records, chunk_tokens)
+        plan = plan_chunks(loaded, task_list, chunk_tokens)
         prefix_ids = prefix_token_ids(loaded, prefix)
-        report = PrecomputeReport(store.url, model, chunk_key(loaded, [0]).dtype, len(records), len(plan),
+        report = PrecomputeReport(store.url, model, chunk_key(loaded, [0]).dtype, len(task_list), len(plan),
                                   workers=workers, chunk_tokens=chunk_tokens, prefix_tokens=len(prefix_ids),
                                   surprisal=surprisal)
         if on_start is not None:

@@ -114,8 +114,9 @@ def task_record(n: int, sentences: int = 8) -> dict:
 
 
 def write_tasks(path, numbers, sentences: int = 8):
-    """A task file holding tasks `numbers` (overlapping files share those tasks' chunks)."""
+    """A task file holding the texts of tasks `numbers` (overlapping files share those chunks);
+    a number given twice is a second task with the same documents."""
     with open(path, "w") as handle:
-        for n in numbers:
-            handle.write(json.dumps(task_record(n, sentences)) + "\n")
+        for line, n in enumerate(numbers):
+            handle.write(json.dumps({**task_record(n, sentences), "id": f"t{n}-{line}"}) + "\n")
     return path

@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from kvlab.fusion.chunking import read_task_file
 from kvlab.fusion.chunks import chunk_key, compute_chunk_kv
 from kvlab.fusion.precompute import plan_chunks, prefix_token_ids
 from kvlab.fusion.store import CorruptChunkError, open_store
+from kvlab.tasks import read_task_file
 from tests.conftest import tiny
 from tests.fusion.store.helpers import flip_stored_byte, write_tasks
 
@@ -38,7 +38,7 @@ def child_env() -> dict[str, str]:
 
 
 def test_precompute_stores_each_chunk_as_computed_alone_and_skips_it_next_time(tmp_path, cli):
-    tasks = write_tasks(tmp_path / "tasks.jsonl", [0, 1, 0])  # task 0 twice: its chunks count once
+    tasks = write_tasks(tmp_path / "tasks.jsonl", [0, 1, 0])  # task 0's text twice: its chunks count once
     store_dir = str(tmp_path / "store")
     args = ["fuse", "precompute", "--model", "tiny-llama", "--tasks", tasks, "--store", store_dir,
             "--chunk-tokens", "48", "--prefix", PREFIX, "--surprisal", "--quiet", "--json", tmp_path / "r.json"]
