@@ -68,7 +68,7 @@ def plan_chunks(loaded, tasks, chunk_tokens: int) -> list[list[int]]:
 def precompute(
     model: str,
     tasks: str,
-    store_url: str,
+    store: str | ChunkStore,
     *,
     run: str = "",
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
@@ -78,17 +78,23 @@ def precompute(
     on_start: Callable[[int], None] | None = None,
     on_chunk: Callable[[str], None] | None = None,
 ) -> PrecomputeReport:
-    """Compute every missing chunk of the task file `tasks` with `model` into the store.
+    """Compute every missing chunk of the task file `tasks` with `model` into `store` (a URL, or
+    an open store, which is left open).
 
     `on_start(n_chunks)` is called once the plan is known, `on_chunk(outcome)` after each chunk.
     """
+    import contextlib
+
     from kvlab.models import load_model
 
     if workers < 1:
         raise KvlabError(f"--workers must be at least 1, not {workers}")
+    store_url = store if isinstance(store, str) else store.url
+    if workers > 1 and store_url.startswith("memory://"):
+        raise KvlabError("a memory:// store lives in one process: --workers needs a folder or redis:// store")
     task_list = read_task_file(tasks)
     loaded = load_model(model, run)  # a bad model spec fails before a new store folder is made
-    with open_store(store_url) as store:
+    with open_store(store) if isinstance(store, str) else contextlib.nullcontext(store) as store:
         plan = plan_chunks(loaded, task_list, chunk_tokens)
         prefix_ids = prefix_token_ids(loaded, prefix)
         report = PrecomputeReport(store.url, model, chunk_key(loaded, [0]).dtype, len(task_list), len(plan),

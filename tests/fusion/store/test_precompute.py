@@ -178,3 +178,18 @@ def test_concurrent_precomputes_on_overlapping_tasks_compute_each_chunk_once(tmp
         assert {i.digest for i in store.entries()} == union
         report = store.verify()
         assert report.ok and report.checked == len(union) and report.stray == 0
+
+
+def test_precompute_into_an_open_memory_store(tmp_path):
+    from kvlab.errors import KvlabError
+    from kvlab.fusion.precompute import precompute
+    from kvlab.fusion.store import MemoryStore
+
+    tasks = write_tasks(tmp_path / "tasks.jsonl", [7])
+    store = MemoryStore()
+    report = precompute("tiny-mistral", str(tasks), store, chunk_tokens=64, surprisal=True)
+    _, _, planned = planned_keys("tiny-mistral", tasks, 64)
+    assert report.computed == len(planned) == store.stats()["entries"]
+    assert all(store.get(key).surprisal is not None for _, key in planned)
+    with pytest.raises(KvlabError, match="memory:// store lives in one process"):
+        precompute("tiny-mistral", str(tasks), store, workers=2)
