@@ -126,13 +126,17 @@ def gc_command(url, capacity, min_age, json_path) -> None:
 
 
 @click.command("precompute")
-@click.option("--model", "-m", "model_spec", default="smollm2", show_default=True, help="Model spec (see `kvlab models`).")
-@click.option("--tasks", required=True, metavar="FILE.jsonl", help="Task file: kvlab `chunks` records or LongBench `context` records.")
-@click.option("--store", "store_url", required=True, metavar="URL", help="Chunk store: folder path, file://PATH?capacity=SIZE or redis://host:port/db.")
+@click.option("--model", "-m", "model_spec", default="smollm2", show_default=True,
+              help="Model spec (see `kvlab models`).")
+@click.option("--tasks", required=True, metavar="FILE.jsonl",
+              help="Task file: kvlab `chunks` records or LongBench `context` records.")
+@click.option("--store", "store_url", required=True, metavar="URL",
+              help="Chunk store: folder path, file://PATH?capacity=SIZE or redis://host:port/db.")
 @click.option("--run", "run_text", default="", metavar="SPEC", help="Run spec (the dtype is part of each chunk's key).")
 @click.option("--chunk-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Chunk size in tokens (cut at a sentence end in the last quarter when there is one).")
-@click.option("--prefix", default=None, metavar="TEXT", help="Shared prefix (e.g. a system prompt) every chunk follows.")
+@click.option("--prefix", default=None, metavar="TEXT",
+              help="Shared prefix (e.g. a system prompt) every chunk follows.")
 @click.option("--surprisal", is_flag=True, help="Also store each token's surprisal -log p(token | before).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes computing chunks into the shared store.")

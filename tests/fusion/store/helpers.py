@@ -39,9 +39,10 @@ def make_chunk(key: ChunkKey, *, layers: int = 2, kv_heads: int = 2, head_dim: i
 def same_chunk(a: ChunkKV, b: ChunkKV) -> bool:
     """Bit-for-bit equal tensors (NaNs equal)."""
     ta, tb = a.tensors(), b.tensors()
-    return ta.keys() == tb.keys() and all(
-        ta[k].dtype == tb[k].dtype and torch.equal(ta[k].reshape(-1).view(torch.uint8), tb[k].reshape(-1).view(torch.uint8)) for k in ta
-    )
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1).view(torch.uint8)
+
+    return ta.keys() == tb.keys() and all(ta[k].dtype == tb[k].dtype and torch.equal(raw(ta[k]), raw(tb[k])) for k in ta)
 
 
 def flip_stored_byte(store, key: ChunkKey, offset: int = -1) -> None:

@@ -46,7 +46,8 @@ class RedisStore(ChunkStore):
         query = parse_qs(parts.query)
         unknown = sorted(set(query) - _OPTIONS)
         if unknown:
-            raise StoreError(f"unknown option {unknown[0]!r} in store URL {url!r}: allowed: {', '.join(sorted(_OPTIONS))}")
+            allowed = ", ".join(sorted(_OPTIONS))
+            raise StoreError(f"unknown option {unknown[0]!r} in store URL {url!r}: allowed: {allowed}")
         try:
             self.ttl = ttl if ttl is not None else (int(query["ttl"][-1]) if "ttl" in query else None)
         except ValueError:
