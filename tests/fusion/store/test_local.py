@@ -149,3 +149,13 @@ def test_chunk_files_are_plain_safetensors_both_ways(tmp_path):
     for damaged in (theirs[:-1], theirs[:20], theirs + b"\0", b"\xff" * 8 + theirs[8:]):
         with pytest.raises(CorruptChunkError, match="not a readable kvlab chunk"):
             codec.decode(bytearray(damaged), "test")
+
+
+def test_a_damaged_index_is_one_clear_error(tmp_path):
+    store = LocalStore(tmp_path / "s")
+    key = make_key(1)
+    store.put(key, make_chunk(key))
+    store.close()
+    (tmp_path / "s" / "index.sqlite").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="index of store .*: file is not a database"):
+        LocalStore(tmp_path / "s")

@@ -99,7 +99,10 @@ class LocalStore(ChunkStore):
             found = None
         if found != STORE_FORMAT:
             raise StoreError(f"{self.url} is not a {STORE_FORMAT} store (marker says {found!r})")
-        (self.root / CHUNKS).mkdir(exist_ok=True)
+        try:
+            (self.root / CHUNKS).mkdir(exist_ok=True)
+        except OSError as err:
+            raise StoreError(f"cannot use store {self.url}: {err.strerror or err}") from None
         with self._write() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
@@ -121,7 +124,7 @@ class LocalStore(ChunkStore):
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction: holds the store's write lock across processes until it ends."""
-        with self._lock:
+        with self._lock, self._index_errors():
             db = self._conn()
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -132,8 +135,16 @@ class LocalStore(ChunkStore):
             db.execute("COMMIT")
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
+        with self._lock, self._index_errors():
             return self._conn().execute(sql, args).fetchall()
+
+    @contextlib.contextmanager
+    def _index_errors(self) -> Iterator[None]:
+        """An index that cannot be read or written (read-only, disk full, damaged) is one clear error."""
+        try:
+            yield
+        except sqlite3.Error as err:
+            raise StoreError(f"the index of store {self.url} cannot be used: {err}") from None
 
     def close(self) -> None:
         with self._lock:
@@ -200,14 +211,20 @@ class LocalStore(ChunkStore):
             return False
         parts, meta = codec.encode_parts(key, chunk)
         nbytes = sum(len(part) for part in parts)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{digest}.", suffix=".tmp", dir=final.parent)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.writelines(parts)
-                handle.flush()
-                if self.durable:
-                    os.fsync(handle.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{digest}.", suffix=".tmp", dir=final.parent)
+        except OSError as err:
+            raise StoreError(f"cannot write to store {self.url}: {err.strerror or err}") from None
+        try:
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.writelines(parts)
+                    handle.flush()
+                    if self.durable:
+                        os.fsync(handle.fileno())
+            except OSError as err:
+                raise StoreError(f"cannot write chunk {digest[:12]} to store {self.url}: {err.strerror or err}") from None
             with self._write() as db:
                 if self._present(digest, final, db):
                     return False
@@ -253,7 +270,7 @@ class LocalStore(ChunkStore):
         if stored_key != key:
             raise CorruptChunkError(f"chunk file {digest[:12]} in {self.url} holds another chunk's key")
         check_entry(key, chunk, self.url)
-        with contextlib.suppress(sqlite3.OperationalError):
+        with contextlib.suppress(StoreError):  # a read-only store still serves reads
             with self._write() as db:
                 db.execute("UPDATE chunks SET last_used = ? WHERE digest = ?", (time.time(), digest))
         return chunk
