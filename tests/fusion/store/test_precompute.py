@@ -15,6 +15,7 @@ import torch
 from kvlab.fusion.chunks import chunk_key, compute_chunk_kv
 from kvlab.fusion.precompute import plan_chunks, prefix_token_ids
 from kvlab.fusion.store import CorruptChunkError, open_store
+from kvlab.fusion.store.local import LocalStore
 from kvlab.tasks import read_task_file
 from tests.conftest import tiny
 from tests.fusion.store.helpers import flip_stored_byte, write_tasks
@@ -148,25 +149,25 @@ def test_a_precompute_killed_half_way_leaves_a_clean_store_that_resumes(tmp_path
 
 
 def test_concurrent_precomputes_on_overlapping_tasks_compute_each_chunk_once(tmp_path, cli):
-    # Both files start with the shared tasks; the second run starts once the first is computing,
-    # so both work through the shared chunks at the same time. The first runs two worker processes.
+    # One run in a separate process, one here with two worker processes, started together; both
+    # task files begin with the shared tasks, so both runs reach the shared chunks at once.
     first = write_tasks(tmp_path / "a.jsonl", [*range(30, 36), *range(24, 30)])
     second = write_tasks(tmp_path / "b.jsonl", [*range(30, 36), *range(36, 42)])
     store_dir = str(tmp_path / "store")
-    proc = subprocess.Popen(precompute_cli("--model", "tiny-llama", "--tasks", str(first), "--store", store_dir,
-                                           "--chunk-tokens", "32", "--workers", "2", "--json", "-"),
+    LocalStore(store_dir).close()
+    proc = subprocess.Popen(precompute_cli("--model", "tiny-llama", "--tasks", str(second), "--store", store_dir,
+                                           "--chunk-tokens", "32", "--json", "-"),
                             env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_entries(proc, store_dir, 1)
-        code, _, err = cli("fuse", "precompute", "--model", "tiny-llama", "--tasks", second, "--store", store_dir,
-                           "--chunk-tokens", "32", "--quiet", "--json", tmp_path / "b.json")
+        code, _, err = cli("fuse", "precompute", "--model", "tiny-llama", "--tasks", first, "--store", store_dir,
+                           "--chunk-tokens", "32", "--workers", "2", "--quiet", "--json", tmp_path / "a.json")
         out, child_err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0 and code == 0, (child_err[-2000:], err)
-    reports = [json.loads(out), json.loads((tmp_path / "b.json").read_text())]
+    assert code == 0 and proc.returncode == 0, (err, child_err[-2000:])
+    reports = [json.loads((tmp_path / "a.json").read_text()), json.loads(out)]
     _, _, planned_a = planned_keys("tiny-llama", first, 32)
     _, _, planned_b = planned_keys("tiny-llama", second, 32)
     union = {k.digest() for _, k in planned_a} | {k.digest() for _, k in planned_b}
