@@ -7,7 +7,7 @@ import json
 import pytest
 
 from kvlab.fusion.store import open_store
-from tests.fusion.store.helpers import make_chunk, make_key, write_tasks
+from tests.fusion.store.synthetic import make_chunk, make_key, write_tasks
 
 
 @pytest.mark.parametrize("backend", ["local", "redis"])

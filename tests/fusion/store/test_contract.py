@@ -9,7 +9,7 @@ import time
 import pytest
 
 from kvlab.fusion.store import CorruptChunkError, open_store
-from tests.fusion.store.helpers import flip_stored_byte, make_chunk, make_key, same_chunk
+from tests.fusion.store.synthetic import flip_stored_byte, make_chunk, make_key, same_chunk
 
 
 def test_round_trip_is_bit_exact_and_put_is_idempotent(store_url):

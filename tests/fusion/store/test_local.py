@@ -11,7 +11,7 @@ import torch
 
 from kvlab.fusion.store import CorruptChunkError, StoreError, open_store
 from kvlab.fusion.store.local import LocalStore
-from tests.fusion.store.helpers import hammer, make_chunk, make_key, same_chunk
+from tests.fusion.store.synthetic import hammer, make_chunk, make_key, same_chunk
 
 
 def test_the_index_survives_a_restart(tmp_path):

@@ -18,7 +18,7 @@ from kvlab.fusion.store import CorruptChunkError, open_store
 from kvlab.fusion.store.local import LocalStore
 from kvlab.tasks import read_task_file
 from tests.conftest import tiny
-from tests.fusion.store.helpers import flip_stored_byte, write_tasks
+from tests.fusion.store.synthetic import flip_stored_byte, write_tasks
 
 PREFIX = "System: answer from the documents."
 

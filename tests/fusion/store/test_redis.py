@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvlab.fusion.store import StoreError, open_store
-from tests.fusion.store.helpers import make_chunk, make_key, same_chunk
+from tests.fusion.store.synthetic import make_chunk, make_key, same_chunk
 
 
 def test_a_chunk_is_two_keys_written_together_with_one_expiry(fresh_redis):

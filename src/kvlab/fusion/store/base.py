@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,16 @@ class StoreError(KvlabError):
 
 class CorruptChunkError(StoreError):
     """A stored chunk whose bytes no longer match its checksum."""
+
+
+@contextlib.contextmanager
+def store_errors(errors: type[BaseException] | tuple[type[BaseException], ...], what: str) -> Iterator[None]:
+    """Turn a backend's own failures (lost server, unusable index) into one StoreError line."""
+    try:
+        yield
+    except errors as err:
+        text = str(err).strip()
+        raise StoreError(f"{what}: {text.splitlines()[0] if text else type(err).__name__}") from None
 
 
 @dataclass(frozen=True)

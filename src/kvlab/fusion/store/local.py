@@ -34,6 +34,7 @@ from kvlab.fusion.store.base import (
     StoreError,
     VerifyReport,
     check_entry,
+    store_errors,
 )
 from kvlab.fusion.store.claims import new_owner, owner_is_dead
 
@@ -138,13 +139,9 @@ class LocalStore(ChunkStore):
         with self._lock, self._index_errors():
             return self._conn().execute(sql, args).fetchall()
 
-    @contextlib.contextmanager
-    def _index_errors(self) -> Iterator[None]:
+    def _index_errors(self):
         """An index that cannot be read or written (read-only, disk full, damaged) is one clear error."""
-        try:
-            yield
-        except sqlite3.Error as err:
-            raise StoreError(f"the index of store {self.url} cannot be used: {err}") from None
+        return store_errors(sqlite3.Error, f"the index of store {self.url} cannot be used")
 
     def close(self) -> None:
         with self._lock:

@@ -24,7 +24,15 @@ import redis
 
 from kvlab.fusion.chunks import ChunkKey, ChunkKV
 from kvlab.fusion.store import codec
-from kvlab.fusion.store.base import ChunkStore, CorruptChunkError, EntryInfo, StoreError, VerifyReport, check_entry
+from kvlab.fusion.store.base import (
+    ChunkStore,
+    CorruptChunkError,
+    EntryInfo,
+    StoreError,
+    VerifyReport,
+    check_entry,
+    store_errors,
+)
 from kvlab.fusion.store.claims import new_owner, owner_is_dead
 
 DEFAULT_PREFIX = "kvlab:chunk"
@@ -62,12 +70,10 @@ class RedisStore(ChunkStore):
         host = parts.hostname or "localhost"
         self.url = urlunsplit(parts._replace(netloc=f"{host}:{parts.port or 6379}"))
         self._owner = new_owner()
-        try:
+        with store_errors((redis.RedisError, ValueError), f"cannot reach the Redis store at {self.url}"):
             self._r = redis.Redis.from_url(server_url, socket_connect_timeout=5, socket_timeout=60,
                                            socket_read_size=1 << 20)  # chunks are megabytes: read big pieces
             self._r.ping()
-        except (redis.RedisError, ValueError) as err:
-            raise StoreError(f"cannot reach the Redis store at {self.url}: {_first_line(err)}") from None
         self._swap_claim = self._r.register_script(_SWAP_CLAIM)
         self._release_claim = self._r.register_script(_RELEASE_CLAIM)
 
@@ -76,13 +82,9 @@ class RedisStore(ChunkStore):
             raise StoreError(f"{digest!r} is not a chunk name (64 hex digits)")
         return f"{self.prefix}:{digest}:{part}"
 
-    @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
-        """Turn a lost connection or a server refusal into one clear StoreError."""
-        try:
-            yield
-        except redis.RedisError as err:
-            raise StoreError(f"Redis store {self.url}: {_first_line(err)}") from None
+    def _errors(self):
+        """A lost connection or a server refusal is one clear error."""
+        return store_errors(redis.RedisError, f"Redis store {self.url}")
 
     def close(self) -> None:
         with contextlib.suppress(redis.RedisError):
@@ -265,7 +267,3 @@ class RedisStore(ChunkStore):
 def _identity(row: dict[str, Any]) -> tuple:
     return (row["fingerprint"], row["dtype"], int(row["n_tokens"]), int(row["position_base"]), row["prefix_digest"])
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
