@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 DEMO_PROMPT := Explain in two sentences what the KV cache of a transformer stores and why it makes generation faster.
 
-.PHONY: install browser demo test test-fast bench clean
+.PHONY: install system-deps demo test test-fast bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -24,20 +24,26 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
-# the report test opens an HTML report in headless Chromium: install it where it is missing
-browser:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+# Tests use two Debian packages: redis-server (the shared chunk store) and chromium (the HTML
+# report is opened in a headless browser). Install them only where they are missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+SYSTEM_BINARIES := redis-server chromium
+system-deps:
+	@missing=""; for b in $(SYSTEM_BINARIES); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
 
 # the main job: float32 golden run, bfloat16 teacher-forced on its tokens, diffed; report in runs/demo
 demo: install
 	$(KVLAB) diff --model smollm2 --chat --prompt "$(DEMO_PROMPT)" --golden dtype=float32 --test dtype=bfloat16 \
 	  --max-new-tokens 64 --out runs/demo --json runs/demo/diff.json
 
-test: install browser
+test: install system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install browser
+test-fast: install system-deps
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install

@@ -100,7 +100,7 @@ class ChunkKV:
         for name, tensor in self.tensors().items():
             t = tensor.detach().contiguous().cpu()
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
         return h.hexdigest()
 
     def nbytes(self) -> int:
@@ -126,10 +126,12 @@ def compute_chunk_kv(
     *,
     surprisal: bool = False,
     prefix_cache: Any = None,
+    prefix_logits: torch.Tensor | None = None,
 ) -> tuple[ChunkKey, ChunkKV]:
     """Run the chunk (after the prefix) through the model and keep its own K/V.
 
-    `prefix_cache` may hold the prefix's cache already computed (it is not modified).
+    `prefix_cache` may hold the prefix's cache already computed (it is not modified), and
+    `prefix_logits` the logits at the prefix's last position (for the first token's surprisal).
     """
     import copy
 
@@ -150,7 +152,7 @@ def compute_chunk_kv(
                                use_cache=True)
             prefix_last = prefix_out.logits[0, -1]
         else:
-            prefix_last = None
+            prefix_last = prefix_logits
         cache = copy.deepcopy(prefix_cache) if base else DynamicCache(config=model.config)
         ids = torch.tensor([list(token_ids)], device=device)
         positions = torch.arange(base, base + len(token_ids), device=device)[None]

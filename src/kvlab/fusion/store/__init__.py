@@ -6,8 +6,13 @@ from kvlab.fusion.store.base import (
     EntryInfo,
     MemoryStore,
     StoreError,
+    VerifyReport,
     check_entry,
     open_store,
+    parse_size,
 )
 
-__all__ = ["ChunkStore", "CorruptChunkError", "EntryInfo", "MemoryStore", "StoreError", "check_entry", "open_store"]
+__all__ = [
+    "ChunkStore", "CorruptChunkError", "EntryInfo", "MemoryStore", "StoreError", "VerifyReport", "check_entry",
+    "open_store", "parse_size",
+]

@@ -1,0 +1,81 @@
+"""How a RAG task's documents become token chunks (the tasks themselves: `kvlab.tasks`).
+
+Documents (a task file's `chunks` entries, or a LongBench record's one `context`) are cut into
+chunks of at most `chunk_tokens` tokens, at a sentence end when one lies in the last quarter of
+the window, else exactly at the limit. The cut is made on the document's own tokenization, so
+the chunks laid end to end are exactly the tokens of the document; a given `chunks` entry is
+kept whole when it fits and cut the same way when it does not.
+
+Precompute and fused prefill must agree on these token ids (they name the chunks in the store):
+both call `task_chunks`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from kvlab.errors import KvlabError
+
+if TYPE_CHECKING:
+    from kvlab.tasks import Task
+
+DEFAULT_CHUNK_TOKENS = 512
+_SENTENCE_ENDS = (".", "!", "?", "\u3002", "\uff01", "\uff1f")
+_CLOSERS = "\"')]}\u201d\u2019"
+
+
+class SentenceEnds:
+    """Which token ids end a sentence, decided once per id from the token's own text."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._known: dict[int, bool] = {}
+
+    def __call__(self, ids: Sequence[int]) -> list[bool]:
+        new = sorted({int(i) for i in ids} - self._known.keys())
+        if new:
+            texts = self._tokenizer.batch_decode([[i] for i in new])
+            self._known.update((i, _ends_sentence(t)) for i, t in zip(new, texts))
+        return [self._known[int(i)] for i in ids]
+
+
+def _ends_sentence(text: str) -> bool:
+    if "\n" in text:
+        return True
+    return text.rstrip().rstrip(_CLOSERS).endswith(_SENTENCE_ENDS)
+
+
+def split_at_sentences(ids: Sequence[int], ends: Sequence[bool], chunk_tokens: int) -> list[list[int]]:
+    """Cut `ids` into pieces of at most `chunk_tokens`, after a sentence end in a window's last quarter."""
+    if chunk_tokens < 1:
+        raise KvlabError(f"chunk size must be at least 1 token, not {chunk_tokens}")
+    near = max(0, chunk_tokens // 4)
+    pieces, start = [], 0
+    while len(ids) - start > chunk_tokens:
+        limit = start + chunk_tokens
+        cut = limit
+        for end in range(limit, max(start, limit - near), -1):
+            if ends[end - 1]:
+                cut = end
+                break
+        pieces.append(list(ids[start:cut]))
+        start = cut
+    if start < len(ids):
+        pieces.append(list(ids[start:]))
+    return pieces
+
+
+def chunk_text(tokenizer, text: str, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+               sentence_ends: SentenceEnds | None = None) -> list[list[int]]:
+    """The token chunks of one document (no special tokens)."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ends = (sentence_ends or SentenceEnds(tokenizer))(ids)
+    return split_at_sentences(ids, ends, chunk_tokens)
+
+
+def task_chunks(tokenizer, task: "Task", chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                sentence_ends: SentenceEnds | None = None) -> list[list[int]]:
+    """The token chunks of a task's documents, in order."""
+    ends = sentence_ends or SentenceEnds(tokenizer)
+    return [piece for doc in task.documents() for piece in chunk_text(tokenizer, doc, chunk_tokens, ends)]

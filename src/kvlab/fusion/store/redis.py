@@ -1,0 +1,268 @@
+"""RedisStore: chunk caches on a Redis server, for many workers (and machines) sharing one store.
+
+Two keys per chunk, written together in one MULTI/EXEC transaction (WATCHed, so two writers of
+the same chunk store it once), with the same optional expiry:
+
+    PREFIX:DIGEST:data    the chunk's bytes (the same safetensors payload LocalStore files hold)
+    PREFIX:DIGEST:meta    JSON: model, fingerprint, dtype, n_tokens, position_base, nbytes, ...
+    PREFIX:DIGEST:claim   who is computing the chunk (SET NX with an expiry)
+
+URL: `redis://[user:password@]host:port/db[?ttl=SECONDS&prefix=NAME]` (prefix defaults to
+`kvlab:chunk`). A reader that finds one key of the pair without the other treats the chunk as
+absent; `verify` counts such halves, `gc` removes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+import redis
+
+from kvlab.fusion.chunks import ChunkKey, ChunkKV
+from kvlab.fusion.store import codec
+from kvlab.fusion.store.base import (
+    ChunkStore,
+    CorruptChunkError,
+    EntryInfo,
+    StoreError,
+    VerifyReport,
+    check_entry,
+    store_errors,
+)
+from kvlab.fusion.store.claims import new_owner, owner_is_dead
+
+DEFAULT_PREFIX = "kvlab:chunk"
+_OPTIONS = {"ttl", "prefix"}
+# Replace a claim only if it still names the owner we found dead (or release only our own).
+_SWAP_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end
+return 0
+"""
+_RELEASE_CLAIM = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+class RedisStore(ChunkStore):
+    """Chunk caches on a Redis server; `ttl` (seconds) makes entries expire."""
+
+    def __init__(self, url: str, *, ttl: int | None = None, prefix: str | None = None) -> None:
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+        unknown = sorted(set(query) - _OPTIONS)
+        if unknown:
+            allowed = ", ".join(sorted(_OPTIONS))
+            raise StoreError(f"unknown option {unknown[0]!r} in store URL {url!r}: allowed: {allowed}")
+        try:
+            self.ttl = ttl if ttl is not None else (int(query["ttl"][-1]) if "ttl" in query else None)
+        except ValueError:
+            raise StoreError(f"ttl in {url!r} must be a whole number of seconds") from None
+        if self.ttl is not None and self.ttl <= 0:
+            raise StoreError(f"ttl must be a positive number of seconds, not {self.ttl}")
+        self.prefix = prefix or query.get("prefix", [DEFAULT_PREFIX])[-1]
+        if not self.prefix or any(c in self.prefix for c in "*?[]"):
+            raise StoreError(f"bad key prefix {self.prefix!r} in {url!r}")
+        kept = {k: v for k, v in query.items() if k not in _OPTIONS}
+        server_url = urlunsplit(parts._replace(query=urlencode(kept, doseq=True)))
+        host = parts.hostname or "localhost"
+        self.url = urlunsplit(parts._replace(netloc=f"{host}:{parts.port or 6379}"))
+        self._owner = new_owner()
+        with store_errors((redis.RedisError, ValueError), f"cannot reach the Redis store at {self.url}"):
+            self._r = redis.Redis.from_url(server_url, socket_connect_timeout=5, socket_timeout=60,
+                                           socket_read_size=1 << 20)  # chunks are megabytes: read big pieces
+            self._r.ping()
+        self._swap_claim = self._r.register_script(_SWAP_CLAIM)
+        self._release_claim = self._r.register_script(_RELEASE_CLAIM)
+
+    def _name(self, digest: str, part: str) -> str:
+        if not codec.is_digest(digest):
+            raise StoreError(f"{digest!r} is not a chunk name (64 hex digits)")
+        return f"{self.prefix}:{digest}:{part}"
+
+    def _errors(self):
+        """A lost connection or a server refusal is one clear error."""
+        return store_errors(redis.RedisError, f"Redis store {self.url}")
+
+    def close(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self._r.close()
+
+    # -- the contract ---------------------------------------------------------------------
+
+    def contains(self, key: ChunkKey) -> bool:
+        digest = key.digest()
+        with self._errors():
+            return self._r.exists(self._name(digest, "meta"), self._name(digest, "data")) == 2
+
+    def put(self, key: ChunkKey, chunk: ChunkKV) -> bool:
+        digest = key.digest()
+        parts, meta = codec.encode_parts(key, chunk)
+        data = b"".join(parts)
+        row = {"model": str(meta.get("model", "")), "fingerprint": key.fingerprint, "dtype": key.dtype,
+               "n_tokens": len(key.token_ids), "position_base": key.position_base,
+               "prefix_digest": key.prefix_digest, "nbytes": len(data), "checksum": meta["checksum"],
+               "created": str(meta.get("created", ""))}
+        meta_key, data_key = self._name(digest, "meta"), self._name(digest, "data")
+        with self._errors(), self._r.pipeline(transaction=True) as pipe:
+            for _ in range(10):
+                try:
+                    pipe.watch(meta_key, data_key)
+                    if pipe.exists(meta_key, data_key) == 2:
+                        return False
+                    pipe.multi()
+                    pipe.set(data_key, data, ex=self.ttl)
+                    pipe.set(meta_key, json.dumps(row), ex=self.ttl)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue  # another writer touched the pair: look again
+        raise StoreError(f"Redis store {self.url}: chunk {digest[:12]} kept changing while being written")
+
+    def get(self, key: ChunkKey) -> ChunkKV | None:
+        digest = key.digest()
+        found = self._load(digest)
+        if found is None:
+            return None
+        row, stored_key, chunk = found
+        wanted = codec.identity(key)
+        if _identity(row) != wanted or stored_key != key:
+            raise CorruptChunkError(f"chunk {digest[:12]} in {self.url} was stored for another model, dtype "
+                                    f"or prefix: {_identity(row)[:2]} instead of {wanted[:2]}")
+        return check_entry(key, chunk, self.url)
+
+    def _load(self, digest: str) -> tuple[dict[str, Any], ChunkKey, ChunkKV] | None:
+        with self._errors():
+            meta_raw, data = self._r.mget(self._name(digest, "meta"), self._name(digest, "data"))
+        if meta_raw is None or data is None:
+            return None
+        where = f"chunk {digest[:12]} in {self.url}"
+        try:
+            row = json.loads(meta_raw)
+            _identity(row)
+        except (ValueError, KeyError, TypeError):
+            raise CorruptChunkError(f"{where} has unreadable metadata") from None
+        stored_key, chunk = codec.decode(bytearray(data), where)  # writable: the tensors are views of it
+        return row, stored_key, chunk
+
+    def delete(self, key: ChunkKey) -> bool:
+        return self.delete_digest(key.digest())
+
+    def delete_digest(self, digest: str) -> bool:
+        with self._errors():
+            return self._r.delete(self._name(digest, "meta"), self._name(digest, "data")) > 0
+
+    def read_entry(self, digest: str) -> tuple[ChunkKey, ChunkKV]:
+        found = self._load(digest)
+        if found is None:
+            raise KeyError(digest)
+        row, key, chunk = found
+        where = f"chunk {digest[:12]} in {self.url}"
+        if key.digest() != digest:
+            raise CorruptChunkError(f"{where} holds the key of another chunk")
+        if _identity(row) != codec.identity(key):
+            raise CorruptChunkError(f"{where} does not match its metadata")
+        return key, check_entry(key, chunk, self.url)
+
+    def _digests(self, part: str) -> Iterator[str]:
+        with self._errors():
+            for name in self._r.scan_iter(match=f"{self.prefix}:*:{part}", count=1000):
+                digest = name.decode(errors="replace")[len(self.prefix) + 1:-len(part) - 1]
+                if codec.is_digest(digest):
+                    yield digest
+
+    def entries(self) -> Iterator[EntryInfo]:
+        digests = sorted(self._digests("meta"))
+        for start in range(0, len(digests), 500):
+            batch = digests[start:start + 500]
+            with self._errors():
+                rows = self._r.mget([self._name(d, "meta") for d in batch])
+            for digest, raw in zip(batch, rows):
+                if raw is None:
+                    continue
+                try:
+                    row = json.loads(raw)
+                    yield EntryInfo(digest, row["model"], row["dtype"], int(row["n_tokens"]),
+                                    int(row["position_base"]), int(row["nbytes"]), row["created"])
+                except (ValueError, KeyError, TypeError):
+                    yield EntryInfo(digest, "?", "?", 0, 0, 0, "")
+
+    def stats(self) -> dict[str, Any]:
+        with self._errors():
+            memory = self._r.info("memory").get("used_memory")
+        return {**super().stats(), "ttl": self.ttl, "prefix": self.prefix, "server_used_memory": memory,
+                "leftovers": len(self._halves())}
+
+    # -- claims ---------------------------------------------------------------------------
+
+    def claim(self, key: ChunkKey, ttl_s: float = 600.0) -> bool:
+        name, ms = self._name(key.digest(), "claim"), max(1, int(ttl_s * 1000))
+        with self._errors():
+            if self._r.set(name, self._owner, nx=True, px=ms):
+                return True
+            holder = self._r.get(name)
+            if holder is None:
+                return bool(self._r.set(name, self._owner, nx=True, px=ms))
+            holder_text = holder.decode(errors="replace")
+            if holder_text == self._owner:
+                return True
+            if owner_is_dead(holder_text):
+                return bool(self._swap_claim(keys=[name], args=[holder, self._owner, ms]))
+        return False
+
+    def release(self, key: ChunkKey) -> None:
+        with self._errors():
+            self._release_claim(keys=[self._name(key.digest(), "claim")], args=[self._owner])
+
+    # -- upkeep ---------------------------------------------------------------------------
+
+    def _halves(self) -> list[str]:
+        """Names of keys whose partner is missing (an expiry or a hand-made deletion between them)."""
+        metas, datas = set(self._digests("meta")), set(self._digests("data"))
+        return [self._name(d, "meta") for d in metas - datas] + [self._name(d, "data") for d in datas - metas]
+
+    def verify(self, repair: bool = False, on_entry=None) -> VerifyReport:
+        report = super().verify(repair=repair, on_entry=on_entry)
+        report.stray = len(self._halves())
+        return report
+
+    def gc(self, capacity: int | None = None, min_age_s: float = 3600.0) -> dict[str, Any]:
+        """Remove half-written pairs and claims of dead owners; with `capacity`, evict the chunks
+        idle longest (Redis's own idle clock) until the rest fits."""
+        halves = self._halves()
+        with self._errors():
+            removed = self._r.delete(*halves) if halves else 0
+            released = 0
+            for digest in list(self._digests("claim")):
+                holder = self._r.get(self._name(digest, "claim"))
+                if holder is not None and owner_is_dead(holder.decode(errors="replace")):
+                    released += self._release_dead(digest, holder)
+            evicted = freed = 0
+            if capacity is not None:
+                infos = list(self.entries())
+                total = sum(i.nbytes for i in infos)
+                idle = {i.digest: self._idle_s(i.digest) for i in infos}
+                for info in sorted(infos, key=lambda i: -idle[i.digest]):
+                    if total <= capacity:
+                        break
+                    if self.delete_digest(info.digest):
+                        total -= info.nbytes
+                        evicted += 1
+                        freed += info.nbytes
+        return {"url": self.url, "removed_stray": removed, "released_claims": released, "evicted": evicted,
+                "evicted_bytes": freed, "capacity": capacity}
+
+    def _release_dead(self, digest: str, holder: bytes) -> int:
+        return int(self._release_claim(keys=[self._name(digest, "claim")], args=[holder]))
+
+    def _idle_s(self, digest: str) -> float:
+        try:
+            return float(self._r.object("idletime", self._name(digest, "data")) or 0)
+        except redis.ResponseError:  # an LFU eviction policy has no idle clock
+            return 0.0
+
+
+def _identity(row: dict[str, Any]) -> tuple:
+    return (row["fingerprint"], row["dtype"], int(row["n_tokens"]), int(row["position_base"]), row["prefix_digest"])
