@@ -66,3 +66,16 @@ def test_module_entry_point_runs():
 
     result = subprocess.run([sys.executable, "-m", "kvlab", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "kvlab" in result.stdout
+
+
+def test_json_output_is_strict_with_non_finite_figures_as_null(tmp_path):
+    import math
+
+    import torch
+
+    from kvlab.cli.common import write_json
+
+    write_json(str(tmp_path / "x.json"), {"a": math.inf, "b": [1.0, math.nan], "t": torch.tensor([math.nan, 2.0])})
+    text = (tmp_path / "x.json").read_text()
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "t": [None, 2.0]}
+    assert "NaN" not in text and "Infinity" not in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ def write_json(path: str | None, data: Any) -> None:
     """Write `data` as JSON to `path` atomically (`-` means stdout); nothing when path is None."""
     if path is None:
         return
-    text = json.dumps(data, indent=2, default=_jsonable) + "\n"
+    text = json.dumps(_finite(data), indent=2, default=_jsonable, allow_nan=False) + "\n"
     if path == "-":
         sys.stdout.write(text)
         return
@@ -31,11 +32,22 @@ def write_json(path: str | None, data: Any) -> None:
     write_text_atomic(path, text)
 
 
+def _finite(value: Any) -> Any:
+    """The same data with NaN and infinities as None: strict JSON has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     if hasattr(value, "tolist"):
-        return value.tolist()
+        return _finite(value.tolist())
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 

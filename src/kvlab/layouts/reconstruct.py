@@ -147,9 +147,10 @@ class Reconstruction:
         return Snapshot.from_layers(self.layers, meta, logits=logits)
 
 
-def json_number(value: float) -> float | str:
-    """Finite floats as they are; inf and nan as strings (JSON has no such numbers)."""
-    return value if value == value and abs(value) != float("inf") else str(value)
+def json_number(value: float) -> float | None:
+    """Finite floats as they are; inf and nan as null (JSON has no such numbers; the problem's
+    message says which it was)."""
+    return value if value == value and abs(value) != float("inf") else None
 
 
 def _max(values) -> float:
