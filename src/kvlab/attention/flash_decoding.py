@@ -106,8 +106,10 @@ def flash_decode(query: torch.Tensor, parts: Iterable[tuple[torch.Tensor, torch.
             grouped_query = _group_query(query.to(work), kv_heads)
             if mask is not None:
                 grouped_mask = _group_mask(mask, heads, kv_heads, q_len)
-        part_mask = None if grouped_mask is None else grouped_mask[..., start:start + n]
         start += n
+        if mask is not None and start > mask.shape[-1]:
+            raise ValueError(f"the mask covers {mask.shape[-1]} positions but the parts hold more")
+        part_mask = None if grouped_mask is None else grouped_mask[..., start - n:start]
         if part_mask is not None and part_mask.dtype == torch.bool and not bool(part_mask.any()):
             continue  # fully masked part
         part = partial_attention(grouped_query, keys, values, scale, part_mask)
