@@ -3,8 +3,17 @@
 import pytest
 import torch
 
+from kvlab.attention import flash_decoding
 from kvlab.attention.flash_decoding import flash_decode
 from tests.attention.reference64 import reference_attention
+
+
+@pytest.fixture(autouse=True, params=["fused", "explicit"])
+def kernel(request, monkeypatch):
+    """Every test runs on both part kernels: PyTorch's fused CPU one and the written-out formulas."""
+    if request.param == "explicit":
+        monkeypatch.setattr(flash_decoding, "_FUSED_CPU", None)
+    return request.param
 
 
 def _split(k, v, sizes):

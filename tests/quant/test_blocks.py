@@ -43,3 +43,11 @@ def test_small_head_dim_uses_a_smaller_value_group_and_ggml_spans_tokens():
     assert parts_bytes(q4.encode(x)) == 2 * (8 * 16 // 32) * 18
     with pytest.raises(ValueError, match="multiple of 32"):
         SchemeSpec("q8_0", 8, tokens=1).codec("keys", 16)
+
+
+def test_fp8_table_decoding_equals_the_cast_for_every_byte():
+    from kvlab.quant.blocks import _fp8_to_float
+
+    q = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(4, 64)
+    assert torch.equal(_fp8_to_float(q), q.float(), ) or torch.allclose(_fp8_to_float(q), q.float(), equal_nan=True, atol=0)
+    assert torch.equal(_fp8_to_float(q).isnan(), q.float().isnan())

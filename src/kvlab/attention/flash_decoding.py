@@ -73,16 +73,44 @@ def _group_mask(mask: torch.Tensor, heads: int, kv_heads: int, q: int) -> torch.
 
 def partial_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
                       mask: torch.Tensor | None) -> Partial:
-    """Statistics of one part. `query` grouped `[b, kv, rows, d]`; mask bool (True = attend) or additive."""
-    scores = torch.matmul(query, keys.to(query.dtype).transpose(-1, -2)) * scale
+    """Statistics of one part. `query` grouped `[b, kv, rows, d]`; mask bool (True = attend) or additive.
+
+    On CPU this is PyTorch's fused attention kernel, which returns the part's output and its
+    log-sum-exp (lse = m + log l, kept as m with l = 1); elsewhere the explicit formulas."""
+    keys, values = keys.to(query.dtype), values.to(query.dtype)
+    if _FUSED_CPU is not None and query.device.type == "cpu":
+        return _fused_partial(query, keys, values, scale, mask)
+    return explicit_partial(query, keys, values, scale, mask)
+
+
+def explicit_partial(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                     mask: torch.Tensor | None) -> Partial:
+    """m = max score, l = sum exp(s - m), o = sum exp(s - m) v / l, written out."""
+    scores = torch.matmul(query, keys.transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, -float("inf")) if mask.dtype == torch.bool else scores + mask.to(scores.dtype)
     m = scores.amax(dim=-1, keepdim=True)
     safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     p = torch.exp(scores - safe)
     l = p.sum(dim=-1, keepdim=True)  # noqa: E741
-    o = torch.matmul(p, values.to(query.dtype)) / torch.where(l > 0, l, torch.ones_like(l))
+    o = torch.matmul(p, values) / torch.where(l > 0, l, torch.ones_like(l))
     return Partial(m, l, o)
+
+
+_FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _fused_partial(query, keys, values, scale, mask) -> Partial:
+    additive = None
+    if mask is not None:
+        additive = (torch.zeros(mask.shape, dtype=query.dtype).masked_fill(~mask, -float("inf"))
+                    if mask.dtype == torch.bool else mask.to(query.dtype))
+        additive = additive.expand(query.shape[0], keys.shape[1], query.shape[2], keys.shape[2])
+    out, lse = _FUSED_CPU(query, keys, values, 0.0, False, attn_mask=additive, scale=scale)
+    lse = lse.unsqueeze(-1).to(query.dtype)
+    if additive is not None:  # a row with nothing to attend to reports lse 0: make it -inf
+        lse = torch.where((additive == -float("inf")).all(dim=-1, keepdim=True), -float("inf"), lse)
+    return Partial(lse, torch.ones_like(lse), out)
 
 
 def flash_decode(query: torch.Tensor, parts: Iterable[tuple[torch.Tensor, torch.Tensor]], scale: float | None = None,

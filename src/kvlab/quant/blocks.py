@@ -105,7 +105,20 @@ class Fp8Codec(BlockCodec):
         return {"q": q, "scale": scale}
 
     def decode(self, parts, dtype):
-        return (parts["q"].to(torch.float32) * parts["scale"]).to(dtype)
+        return (_fp8_to_float(parts["q"]) * parts["scale"]).to(dtype)
+
+
+def _fp8_to_float(q: torch.Tensor) -> torch.Tensor:
+    """The same values as `q.float()`, through a 256-entry table: several times faster on CPU."""
+    table = _FP8_TABLES.get(q.dtype)
+    if table is None or table.device != q.device:
+        table = torch.arange(256, dtype=torch.uint8, device=q.device).view(q.dtype).to(torch.float32)
+        _FP8_TABLES[q.dtype] = table
+    codes = q.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
+    return table.index_select(0, codes).reshape(q.shape)
+
+
+_FP8_TABLES: dict[torch.dtype, torch.Tensor] = {}
 
 
 @dataclass(frozen=True)

@@ -51,5 +51,7 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     k = per_byte(bits)
     if k == 1:
         return packed
-    codes = (packed.unsqueeze(-1) >> _shifts(bits, packed.device)) & ((1 << bits) - 1)
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * k)
+    mask = (1 << bits) - 1
+    # one small op per code position beats a broadcast shift over a [..., m, k] tensor on CPU
+    fields = [packed & mask] + [(packed >> (i * bits)) & mask for i in range(1, k - 1)] + [packed >> (8 - bits)]
+    return torch.stack(fields, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * k)
