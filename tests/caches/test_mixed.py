@@ -241,3 +241,18 @@ def test_layers_are_mixed_layers_built_explicitly():
     cache = parse_policy("mixed").build(tiny("tiny-llama-32l").model)
     assert len(cache.layers) == 32 and all(type(layer) is MixedLayer for layer in cache.layers)
     assert MixedLayer._layer_type is None
+
+
+def test_block_store_segments_hold_blocks_in_order():
+    from kvlab.caches.blockstore import BlockStore
+    from kvlab.quant.blocks import SchemeSpec
+
+    store = BlockStore(SchemeSpec("q8_0", 8, tokens=2).codec("keys", 16), segment_blocks=3)
+    x = torch.randn(1, 1, 8, 2, 16)
+    store.append(x[:, :, :5])  # one whole segment of 3 and a tail of 2
+    store.append(x[:, :, 5:6])  # fills the tail into a second segment
+    store.append(x[:, :, 6:8])
+    assert [next(iter(p.values())).shape[2] for p in store.splits()] == [3, 3, 2]
+    assert store.n_blocks == store.blocks_encoded == 8
+    assert torch.equal(store.decode_all(torch.float32), store.codec.decode(store.codec.encode(x), torch.float32).reshape(1, 1, 16, 16))
+    assert store.nbytes == 8 * (2 * 16 // 32) * 34

@@ -46,10 +46,13 @@ class BlockStore:
         self.blocks_encoded += n
         self.n_blocks += n
         self.tail = _cat(self.tail, parts)
-        while self._tail_blocks() >= self.segment_blocks:
-            full = self.tail
-            self.segments.append(_slice(full, 0, self.segment_blocks) if self._tail_blocks() > self.segment_blocks else full)
-            self.tail = _slice(full, self.segment_blocks) if self._tail_blocks() > self.segment_blocks else None
+        while (held := self._tail_blocks()) >= self.segment_blocks:
+            if held == self.segment_blocks:
+                self.segments.append(self.tail)
+                self.tail = None
+            else:
+                self.segments.append(_slice(self.tail, 0, self.segment_blocks))
+                self.tail = _slice(self.tail, self.segment_blocks)
 
     def _tail_blocks(self) -> int:
         return 0 if self.tail is None else next(iter(self.tail.values())).shape[2]
