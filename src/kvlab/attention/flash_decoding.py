@@ -103,7 +103,7 @@ _FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 def _fused_partial(query, keys, values, scale, mask) -> Partial:
     additive = None
     if mask is not None:
-        additive = (torch.zeros(mask.shape, dtype=query.dtype).masked_fill(~mask, -float("inf"))
+        additive = (torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(~mask, -float("inf"))
                     if mask.dtype == torch.bool else mask.to(query.dtype))
         additive = additive.expand(query.shape[0], keys.shape[1], query.shape[2], keys.shape[2])
     out, lse = _FUSED_CPU(query, keys, values, 0.0, False, attn_mask=additive, scale=scale)
