@@ -256,3 +256,11 @@ def test_block_store_segments_hold_blocks_in_order():
     assert store.n_blocks == store.blocks_encoded == 8
     assert torch.equal(store.decode_all(torch.float32), store.codec.decode(store.codec.encode(x), torch.float32).reshape(1, 1, 16, 16))
     assert store.nbytes == 8 * (2 * 16 // 32) * 34
+
+
+def test_bfloat16_runs_keep_the_hot_window_in_bfloat16():
+    loaded = kvlab.load_model("tiny-llama", "dtype=bfloat16")
+    golden = kvlab.capture(loaded, PROMPT, max_new_tokens=10, stop_at_eos=False)
+    snap = kvlab.capture(loaded, None, "dtype=bfloat16,cache=mixed:bits=8,hot=4,group=8", force=golden)
+    assert snap.tensor("layers.0.keys.hot").dtype == torch.bfloat16 and snap.keys(0).dtype == torch.bfloat16
+    assert (snap.logits() - golden.logits()).abs().max() <= 0.1  # 8-bit blocks within bfloat16 noise
