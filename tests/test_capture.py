@@ -120,3 +120,11 @@ def test_bad_inputs_are_clear_errors():
         kvlab.capture(loaded, [1, 2], "dtype=bfloat16")
     with pytest.raises(KvlabError, match="torch.distributed"):
         kvlab.capture(loaded, [1, 2], "tp=2")
+
+
+def test_capture_function_survives_importing_its_module():
+    import importlib
+
+    module = importlib.import_module("kvlab.capture")
+    assert module.capture is kvlab.capture
+    assert callable(kvlab.capture) and kvlab.capture.__name__ == "capture"

@@ -14,18 +14,21 @@ _os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 __version__ = "0.1.0"
 
-# Public names, imported lazily so that `kvlab --help` does not pay for torch.
+# `capture` is both a submodule and the function it exports. Importing the submodule would
+# bind the module over a lazily exported function, so the function is bound here, eagerly.
+from kvlab.capture import capture  # noqa: E402
+
+# Other public names are imported lazily.
 _EXPORTS = {
     "KvlabError": "kvlab.errors",
     "RunSpec": "kvlab.runspec",
     "Snapshot": "kvlab.snapshot",
-    "capture": "kvlab.capture",
     "load_model": "kvlab.models",
     "list_models": "kvlab.models",
     "LoadedModel": "kvlab.models",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted([*_EXPORTS, "capture"]) + ["__version__"]
 
 
 def __getattr__(name: str):
