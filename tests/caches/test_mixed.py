@@ -259,7 +259,7 @@ def test_block_store_segments_hold_blocks_in_order():
 
 
 def test_bfloat16_runs_keep_the_hot_window_in_bfloat16():
-    loaded = kvlab.load_model("tiny-llama", "dtype=bfloat16")
+    loaded = tiny("tiny-llama", "dtype=bfloat16")
     golden = kvlab.capture(loaded, PROMPT, max_new_tokens=10, stop_at_eos=False)
     snap = kvlab.capture(loaded, None, "dtype=bfloat16,cache=mixed:bits=8,hot=4,group=8", force=golden)
     assert snap.tensor("layers.0.keys.hot").dtype == torch.bfloat16 and snap.keys(0).dtype == torch.bfloat16

@@ -25,8 +25,7 @@ TINY_BOUNDS = {
 PROMPT = [(i * 37) % 256 for i in range(64)]
 
 
-def _logit_error(loaded, prompt, run, steps):
-    golden = kvlab.capture(loaded, prompt, max_new_tokens=steps, stop_at_eos=False)
+def _logit_error(loaded, golden, run):
     test = kvlab.capture(loaded, None, run, force=golden)
     agree = sum(a == b for a, b in zip(test.meta["greedy_ids"], golden.meta["greedy_ids"]))
     return (test.logits() - golden.logits()).abs().max().item(), agree, golden.logits().shape[0]
@@ -35,9 +34,10 @@ def _logit_error(loaded, prompt, run, steps):
 @pytest.mark.parametrize("name", TINY_FAMILIES)
 def test_tiny_models_stay_within_the_stated_bounds(name):
     loaded = tiny(name)
+    golden = kvlab.capture(loaded, PROMPT, max_new_tokens=24, stop_at_eos=False)
     errors = {}
     for scheme, bound in TINY_BOUNDS.items():
-        error, _, _ = _logit_error(loaded, PROMPT, f"cache=mixed:{scheme},hot=8,group=8", 24)
+        error, _, _ = _logit_error(loaded, golden, f"cache=mixed:{scheme},hot=8,group=8")
         assert 0 < error <= bound, (scheme, error)
         errors[scheme] = error
     # more bits, less error: the bounds are not all loose enough to hide a mix-up of formats
@@ -61,7 +61,8 @@ def test_smollm2_stays_within_the_stated_bounds(smollm2):
 
     text = " ".join(haystack(smollm2.tokenizer, 150))
     prompt = smollm2.encode("Summarise this in one sentence.\n\n" + text, chat=True)
+    golden = kvlab.capture(smollm2, prompt, max_new_tokens=8, stop_at_eos=False)
     for scheme, bound in SMOLLM2_BOUNDS.items():
-        error, agree, steps = _logit_error(smollm2, prompt, f"cache=mixed:{scheme},hot=32,group=32", 8)
+        error, agree, steps = _logit_error(smollm2, golden, f"cache=mixed:{scheme},hot=32,group=32")
         assert 0 < error <= bound, (scheme, error)
         assert agree >= steps - 1, (scheme, agree)
