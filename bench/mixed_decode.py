@@ -258,6 +258,35 @@ def print_row(r: dict) -> None:
           flush=True)
 
 
+# ---- memory -------------------------------------------------------------------------------
+
+MEMORY_SPECS = ["bits=2", "bits=4", "bits=4,group=64", "bits=8", "scheme=q4_0", "scheme=q8_0", "scheme=fp8"]
+
+
+def memory_section(loaded, contexts: list[int]) -> list[dict]:
+    """Exact cache bytes (payload + scales + zeros + hot window) against float16, for runs in
+    float32 and bfloat16 (the hot window is kept in the run's dtype). Bytes do not depend on the
+    values, so zeros of the model's cache shape stand in for real keys and values."""
+    from kvlab.caches.mixed_layer import cache_nbytes
+    from kvlab.models import model_shape
+
+    shape = model_shape(loaded.config)
+    rows = []
+    for n in contexts:
+        x = torch.zeros(1, shape["n_kv_heads"], n, shape["head_dim"])
+        fp16 = 2 * 2 * x.numel() * shape["n_layers"]
+        for dtype in (torch.float32, torch.bfloat16):
+            for spec in MEMORY_SPECS:
+                policy = parse_policy(f"mixed:hot=128,{spec}")
+                cache = policy.build(loaded.model)
+                for layer in cache.layers:
+                    layer.update(x.to(dtype), x.to(dtype))
+                nbytes = cache_nbytes(cache)
+                rows.append({"context": n, "dtype": str(dtype).removeprefix("torch."), "spec": policy.spec(),
+                             "bytes": nbytes, "vs_float16": nbytes / fp16})
+    return rows
+
+
 # ---- needles ------------------------------------------------------------------------------
 
 def greedy(model, cache, first: int, steps: int, session=None) -> list[int]:
@@ -337,6 +366,11 @@ def main() -> None:
         print_header()
         report["attention"] = attention_section(loaded, inputs, args.repeats, set(args.peers.split(",")))
         print("goals: 4-bit memory <= 0.3x float16; flash-decoding step <= 1.5x full-precision SDPA")
+    contexts = [int(c) for c in args.contexts.split(",")]
+    report["memory"] = memory_section(loaded, contexts)
+    print(f"\n{'context':>7} {'run dtype':9} {'cache':58} {'MiB':>8} {'x fp16':>7}")
+    for r in report["memory"]:
+        print(f"{r['context']:>7} {r['dtype']:9} {r['spec']:58} {r['bytes'] / 2**20:8.2f} {r['vs_float16']:7.3f}")
     if not args.skip_needles:
         contexts = [int(c) for c in args.needle_contexts.split(",")]
         rows = needle_section(loaded, args.needles, contexts)
