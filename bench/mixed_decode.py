@@ -159,7 +159,8 @@ def tensors_in(obj, seen=None) -> int:
         if key in seen or obj.numel() == 0:
             return 0
         seen.add(key)
-        inner = [getattr(obj, a) for a in ("_data", "_scale", "_shift") if isinstance(getattr(obj, a, None), torch.Tensor)]
+        inner = [getattr(obj, a) for a in ("_data", "_scale", "_shift")
+                 if isinstance(getattr(obj, a, None), torch.Tensor)]
         return sum(tensors_in(t, seen) for t in inner) if inner else obj.numel() * obj.element_size()
     if isinstance(obj, (tuple, list)):
         return sum(tensors_in(o, seen) for o in obj)
@@ -241,7 +242,8 @@ def attention_section(loaded, inputs, repeats: int, peers: set[str]) -> list[dic
                 max_abs, rel_l2 = errors(method["outputs"]())
             t = statistics.median(times[name])
             results.append({"context": n, "method": name, "step_ms": 1e3 * t, "step_min_ms": 1e3 * min(times[name]),
-                            "vs_full": min(times[name]) / base, "cache_bytes": method["bytes"], "vs_float16": method["bytes"] / fp16_bytes,
+                            "vs_full": min(times[name]) / base, "cache_bytes": method["bytes"],
+                            "vs_float16": method["bytes"] / fp16_bytes,
                             "attn_max_abs": max_abs, "attn_rel_l2": rel_l2})
             print_row(results[-1])
     return results

@@ -88,7 +88,10 @@ def explicit_partial(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     """m = max score, l = sum exp(s - m), o = sum exp(s - m) v / l, written out."""
     scores = torch.matmul(query, keys.transpose(-1, -2)) * scale
     if mask is not None:
-        scores = scores.masked_fill(~mask, -float("inf")) if mask.dtype == torch.bool else scores + mask.to(scores.dtype)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, -float("inf"))
+        else:
+            scores = scores + mask.to(scores.dtype)
     m = scores.amax(dim=-1, keepdim=True)
     safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     p = torch.exp(scores - safe)
