@@ -54,16 +54,18 @@ class MixedLayer(DynamicLayer):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append, move whole blocks out of the hot window, and return what attention reads:
+        a prefill's view from before the move, a decode step's from after it (the hot window only
+        while flash-decoding reads the blocks itself)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        prefill = key_states.shape[-2] > 1
-        if prefill:
-            view = self._with_cold(torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2))
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        prefill_view = self._with_cold(keys, values) if key_states.shape[-2] > 1 else None
+        self.keys, self.values = keys, values
         self._flush()
-        if prefill:
-            return view
+        if prefill_view is not None:
+            return prefill_view
         if self.defer_cold:
             return self.keys, self.values
         return self._with_cold(self.keys, self.values)
