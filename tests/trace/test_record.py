@@ -147,9 +147,9 @@ class Int8Policy(CachePolicy):
         extras = {}
         for i, layer in enumerate(cache.layers):
             extras[f"layers.{i}.keys.q"] = layer.codes["keys"]
-            extras[f"layers.{i}.keys.q.scale"] = layer.codes["keys.scale"]
+            extras[f"layers.{i}.keys.scale"] = layer.codes["keys.scale"]
             extras[f"layers.{i}.values.q"] = layer.codes["values"]
-            extras[f"layers.{i}.values.q.scale"] = layer.codes["values.scale"]
+            extras[f"layers.{i}.values.scale"] = layer.codes["values.scale"]
         return layers, extras
 
 

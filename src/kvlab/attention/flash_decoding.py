@@ -167,14 +167,33 @@ def unbind(module: torch.nn.Module) -> None:
     _SOURCES.pop(module, None)
 
 
+def bound_source(module: torch.nn.Module, query: torch.Tensor) -> ColdSource | None:
+    """The source this call of `module`'s attention reads its older positions from: the bound one
+    for a single-token query, else None (the keys and values handed over are all there is)."""
+    source = _SOURCES.get(module)
+    return source if source is not None and query.shape[2] == 1 else None
+
+
+def attended_kv(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All the keys and values this call attends to, in position order: the bound source's parts
+    (dequantized as the kernel reads them), then `key` / `value`. What a trace records."""
+    source = bound_source(module, query)
+    parts = list(source.cold_parts(key.dtype)) if source is not None else []
+    if not parts:
+        return key, value
+    return (torch.cat([k for k, _ in parts] + [key], dim=-2),
+            torch.cat([v for _, v in parts] + [value], dim=-2))
+
+
 def flash_decoding_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                              **kwargs) -> tuple[torch.Tensor, None]:
     """The function registered with transformers' AttentionInterface."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    source = _SOURCES.get(module)
-    if source is None or query.shape[2] != 1:
+    source = bound_source(module, query)
+    if source is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if kwargs.get("softcap") is not None or dropout:
         raise ValueError("flash-decoding supports neither softcap nor dropout")

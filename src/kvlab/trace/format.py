@@ -20,6 +20,9 @@ FORMAT = "kvlab.trace/1"
 ARCHITECTURE = "kvlab-trace"
 ROLES = ("q", "k", "v", "mask", "out")
 QUANT_ROLES = ("k_quant", "v_quant")
+# A cache policy's export names its raw payload `layers.{i}.keys.q`, the payload's parts
+# `layers.{i}.keys.{part}`, and the full-precision tail of `layers.{i}.keys` `layers.{i}.keys.hot`.
+PAYLOAD_PART, HOT_PART = "q", "hot"
 
 _NAME = re.compile(r"^blk\.(\d+)\.step\.(\d+)\.(q|k|v|mask|out|k_quant|v_quant)(?:\.([A-Za-z0-9_]+))?$")
 

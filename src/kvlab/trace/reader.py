@@ -23,6 +23,7 @@ from kvlab.trace import ggml
 from kvlab.trace.gguf_scan import scan_gguf
 from kvlab.trace.format import (
     LAYOUTS,
+    PAYLOAD_PART,
     ROLES,
     TensorLayout,
     TraceError,
@@ -235,6 +236,20 @@ class TraceFile:
         except (ValueError, TypeError, RuntimeError) as err:
             raise TraceError(f"{self.path}: tensor {name} ({kind}) cannot be decoded: {err}") from None
         return torch.from_numpy(np.ascontiguousarray(values.reshape(-1), dtype=np.float32))
+
+    def quant_parts(self, layer: int, step: int, role: str) -> dict[str, torch.Tensor]:
+        """A quantized cache's raw payload of `role` ("k" or "v") at one step, named as the cache
+        policy's `export` names it: `{"q": payload, "scale": ..., ...}`; {} when there is none."""
+        if role not in ("k", "v"):
+            raise ValueError(f"role is 'k' or 'v', got {role!r}")
+        base = tensor_name(layer, step, f"{role}_quant")
+        parts = {}
+        for name in self._tensors:
+            if name == base:
+                parts[PAYLOAD_PART] = self.tensor(name)
+            elif name.startswith(base + "."):
+                parts[name[len(base) + 1:]] = self.tensor(name)
+        return parts
 
     # ---- attention steps -------------------------------------------------------------------
     def attention_step(self, layer: int, step: int) -> AttentionStep:

@@ -7,9 +7,15 @@ of its inputs and output for the chosen layers, and returns the output untouched
 switched to it only inside `TraceRecorder`'s `with` block, which always switches it back; the
 run's cache policy session (a quantized cache's own attention, say) stays underneath it.
 
+Under the mixed cache's flash-decoding the kernel is handed only the hot window and reads the
+quantized blocks itself; the record's k and v are then everything that call attended to (the
+blocks dequantized as the kernel reads them, then the hot window: `flash_decoding.attended_kv`).
+
 A quantized cache adds its raw payload the way it does for snapshots: its policy's `export`
-returns extras `layers.{i}.keys.q` / `layers.{i}.values.q` (and `.q.{part}` for scales or zero
-points); they are stored as `blk.{i}.step.{n}.k_quant` / `v_quant` (`.k_quant.{part}`).
+returns extras `layers.{i}.keys.q` / `layers.{i}.values.q` and their parts `layers.{i}.keys.{part}`
+(scale, zero, ...); they are stored as `blk.{i}.step.{n}.k_quant` / `v_quant` and
+`.k_quant.{part}`. `layers.{i}.keys.hot`, the full-precision tail, is not stored again: the
+recorded k ends with it.
 """
 
 from __future__ import annotations
@@ -29,12 +35,12 @@ import torch
 from kvlab import __version__
 from kvlab.errors import KvlabError
 from kvlab.runspec import RunSpec
-from kvlab.trace.format import TraceError, layer_key, step_key, tensor_name
+from kvlab.trace.format import HOT_PART, PAYLOAD_PART, TraceError, layer_key, step_key, tensor_name
 from kvlab.trace.writer import TraceWriter, check_writable
 
 ATTENTION_NAME = "kvlab_trace"
 _ACTIVE: contextvars.ContextVar["TraceRecorder | None"] = contextvars.ContextVar("kvlab_trace_recorder", default=None)
-_QUANT_EXTRA = re.compile(r"^layers\.(\d+)\.(keys|values)\.q(?:\.([A-Za-z0-9_]+))?$")
+_QUANT_EXTRA = re.compile(r"^layers\.(\d+)\.(keys|values)\.([A-Za-z0-9_]+)$")
 _GGML_PERMUTE = (0, 2, 1, 3)  # q and out are kept as ggml holds them: [head_dim, n_head, n_tokens]
 
 
@@ -125,9 +131,12 @@ class TraceRecorder:
         return AttentionInterface().get_interface(self._previous, eager)
 
     def attend(self, module, query, key, value, attention_mask, **kwargs):
+        from kvlab.attention.flash_decoding import attended_kv
+
         out, weights = self._delegate(module)(module, query, key, value, attention_mask, **kwargs)
         layer = getattr(module, "layer_idx", None)
         if self.active and layer in self.layers and id(module) in self._modules:
+            key, value = attended_kv(module, query, key, value)
             self.records[(layer, self.step)] = AttentionRecord(
                 q=_copy(query),
                 k=_copy(key),
@@ -325,15 +334,25 @@ def _fits_f16(mask: torch.Tensor) -> bool:
 
 
 def _quant_payloads(policy, cache, layers: Sequence[int], step: int) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
-    """The policy's raw quantized extras of the chosen layers, under their trace names."""
+    """The policy's raw quantized extras of the chosen layers after the step, under their trace names.
+
+    `layers.{i}.keys.q` becomes `k_quant`, `layers.{i}.keys.{part}` `k_quant.{part}`; a policy
+    without a payload (`.q`) for a layer adds nothing for it.
+    """
     _, extras = policy.export(cache)
-    found: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in (extras or {}).items():
         m = _QUANT_EXTRA.match(name)
-        if m is None or int(m.group(1)) not in layers:
+        if m is None or int(m.group(1)) not in layers or m.group(3) == HOT_PART:
             continue
-        layer = int(m.group(1))
-        role = "k_quant" if m.group(2) == "keys" else "v_quant"
-        found.setdefault((layer, step), {})[tensor_name(layer, step, role, m.group(3))] = _copy(tensor)
+        parts.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
+    found: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for (layer, kind), named in parts.items():
+        if PAYLOAD_PART not in named:
+            continue
+        role = "k_quant" if kind == "keys" else "v_quant"
+        for part, tensor in named.items():
+            name = tensor_name(layer, step, role, None if part == PAYLOAD_PART else part)
+            found.setdefault((layer, step), {})[name] = _copy(tensor)
     return found
 

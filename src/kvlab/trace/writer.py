@@ -4,7 +4,10 @@ Each tensor is stored with `ne` = its torch shape reversed (what `GGUFWriter` do
 array), in the dtype it was recorded in, with its torch shape and dtype in `kvlab.tensor.*`
 metadata. A tensor can be stored the way a ggml graph holds it instead: as the contiguous
 source of a `ggml_permute` view (the axes are recorded), or quantized to a ggml block format.
-The file appears at its path only once it is complete.
+ggml tensors have at most 4 dimensions: a tensor with more (a quantized cache's blocks,
+`[batch, kv_heads, n_blocks, tokens, bytes]`) is stored with its outer torch dimensions merged
+into `ne[3]`, and the reader restores it from its recorded torch shape. The file appears at
+its path only once it is complete, and only after its header has passed the reader's own checks.
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ class TraceWriter:
             inverse = [perm.index(j) for j in range(ggml.GGML_MAX_DIMS)]
             source = four.permute(inverse)
             self.add_meta(tensor_key(name, "ggml_permute"), list(axes))
-        self._tensors[name] = _encode(name, source.contiguous(), store)
+        array, raw_type = _encode(name, source.contiguous(), store)
+        self._tensors[name] = (_within_ggml_dims(array), raw_type)
 
     # ---- output ----------------------------------------------------------------------------
     def write(self) -> Path:
@@ -122,6 +126,7 @@ class TraceWriter:
                 writer.write_tensors_to_file()
             finally:
                 writer.close()
+            _check_readable(Path(tmp), self.path)
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             os.chmod(tmp, 0o644)
@@ -175,6 +180,28 @@ def _encode(name: str, tensor: torch.Tensor, store: str | None) -> tuple[np.ndar
     # anything else (uint8 packed codes, bool, float8): its bytes as I8, dtype in the metadata
     raw = tensor.view(torch.uint8).numpy().view(np.int8)
     return raw.reshape(*tensor.shape[:-1], tensor.shape[-1] * tensor.element_size()), None
+
+
+def _within_ggml_dims(array: np.ndarray) -> np.ndarray:
+    """`array` with its outer dimensions merged so that it has at most ggml's 4 (ne[0..2] kept)."""
+    if array.ndim <= ggml.GGML_MAX_DIMS:
+        return array
+    keep = ggml.GGML_MAX_DIMS - 1
+    return array.reshape(int(np.prod(array.shape[:-keep], dtype=np.int64)), *array.shape[-keep:])
+
+
+def _check_readable(tmp: Path, target: Path) -> None:
+    """Walk the written header the way the reader will: a file it would refuse is never renamed
+    into place."""
+    import mmap
+
+    from kvlab.trace.gguf_scan import scan_gguf
+
+    with open(tmp, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        try:
+            scan_gguf(target, mapped)
+        except TraceError as err:
+            raise TraceError(f"refusing to write a trace the reader cannot read: {err}") from None
 
 
 def _add_value(writer, key: str, value: Any) -> None:
