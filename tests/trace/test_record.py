@@ -189,6 +189,32 @@ def test_raw_payload_dtypes_without_a_ggml_type_round_trip(tmp_path):
     assert torch.equal(trace.tensor("blk.0.step.1.v_quant.scale"), bf16)
 
 
+def test_tensors_with_more_than_four_dims_are_stored_in_ggmls_four(tmp_path):
+    from kvlab.trace import TraceWriter
+
+    writer = TraceWriter(tmp_path / "5d.gguf")
+    codes = torch.randint(0, 256, (1, 2, 3, 8, 4), dtype=torch.uint8)  # kivi blocks [b, kv, n_blocks, tokens, bytes]
+    scale = torch.randn(1, 2, 3, 1, 16).to(torch.float16)
+    fp8 = torch.randn(2, 2, 3, 4, 16).to(torch.float8_e4m3fn)
+    six = torch.randn(2, 1, 3, 2, 2, 32)
+    writer.add_tensor("blk.0.step.1.k_quant", codes)
+    writer.add_tensor("blk.0.step.1.k_quant.scale", scale)
+    writer.add_tensor("blk.0.step.1.v_quant", fp8)
+    writer.add_tensor("six", six)
+    writer.add_tensor("six_q8", six, store="q8_0")
+    writer.write()
+    ne = {t.name: [int(n) for n in t.shape] for t in gguf.GGUFReader(tmp_path / "5d.gguf").tensors}
+    assert ne["blk.0.step.1.k_quant"] == [4, 8, 3, 2]  # the innermost three kept, the outer ones merged
+    assert ne["six"] == [32, 2, 2, 6]
+    trace = TraceFile(tmp_path / "5d.gguf")
+    assert torch.equal(trace.tensor("blk.0.step.1.k_quant"), codes)
+    assert torch.equal(trace.tensor("blk.0.step.1.k_quant.scale"), scale)
+    assert torch.equal(trace.tensor("blk.0.step.1.v_quant").view(torch.uint8), fp8.view(torch.uint8))
+    assert torch.equal(trace.tensor("six"), six)
+    q8 = trace.tensor("six_q8")
+    assert q8.shape == six.shape and (q8 - six).abs().max() <= six.abs().max() / 127
+
+
 def test_a_failed_write_leaves_nothing_behind(tmp_path):
     from kvlab.trace import TraceWriter
 
