@@ -42,7 +42,8 @@ class CachePolicy:
         """K/V per layer as `[batch, kv_heads, seq, head_dim]` tensors, plus extra tensors to store.
 
         Quantized policies return the dequantized view and may add raw payloads
-        (`layers.{i}.keys.q`, ...).
+        (`layers.{i}.keys.q`, its parts `layers.{i}.keys.{part}`, the unquantized tail
+        `layers.{i}.keys.hot`: docs/DESIGN.md, "Raw quantized payloads").
         """
         layers = []
         for layer in cache.layers:
