@@ -215,6 +215,18 @@ def test_tensors_with_more_than_four_dims_are_stored_in_ggmls_four(tmp_path):
     assert q8.shape == six.shape and (q8 - six).abs().max() <= six.abs().max() / 127
 
 
+def test_the_writer_checks_what_it_wrote_with_the_readers_rules(tmp_path):
+    from pathlib import Path
+
+    from kvlab.trace import TraceError
+    from kvlab.trace.writer import _check_readable
+
+    corpus = Path(__file__).parent / "corpus"
+    _check_readable(corpus / "valid.gguf", tmp_path / "t.gguf")
+    with pytest.raises(TraceError, match="refusing to write a trace the reader cannot read: .*truncated"):
+        _check_readable(corpus / "truncated_data.gguf", tmp_path / "t.gguf")
+
+
 def test_a_failed_write_leaves_nothing_behind(tmp_path):
     from kvlab.trace import TraceWriter
 
