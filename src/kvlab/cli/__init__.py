@@ -26,9 +26,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from kvlab.cli import capture, models
+    from kvlab.cli import capture, models, scales
 
-    for module in (models, capture):
+    for module in (models, capture, scales):
         for command in module.COMMANDS:
             cli.add_command(command)
 
