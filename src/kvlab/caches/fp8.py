@@ -197,3 +197,32 @@ class FP8Policy(CachePolicy):
             extras[f"layers.{i}.keys.scale"] = layer.key_scale.reshape(-1)
             extras[f"layers.{i}.values.scale"] = layer.value_scale.reshape(-1)
         return layers, extras
+
+
+@register("hf-fp8")
+@dataclass(frozen=True)
+class TransformersFP8Policy(CachePolicy):
+    """transformers' own `QuantizedCache(backend="fp8")`, the baseline for `cache=fp8`.
+
+    e4m3fn with one scale per layer and tensor, taken from the amax of the first update and
+    frozen; later values beyond it are cast without a clamp. The prefill attends to its own
+    K/V in full precision.
+    """
+
+    lossless: ClassVar[bool] = False
+
+    def build(self, model, *, batch_size: int = 1, max_length: int | None = None) -> Cache:
+        from transformers import QuantizedCache
+
+        return QuantizedCache(backend="fp8", config=model.config)
+
+    def export(self, cache: Cache):
+        layers, extras = [], {}
+        for i, layer in enumerate(cache.layers):
+            stored = getattr(layer, "_quantized_keys", None)
+            if stored is None:
+                raise ValueError("a cache layer was never filled; was the model run with this cache?")
+            layers.append((layer._dequantize(layer._quantized_keys), layer._dequantize(layer._quantized_values)))
+            extras[f"layers.{i}.keys.q"], extras[f"layers.{i}.keys.scale"] = layer._quantized_keys
+            extras[f"layers.{i}.values.q"], extras[f"layers.{i}.values.scale"] = layer._quantized_values
+        return layers, {name: t.reshape(-1) if name.endswith("scale") else t for name, t in extras.items()}

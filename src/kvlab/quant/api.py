@@ -36,6 +36,9 @@ def calibrate_to_files(loaded: "LoadedModel", out: str | Path, *, data: str | Pa
     from kvlab.quant.rank_heads import heads_of_rank
 
     fp8_dtype(fp8_format)
+    if fmt in ("vllm", "both") and fp8_format != "e4m3fn":
+        raise ScalesError(f"vLLM's kv_cache_scales.json holds float8_e4m3fn scales only, not {fp8_format}; "
+                          "use --format compressed-tensors")
     if tp < 1:
         raise ScalesError(f"--tp must be a positive integer, got {tp}")
     shape = model_shape(loaded.config)

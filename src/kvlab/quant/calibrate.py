@@ -97,7 +97,13 @@ def calibration_samples(loaded: "LoadedModel", data: str | Path | None = None, s
     tokenizer = loaded.tokenizer
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
-    lengths = [len(tokenizer(" " + s, add_special_tokens=False)["input_ids"]) for s in sentences]
+    lengths: dict[int, int] = {}
+
+    def length(i: int) -> int:
+        if i not in lengths:
+            lengths[i] = len(tokenizer(" " + sentences[i], add_special_tokens=False)["input_ids"])
+        return lengths[i]
+
     overhead = len(loaded.encode("", chat=chat))
     budget = max(1, seq_len - overhead)
     starts = [i * len(sentences) // samples for i in range(samples)] if data is None else None
@@ -108,8 +114,8 @@ def calibration_samples(loaded: "LoadedModel", data: str | Path | None = None, s
         if begin >= len(sentences):
             break
         end, total = begin, 0
-        while end < len(sentences) and total + lengths[end] <= budget:
-            total += lengths[end]
+        while end < len(sentences) and total + length(end) <= budget:
+            total += length(end)
             end += 1
         end = max(end, begin + 1)  # a sentence longer than the budget is cut below
         ids = loaded.encode(" ".join(sentences[begin:end]), chat=chat)

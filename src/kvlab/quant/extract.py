@@ -35,8 +35,8 @@ AMMO_MARK = "kv_cache_scaling_factor"
 _RANK = re.compile(r"rank(\d+)")
 # Longest suffix first: `k_proj.k_scale` (ModelOpt) also ends in `.k_scale`.
 _HF_NAMES: list[tuple[re.Pattern, str, str]] = [
-    (re.compile(r"(^|\.)k_proj\.output_scale$"), "k", "compressed-tensors (k_proj.output_scale)"),
-    (re.compile(r"(^|\.)v_proj\.output_scale$"), "v", "compressed-tensors (v_proj.output_scale)"),
+    (re.compile(r"(^|\.)k_proj\.output_scale$"), "k", "compressed-tensors (output_scale)"),
+    (re.compile(r"(^|\.)v_proj\.output_scale$"), "v", "compressed-tensors (output_scale)"),
     (re.compile(r"(^|\.)k_proj\.k_scale$"), "k", "modelopt"),
     (re.compile(r"(^|\.)v_proj\.v_scale$"), "v", "modelopt"),
     (re.compile(r"(^|\.)k_scale$"), "k", "compressed-tensors"),
