@@ -98,3 +98,21 @@ def test_refuses_to_write_invalid(tmp_path):
     with pytest.raises(ScalesError, match="finite and positive"):
         vllm_json.write(tmp_path / "s.json", {0: {0: float("inf")}}, None)
     assert not (tmp_path / "s.json").exists()
+
+
+def test_check_cli_lists_each_violation(cli, tmp_path):
+    data = valid(tp=2, layers=3)
+    data["kv_cache"]["dtype"] = "float16"
+    data["kv_cache"]["scaling_factor"]["1"]["2"] = -0.5
+    del data["kv_cache"]["scaling_factor"]["0"]["1"]
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(data))
+    code, out, err = cli("scales", "check", path, "--tp", "4", "--layers", "3", "--json", tmp_path / "r.json")
+    expected = vllm_json.check(data, tp=4, n_layers=3)
+    assert len(expected) == 5
+    assert code == 2 and [line[4:] for line in out.splitlines() if line.startswith("  - ")] == expected
+    assert err.strip() == f"error: {path} breaks vLLM's schema (5 violation(s))"
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["ok"] is False and report["violations"] == expected and report["context"] == {"tp": 4, "n_layers": 3}
+    code, _, err = cli("scales", "check", path, "--layers", "3", "--model", "tiny-llama")
+    assert code == 2 and "--model or --layers" in err

@@ -184,15 +184,14 @@ def builtin_calibration(model, tokenizer=None) -> Calibration:
 
 
 def _tokenizer_for(model):
-    """The tokenizer of a bare transformers model: the byte tokenizer for kvlab's tiny models, else from its folder."""
+    """The tokenizer of a bare transformers model: from its folder, or the byte tokenizer of kvlab's tiny models."""
     from kvlab.tokenizer_bytes import VOCAB_SIZE, byte_tokenizer
 
-    if model.config.vocab_size == VOCAB_SIZE:
-        return byte_tokenizer()
     folder = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
     if folder and Path(folder).is_dir():
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if model.config.vocab_size == VOCAB_SIZE:
+        return byte_tokenizer()
     raise KvlabError("scales=calibrate needs the model's tokenizer: build the cache from a kvlab.load_model model")
-

@@ -86,23 +86,15 @@ def check(data: Any, *, tp: int | None = None, n_layers: int | None = None,
         problems.append(f"model_type must be a string or null, not {_kind(data['model_type'])}")
     elif model_type is not None and data["model_type"] != model_type:
         problems.append(f"model_type is {data['model_type']!r} but the model is {model_type!r}")
-    kv = data.get("kv_cache")
+    kv = _object(data, "kv_cache", "kv_cache", problems)
     if kv is None:
-        problems.append("missing key 'kv_cache'")
-        return problems
-    if not isinstance(kv, dict):
-        problems.append(f"kv_cache must be an object, not {_kind(kv)}")
         return problems
     if "dtype" not in kv:
         problems.append(f"missing key 'kv_cache.dtype' (must be {DTYPE!r})")
     elif kv["dtype"] != DTYPE:
         problems.append(f"kv_cache.dtype is {kv['dtype']!r}; vLLM accepts only {DTYPE!r}")
-    factors = kv.get("scaling_factor")
+    factors = _object(kv, "scaling_factor", "kv_cache.scaling_factor", problems)
     if factors is None:
-        problems.append("missing key 'kv_cache.scaling_factor'")
-        return problems
-    if not isinstance(factors, dict):
-        problems.append(f"kv_cache.scaling_factor must be an object, not {_kind(factors)}")
         return problems
     if not factors:
         problems.append("kv_cache.scaling_factor holds no ranks")
@@ -162,6 +154,18 @@ def read(path: str | Path, *, tp: int | None = None, n_layers: int | None = None
     factors = data["kv_cache"]["scaling_factor"]
     ranks = {int(r): {int(layer): float(s) for layer, s in layers.items()} for r, layers in factors.items()}
     return data["model_type"], ranks
+
+
+def _object(parent: dict, key: str, where: str, problems: list[str]) -> dict | None:
+    """`parent[key]` when it is a JSON object; otherwise None, with the problem recorded."""
+    value = parent.get(key)
+    if value is None:
+        problems.append(f"missing key {where!r}")
+    elif not isinstance(value, dict):
+        problems.append(f"{where} must be an object, not {_kind(value)}")
+    else:
+        return value
+    return None
 
 
 def _kind(value: Any) -> str:
