@@ -195,3 +195,26 @@ def test_capture_cli_saves_the_fp8_payload(cli, tmp_path):
     q, scale = snap.tensor("layers.1.keys.q"), snap.tensor("layers.1.keys.scale")
     assert q.dtype == torch.float8_e4m3fn and torch.equal(snap.keys(1), fp8.dequantize(q, scale))
     assert json.loads((tmp_path / "snap" / "meta.json").read_text())["run"].count("cache=fp8:scales=calibrate") == 1
+
+
+def test_layer_bookkeeping_matches_a_dynamic_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    from kvlab.caches.fp8 import FP8Layer
+
+    torch.manual_seed(0)
+    scale = torch.tensor([0.01, 0.02])
+    ours, exact = FP8Layer(scale, scale, exact_prefill=False), DynamicLayer()
+    for n in (5, 1, 1):
+        k, v = torch.randn(3, 2, n, 4), torch.randn(3, 2, n, 4)
+        got_k, _ = ours.update(k, v)
+        want_k, _ = exact.update(k, v)
+        assert torch.equal(got_k, fp8.dequantize(fp8.quantize(want_k, scale), scale))
+    assert ours.get_seq_length() == 7 and ours.get_mask_sizes(2) == exact.get_mask_sizes(2) == (9, 0)
+    ours.crop(-2)
+    exact.crop(-2)
+    ours.batch_select_indices(torch.tensor([2, 0]))
+    exact.batch_select_indices(torch.tensor([2, 0]))
+    assert ours.get_seq_length() == 5 and torch.equal(ours.keys, fp8.dequantize(fp8.quantize(exact.keys, scale), scale))
+    ours.reset()
+    assert ours.get_seq_length() == 0 and ours.keys is None
