@@ -53,3 +53,11 @@ def test_unfolding_ranks_to_heads():
     per_head = KVScales.from_ranks(ranks, 9, 3, per_head=True)  # replicate: head h on ranks 2h, 2h+1
     assert per_head.keys[0].tolist() == [2.0, 5.0, 4.0] and per_head.values[0].tolist() == [2.0, 5.0, 4.0]
     assert KVScales.from_ranks(ranks, 9, 3, per_head=False).keys[0].tolist() == [5.0]
+
+
+def test_agrees_with_the_layouts_module_where_it_exists():
+    layouts = pytest.importorskip("kvlab.layouts", reason="kvlab.layouts is not on this branch yet")
+    for tp in range(1, 13):
+        for n_heads, n_kv in ((9, 3), (24, 6), (8, 2), (4, 4), (6, 6), (4, 1), (32, 8), (12, 4)):
+            layout = layouts.make_layout("auto", tp, n_heads, n_kv)
+            assert heads_of_rank(tp, n_heads, n_kv) == [list(s) for s in layout.slots], (tp, n_heads, n_kv)
