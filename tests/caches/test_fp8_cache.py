@@ -218,3 +218,14 @@ def test_layer_bookkeeping_matches_a_dynamic_layer():
     assert ours.get_seq_length() == 5 and torch.equal(ours.keys, fp8.dequantize(fp8.quantize(exact.keys, scale), scale))
     ours.reset()
     assert ours.get_seq_length() == 0 and ours.keys is None
+
+
+def test_scales_calibrate_is_the_default_calibration_on_the_builtin_text(golden):
+    from kvlab.quant.calibrate import calibrate
+
+    snap = kvlab.capture(tiny("tiny-llama"), None, "cache=fp8:granularity=head", force=golden)
+    cal = calibrate(tiny("tiny-llama"))  # a fresh run with the defaults, not the memo the cache used
+    for i in range(golden.n_layers):
+        k, v = layer_scales(snap, i)
+        assert torch.equal(k, fp8.scale_from_amax(cal.key_amax[i], "e4m3fn"))
+        assert torch.equal(v, fp8.scale_from_amax(cal.value_amax[i], "e4m3fn"))
