@@ -55,3 +55,12 @@ def test_bad_inputs():
         fp8.fp8_dtype("e3m4")
     with pytest.raises(ValueError, match="per-head scales do not fit"):
         fp8.quantize(torch.zeros(1, 2, 3, 4), torch.ones(3))
+
+
+def test_compressed_tensors_head_shape_broadcasts_like_a_vector():
+    x = torch.randn(2, 3, 5, 4) * torch.tensor([1.0, 5.0, 0.1]).view(1, 3, 1, 1)
+    scale = fp8.scale_from_amax(fp8.amax(x, per_head=True), "e4m3fn")
+    q_vec = fp8.quantize(x, scale, "e4m3fn")
+    q_ct = fp8.quantize(x, scale.reshape(3, 1, 1), "e4m3fn")  # compressed-tensors stores (num_kv_heads, 1, 1)
+    assert torch.equal(q_vec.view(torch.uint8), q_ct.view(torch.uint8))
+    assert torch.equal(fp8.dequantize(q_ct, scale.reshape(3, 1, 1)), fp8.dequantize(q_vec, scale))

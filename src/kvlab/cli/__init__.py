@@ -26,9 +26,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from kvlab.cli import capture, diff, fuse, models, offload, reconstruct, trace
+    from kvlab.cli import capture, diff, fuse, models, offload, reconstruct, scales, trace
 
-    for module in (models, capture, diff, offload, reconstruct, trace, fuse):
+    for module in (models, capture, diff, fuse, offload, reconstruct, trace, scales):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -1,0 +1,165 @@
+"""`kvlab scales calibrate / extract / check`: FP8 KV-cache scales for vLLM and compressed-tensors."""
+
+from __future__ import annotations
+
+import click
+
+from kvlab.cli.common import console, json_option, quiet_option, write_json
+
+
+@click.group("scales")
+def scales_group() -> None:
+    """FP8 KV-cache scales: calibrate them on a model, extract them from quantized checkpoints
+    (TensorRT-LLM/AMMO, compressed-tensors, ModelOpt), check a vLLM kv_cache_scales.json.
+
+    Convention: dequantize x = q * scale, scale = amax / fp8_max. Run a model with the scales
+    through the cache policy `cache=fp8:scales=PATH`.
+    """
+
+
+@scales_group.command("calibrate")
+@click.option("--model", "-m", "model_spec", default="smollm2", show_default=True, help="Model spec (see `kvlab models`).")
+@click.option("--run", "run_text", default="", metavar="SPEC", help="Run spec to calibrate under (dtype, attn, device).")
+@click.option("--data", default=None, metavar="FILE", help="Calibration text file (default: the built-in text).")
+@click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True, help="Number of text windows.")
+@click.option("--seq-len", type=click.IntRange(min=8), default=512, show_default=True, help="Tokens per window (at most).")
+@click.option("--granularity", type=click.Choice(["tensor", "head"]), default="tensor", show_default=True,
+              help="One scale per layer, or one per layer and KV head.")
+@click.option("--fp8", "fp8_format", type=click.Choice(["e4m3fn", "e5m2", "e4m3fnuz"]), default="e4m3fn",
+              show_default=True, help="FP8 format the scales are for (scale = amax / its max).")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Tensor-parallel degree for kv_cache_scales.json (one entry per rank).")
+@click.option("--format", "out_format", type=click.Choice(["vllm", "compressed-tensors", "both"]), default="both",
+              show_default=True, help="What to write into --out.")
+@click.option("--chat/--no-chat", default=None, help="Wrap each window in the chat template (default: if the model has one).")
+@click.option("--out", "-o", required=True, metavar="DIR", help="Folder for the files.")
+@json_option
+@quiet_option
+def calibrate_command(model_spec, run_text, data, samples, seq_len, granularity, fp8_format, tp, out_format, chat,
+                      out, json_path, quiet) -> None:
+    """Run calibration text through the model, track K/V amax per layer (and KV head), write scales.
+
+    vllm: kv_cache_scales.json (vLLM's schema; per-head scales folded to each rank's heads
+    under the tensor-parallel layout for --tp; one scale serves K and V). compressed-tensors:
+    kv_cache_scales.safetensors (model.layers.{i}.self_attn.k_scale / v_scale) and
+    kv_cache_scheme.json, the block for config.json's quantization_config.
+    """
+    from kvlab.models import load_model
+    from kvlab.progress import progress_bar
+    from kvlab.quant.api import calibrate_to_files
+
+    loaded = load_model(model_spec, run_text, progress=not quiet)
+    with progress_bar(samples, "calibrate", enabled=not quiet) as advance:
+        result = calibrate_to_files(loaded, out, data=data, samples=samples, seq_len=seq_len, granularity=granularity,
+                                    fp8_format=fp8_format, tp=tp, fmt=out_format, chat=chat, on_sample=advance)
+    cal, scales = result.calibration, result.scales
+    summary = {
+        "model": model_spec,
+        "fp8_format": fp8_format,
+        "granularity": granularity,
+        "tp": tp,
+        "files": [str(p) for p in result.files],
+        **cal.as_dict(),
+        "scales": [{"layer": i, "k_scale": k.tolist(), "v_scale": v.tolist()}
+                   for i, (k, v) in enumerate(zip(scales.keys, scales.values))],
+        "rank_scales": result.ranks,
+    }
+    if json_path != "-":
+        from rich.table import Table
+
+        con = console()
+        con.print(f"[bold]{model_spec}[/bold]: {cal.n_samples} samples, {cal.n_tokens} tokens of {cal.source}")
+        table = Table(title=f"K/V amax and {fp8_format} scales ({granularity})", title_justify="left")
+        for column in ("layer", "K amax", "V amax", "K scale", "V scale"):
+            table.add_column(column, justify="right")
+        for i, (ka, va, ks, vs) in enumerate(zip(cal.key_amax, cal.value_amax, scales.keys, scales.values)):
+            table.add_row(str(i), _floats(ka), _floats(va), _floats(ks), _floats(vs))
+        con.print(table)
+        for path in result.files:
+            con.print(f"wrote {path}")
+    write_json(json_path, summary)
+
+
+@scales_group.command("extract")
+@click.argument("checkpoint", metavar="CHECKPOINT_DIR")
+@click.option("--tp-size", type=click.IntRange(min=1), default=None, help="Expected tensor-parallel size (checked; also folds per-head scales).")
+@click.option("--load-format", type=click.Choice(["auto", "safetensors", "npz", "pt"]), default="auto", show_default=True)
+@click.option("--out", "-o", default=None, metavar="FILE", help="Output file (default: CHECKPOINT_DIR/kv_cache_scales.json).")
+@json_option
+def extract_command(checkpoint, tp_size, load_format, out, json_path) -> None:
+    """Extract KV scales from a quantized checkpoint into vLLM's kv_cache_scales.json.
+
+    Reads TensorRT-LLM/AMMO per-rank files (rank = digits after "rank" in each file's name;
+    kv_cache_scaling_factor tensors; npz names use ':'), compressed-tensors (k_scale/v_scale,
+    k_proj.output_scale) and ModelOpt (k_proj.k_scale) checkpoints. Missing or duplicate ranks
+    or layers, a tp mismatch, non-scalar scales or no scales at all are errors.
+    """
+    from kvlab.quant.api import extract_to_file
+
+    found, path = extract_to_file(checkpoint, out, tp_size=tp_size, load_format=load_format)
+    summary = {
+        "checkpoint": checkpoint,
+        "kind": found.kind,
+        "model_type": found.model_type,
+        "tp": found.tp,
+        "n_layers": found.n_layers,
+        "files": [str(p) for p in found.files],
+        "out": str(path),
+        "scaling_factor": found.ranks,
+        "notes": found.notes,
+    }
+    if json_path != "-":
+        con = console()
+        con.print(f"{checkpoint}: {found.kind}, model_type {found.model_type!r}, tp {found.tp}, "
+                  f"{found.n_layers} layers, from {len(found.files)} file(s)")
+        for rank in sorted(found.ranks):
+            values = list(found.ranks[rank].values())
+            con.print(f"  rank {rank}: scales {min(values):.6g} .. {max(values):.6g}")
+        for note in found.notes:
+            con.print(f"[yellow]note:[/yellow] {note}")
+        con.print(f"wrote {path}")
+    write_json(json_path, summary)
+
+
+@scales_group.command("check")
+@click.argument("file", metavar="FILE")
+@click.option("--model", "-m", "model_spec", default=None, help="Take the layer count and model type from this model.")
+@click.option("--layers", type=click.IntRange(min=1), default=None, help="Number of hidden layers expected.")
+@click.option("--tp", type=click.IntRange(min=1), default=None, help="Tensor-parallel size expected.")
+@click.option("--model-type", default=None, help="model_type expected (default with --model: the model's).")
+@json_option
+def check_command(file, model_spec, layers, tp, model_type, json_path) -> None:
+    """Validate a kv_cache_scales.json against every rule of vLLM's schema; list each violation.
+
+    Rules: model_type key present (string or null), kv_cache.dtype float8_e4m3fn, integer-string
+    rank and layer keys, every rank 0..tp-1 and every layer 0..L-1, finite positive scales.
+    """
+    from kvlab.errors import KvlabError
+    from kvlab.quant.api import check_file
+
+    if model_spec is not None and layers is not None:
+        raise click.UsageError("give --model or --layers, not both")
+    if model_spec is not None:
+        from kvlab.models import load_model, model_shape
+
+        config = load_model(model_spec).config
+        layers = model_shape(config)["n_layers"]
+        model_type = model_type or config.model_type
+    result = check_file(file, tp=tp, n_layers=layers, model_type=model_type)
+    if json_path != "-":
+        con = console()
+        where = ", ".join(f"{k}={v}" for k, v in result.context.items())
+        con.print(f"{file}" + (f" ({where})" if where else "") + ": "
+                  + ("valid under vLLM's schema" if result.ok else f"{len(result.violations)} violation(s)"))
+        for problem in result.violations:
+            con.print(f"  - {problem}", markup=False)
+    write_json(json_path, {"file": file, "ok": result.ok, "context": result.context, "violations": result.violations})
+    if not result.ok:
+        raise KvlabError(f"{file} breaks vLLM's schema ({len(result.violations)} violation(s))")
+
+
+def _floats(t) -> str:
+    return " ".join(f"{x:.4g}" for x in t.reshape(-1).tolist())
+
+
+COMMANDS = [scales_group]

@@ -1,0 +1,73 @@
+"""Scales to and from files: whichever format a path holds, and every format calibrate writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kvlab.quant import compressed_tensors, vllm_json
+from kvlab.quant.scales import KVScales, ScalesError
+
+VLLM_FILE = "kv_cache_scales.json"
+OUTPUT_FORMATS = ("vllm", "compressed-tensors", "both")
+
+
+def load_scales(path: str | Path, *, n_layers: int, n_heads: int, n_kv_heads: int,
+                model_type: str | None = None) -> KVScales:
+    """Scales for a single-device run of a model with this geometry, from any supported path.
+
+    - `kv_cache_scales.json` (vLLM): checked against the schema and the model's layer count;
+      one scale per layer for K and V; with several ranks each KV head takes the scale of the
+      ranks that hold it (per head), or the largest over the ranks (per tensor).
+    - a `.safetensors` file of compressed-tensors / ModelOpt names: separate K and V scales.
+    - a checkpoint folder: whatever `kvlab scales extract` reads there.
+    """
+    from kvlab.quant.extract import extract
+
+    path = Path(path)
+    if path.is_dir():
+        found = extract(path)
+        if found.scales is not None:
+            return found.scales
+        return KVScales.from_ranks(found.ranks, n_heads, n_kv_heads, per_head=True)
+    if not path.is_file():
+        raise ScalesError(f"scales file {path} does not exist")
+    if path.suffix == ".json":
+        _, ranks = vllm_json.read(path, n_layers=n_layers, model_type=model_type)
+        scales = KVScales.from_ranks(ranks, n_heads, n_kv_heads, per_head=True)
+        return KVScales(scales.keys, scales.values, "e4m3fn", {"source": str(path)})
+    if path.suffix == ".safetensors":
+        return compressed_tensors.read_file(path, n_layers, n_kv_heads)
+    raise ScalesError(f"{path}: expected a kv_cache_scales.json, a .safetensors file of k_scale/v_scale "
+                      "tensors, or a checkpoint folder")
+
+
+def export_scales(out: str | Path, scales: KVScales, *, fmt: str, tp: int, n_heads: int, n_kv_heads: int,
+                  model_type: str | None, extra_meta: dict[str, str] | None = None) -> list[Path]:
+    """Write `kv_cache_scales.json` (vLLM, one entry per tp rank) and/or the compressed-tensors files."""
+    if fmt not in OUTPUT_FORMATS:
+        raise ScalesError(f"unknown output format {fmt!r}; allowed: {', '.join(OUTPUT_FORMATS)}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ScalesError(f"--out {out} exists and is not a folder")
+    written: list[Path] = []
+    if fmt in ("vllm", "both"):
+        if scales.fp8_format != "e4m3fn":
+            raise ScalesError(f"vLLM's kv_cache_scales.json holds float8_e4m3fn scales only, not {scales.fp8_format}; "
+                              "use --format compressed-tensors")
+        ranks = scales.to_ranks(tp, n_heads, n_kv_heads)
+        out.mkdir(parents=True, exist_ok=True)
+        written.append(vllm_json.write(out / VLLM_FILE, ranks, model_type))
+    if fmt in ("compressed-tensors", "both"):
+        written += compressed_tensors.write(out, scales, extra_meta)
+    return written
+
+
+def describe(scales: KVScales) -> dict[str, Any]:
+    """Per-layer K/V scales as plain lists (for --json output)."""
+    return {
+        "fp8_format": scales.fp8_format,
+        "granularity": scales.granularity,
+        "layers": [{"layer": i, "k_scale": k.tolist(), "v_scale": v.tolist()}
+                   for i, (k, v) in enumerate(zip(scales.keys, scales.values))],
+    }
