@@ -149,4 +149,3 @@ class KVScales:
                 layer_scales[layer] = float(chosen.max())
             out[rank] = layer_scales
         return out
-
