@@ -7,5 +7,6 @@ from kvlab.caches.registry import CachePolicy, make_policy, parse_policy, policy
 
 # Built-in policies register themselves on import.
 from kvlab.caches import dynamic as _dynamic  # noqa: F401,E402
+from kvlab.caches import eviction as _eviction  # noqa: F401,E402
 
 __all__ = ["CachePolicy", "make_policy", "parse_policy", "policy_class", "policy_names", "register"]

@@ -1,0 +1,357 @@
+"""Fused prefill: a prompt's cache from stored chunk caches, with selective recomputation.
+
+1. Load the prefix and each chunk from the store (computing and storing the missing ones).
+2. Move each chunk's keys to where it lands (`rope.RopeShift`) and concatenate everything into
+   one FusionLayer per model layer, with empty slots for the question.
+3. Run the model once over the document and question tokens, the prefix being real past.
+   Layers before the strategy's first selective layer compute every token (the check layer
+   is the last of them, where CacheBlend's value deviation and A^3's question attention are
+   observed); from there a forward pre-hook on each decoder layer keeps only the selected
+   rows (selected document tokens + the whole question), with their positions and a mask
+   that lets each see every key up to its own position; their fresh K/V overwrite the loaded.
+4. The last row's logits give the first token; the cache then decodes like any other.
+
+Everything goes through transformers' own interfaces: cache layers, forward pre-hooks with
+kwargs, position_ids, and AttentionInterface taps; nothing is patched and nothing is per family.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache
+
+from kvlab.caches.eviction import EvictionPolicy
+from kvlab.caches.fusion import FusionLayer, FusionPlan
+from kvlab.caches.model_parts import decoder_layers
+from kvlab.caches.taps import attention_taps, inner_attention, last_rows_attention
+from kvlab.errors import KvlabError
+from kvlab.fusion.chunks import ChunkKV, chunk_key, compute_chunk_kv
+from kvlab.fusion.prompt import FusionPrompt
+from kvlab.fusion.rope import rope_shift
+from kvlab.fusion.store.base import ChunkStore, CorruptChunkError
+from kvlab.fusion.strategies import SelectionInputs, Strategy
+
+if TYPE_CHECKING:
+    from kvlab.models import LoadedModel
+
+
+@dataclass
+class LoadStats:
+    hits: int = 0
+    misses: int = 0  # computed now and stored
+    repaired: int = 0  # damaged or incomplete entries recomputed and replaced
+    seconds: float = 0.0
+
+
+@dataclass
+class Prefill:
+    """The result of a (fused or full) prefill: the cache to decode from and the first token's logits."""
+
+    cache: Cache
+    logits: torch.Tensor  # [vocab] float32, next-token logits after the prompt
+    n_tokens: int
+    n_docs: int
+    recomputed: int  # document tokens recomputed in the selective layers
+    selected: torch.Tensor  # their rows among the document tokens
+    load: LoadStats = field(default_factory=LoadStats)
+    seconds: float = 0.0  # loading + prefill, up to the first token's logits
+
+    @property
+    def recomputed_fraction(self) -> float:
+        return self.recomputed / self.n_docs if self.n_docs else 0.0
+
+
+def load_chunks(loaded: "LoadedModel", store: ChunkStore, prompt: FusionPrompt, *,
+                surprisal: bool = False) -> tuple[ChunkKV | None, list[ChunkKV], LoadStats]:
+    """The prefix (as a chunk at position 0) and every chunk, from the store or computed and stored."""
+    stats = LoadStats()
+    started = time.perf_counter()
+    prefix_ids = list(prompt.prefix)
+    prefix = _fetch(loaded, store, prefix_ids, [], False, stats, None) if prefix_ids else None
+    prefix_cache = None
+    if prefix is not None:
+        prefix_cache = DynamicCache(ddp_cache_data=list(zip(prefix.keys, prefix.values)))
+    chunks = [_fetch(loaded, store, list(ids), prefix_ids, surprisal, stats, prefix_cache) for ids in prompt.chunks]
+    stats.seconds = time.perf_counter() - started
+    return prefix, chunks, stats
+
+
+def _fetch(loaded, store: ChunkStore, ids: list[int], prefix_ids: list[int], surprisal: bool, stats: LoadStats,
+           prefix_cache) -> ChunkKV:
+    key = chunk_key(loaded, ids, prefix_ids)
+    try:
+        chunk = store.get(key)
+    except CorruptChunkError:
+        chunk = None
+        stats.repaired += 1
+        store.delete(key)
+    if chunk is not None and surprisal and chunk.surprisal is None:
+        stats.repaired += 1
+        store.delete(key)
+        chunk = None
+    if chunk is not None:
+        stats.hits += 1
+        return chunk
+    if prefix_cache is not None:
+        prefix_cache = _copy_cache(prefix_cache)
+    key, chunk = compute_chunk_kv(loaded, ids, prefix_ids, surprisal=True, prefix_cache=prefix_cache)
+    store.put(key, chunk)
+    stats.misses += 1
+    return chunk
+
+
+def _copy_cache(cache: DynamicCache) -> DynamicCache:
+    return DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in cache.layers])
+
+
+def _check_model(model, strategy: Strategy) -> int:
+    n_layers = len(decoder_layers(model))
+    check = strategy.check_layer_index
+    if check is not None and check >= n_layers:
+        raise KvlabError(f"strategy {strategy.spec()}: check_layer={check} but the model has {n_layers} layers "
+                         f"(0..{n_layers - 1})")
+    if any(DynamicCache(config=model.config).is_sliding):
+        raise KvlabError("fusion needs full attention in every layer; this model has sliding-window layers")
+    return n_layers
+
+
+def prefill(loaded: "LoadedModel", prompt: FusionPrompt, strategy: Strategy, store: ChunkStore | None = None, *,
+            evict: EvictionPolicy | None = None) -> Prefill:
+    """Prefill `prompt` with `strategy` (chunks from `store`), then evict with `evict` if given."""
+    with torch.no_grad():
+        if strategy.is_full:
+            return _full_prefill(loaded, prompt, evict)
+        if store is None:
+            raise KvlabError(f"strategy {strategy.name} reuses stored chunks: give a store")
+        return _fused_prefill(loaded, prompt, strategy, store, evict)
+
+
+def _full_prefill(loaded, prompt: FusionPrompt, evict: EvictionPolicy | None) -> Prefill:
+    model = loaded.model
+    started = time.perf_counter()
+    cache = DynamicCache(config=model.config)
+    observed: dict[int, torch.Tensor] = {}
+    ids = torch.tensor([prompt.ids], device=model.device)
+    with _observation_taps(model, evict, len(prompt.question), observed, {}):
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[0, -1].float()
+    seconds = time.perf_counter() - started
+    if evict is not None:
+        cache = evict.adopt(cache, observed, window=len(prompt.question))
+    return Prefill(cache, logits, prompt.n_tokens, prompt.n_docs, prompt.n_docs, torch.arange(prompt.n_docs),
+                   seconds=seconds)
+
+
+def _fused_prefill(loaded, prompt: FusionPrompt, strategy: Strategy, store: ChunkStore,
+                   evict: EvictionPolicy | None) -> Prefill:
+    model = loaded.model
+    n_layers = _check_model(model, strategy)
+    shift = rope_shift(model)
+    started = time.perf_counter()
+    prefix, chunks, stats = load_chunks(loaded, store, prompt, surprisal="surprisal" in strategy.needs)
+    first_selective = min(strategy.first_selective_layer(), n_layers)
+    plan = FusionPlan(n_past=prompt.n_prefix, n_new=prompt.n_docs + len(prompt.question), n_docs=prompt.n_docs,
+                      check_layer=strategy.check_layer_index if "deviation" in strategy.needs else None)
+    layers = _assemble(shift, prefix, chunks, prompt, plan, first_selective, model.device)
+    cache = Cache(layers=[FusionLayer(i, k, v, plan) for i, (k, v) in enumerate(layers)])
+    surprisal = None
+    if "surprisal" in strategy.needs:
+        surprisal = torch.cat([c.surprisal.float() for c in chunks])
+    selector = _Selector(model, plan, strategy, SelectionInputs(prompt.spans, surprisal=surprisal))
+    observed: dict[int, torch.Tensor] = {}
+    question_taps = {}
+    if "attention" in strategy.needs:
+        question_taps[strategy.check_layer_index] = plan
+    ids = torch.tensor([prompt.ids[prompt.n_prefix:]], device=model.device)
+    positions = torch.arange(prompt.n_prefix, prompt.n_tokens, device=model.device)[None]
+    with _observation_taps(model, evict, len(prompt.question), observed, question_taps), \
+            selector.hooks(range(first_selective, n_layers)):
+        out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    plan.done = True
+    logits = out.logits[0, -1].float()
+    seconds = time.perf_counter() - started
+    if plan.rows is None:  # no selective layer: every token was computed
+        selected = torch.arange(prompt.n_docs)
+    else:
+        selected = plan.rows[plan.rows < prompt.n_docs].cpu()
+    if evict is not None:
+        cache = evict.adopt(cache, observed, window=len(prompt.question))
+    return Prefill(cache, logits, prompt.n_tokens, prompt.n_docs, int(selected.numel()), selected, stats, seconds)
+
+
+def _assemble(shift, prefix: ChunkKV | None, chunks: Sequence[ChunkKV], prompt: FusionPrompt, plan: FusionPlan,
+              first_selective: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer: prefix, chunks moved to their offsets, zero question slots, `[1, kv, n_tokens, d]`."""
+    offsets = [prompt.n_prefix + start for start, _ in prompt.spans]
+    n_layers = chunks[0].n_layers
+    out = []
+    for i in range(n_layers):
+        keys, values = [], []
+        if prefix is not None:
+            keys.append(prefix.keys[i].to(device))
+            values.append(prefix.values[i].to(device))
+        for chunk, offset in zip(chunks, offsets):
+            k = chunk.keys[i].to(device)
+            # Layers that compute every token overwrite these keys unread: no need to move them.
+            keys.append(shift.shift(k, offset - prompt.n_prefix) if i >= first_selective else k)
+            values.append(chunk.values[i].to(device))
+        template = keys[-1]
+        question = template.new_zeros(*template.shape[:2], len(prompt.question), template.shape[-1])
+        keys.append(question)
+        values.append(values[-1].new_zeros(*values[-1].shape[:2], len(prompt.question), values[-1].shape[-1]))
+        out.append((torch.cat(keys, dim=-2), torch.cat(values, dim=-2)))
+    return out
+
+
+class _Selector:
+    """The forward pre-hooks that shrink selective layers to the selected rows."""
+
+    def __init__(self, model, plan: FusionPlan, strategy: Strategy, inputs: SelectionInputs) -> None:
+        self.model = model
+        self.plan = plan
+        self.strategy = strategy
+        self.inputs = inputs
+        self.state: dict[str, Any] | None = None
+
+    @contextlib.contextmanager
+    def hooks(self, indices: range) -> Iterator[None]:
+        layers = decoder_layers(self.model)
+        handles = [layers[i].register_forward_pre_hook(self._pre_hook, with_kwargs=True) for i in indices]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _select(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        plan = self.plan
+        self.inputs.deviation = plan.observations.get("deviation")
+        self.inputs.attention = plan.observations.get("attention")
+        docs = self.strategy.select(self.inputs).to(torch.long).cpu()
+        if docs.numel() and (docs.min() < 0 or docs.max() >= plan.n_docs or not bool((docs[1:] > docs[:-1]).all())):
+            raise RuntimeError(f"strategy {self.strategy.name} returned rows outside 0..{plan.n_docs - 1} or unsorted")
+        device = self.model.device
+        rows = torch.cat([docs, torch.arange(plan.n_docs, plan.n_new)]).to(device)
+        embeddings = kwargs.get("position_embeddings")
+        if not isinstance(embeddings, tuple) or any(t.shape[-2] != plan.n_new for t in embeddings):
+            raise KvlabError("fusion needs decoder layers that take position_embeddings (cos, sin) per token")
+        state = {
+            "rows": rows,
+            "position_embeddings": tuple(t[:, rows] for t in embeddings),
+            "mask": self._mask(rows),
+        }
+        if isinstance(kwargs.get("position_ids"), torch.Tensor):
+            state["position_ids"] = kwargs["position_ids"][:, rows]
+        plan.rows = rows
+        return state
+
+    def _mask(self, rows: torch.Tensor):
+        """Selected queries see every key up to their own position, in the attention kernel's format."""
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        plan = self.plan
+        query_positions = rows + plan.n_past
+
+        def visible(batch_idx, head_idx, q_idx, kv_idx):
+            return kv_idx <= query_positions[q_idx]
+
+        make = ALL_MASK_ATTENTION_FUNCTIONS[inner_attention(self.model)]
+        return make(batch_size=1, q_length=rows.numel(), kv_length=plan.n_past + plan.n_new, mask_function=visible,
+                    allow_is_causal_skip=False, dtype=self.model.dtype, device=rows.device, config=self.model.config)
+
+    def _pre_hook(self, module, args, kwargs):
+        if self.state is None:
+            self.state = self._select(kwargs)
+        rows = self.state["rows"]
+        in_kwargs = not args
+        hidden = kwargs["hidden_states"] if in_kwargs else args[0]
+        if hidden.shape[-2] != rows.numel():
+            hidden = hidden[:, rows]
+        kwargs["position_embeddings"] = self.state["position_embeddings"]
+        kwargs["attention_mask"] = self.state["mask"]
+        if "position_ids" in self.state:
+            kwargs["position_ids"] = self.state["position_ids"]
+        if in_kwargs:
+            kwargs["hidden_states"] = hidden
+            return args, kwargs
+        return (hidden, *args[1:]), kwargs
+
+
+@contextlib.contextmanager
+def _observation_taps(model, evict: EvictionPolicy | None, question: int, observed: dict[int, torch.Tensor],
+                      question_taps: dict[int, FusionPlan]) -> Iterator[None]:
+    """Taps that record the question's attention: per layer for eviction, summed at the check layer for A^3."""
+    wanted = set(question_taps)
+    observe = evict is not None and evict.observes
+    if observe:
+        wanted |= set(range(len(decoder_layers(model))))
+
+    def tap(module, query, key, attention_mask, kwargs):
+        layer = module.layer_idx
+        probs = last_rows_attention(query, key, question, kwargs.get("scaling"))
+        if observe:
+            observed[layer] = evict.reduce(probs, key.shape[1])
+        plan = question_taps.get(layer)
+        if plan is not None:
+            plan.observations["attention"] = probs[:, :, plan.n_past: plan.n_past + plan.n_docs].sum(dim=(0, 1))
+
+    with attention_taps(model, {layer: tap for layer in sorted(wanted)}):
+        yield
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]
+    step_seconds: list[float]
+
+
+def greedy_decode(model, cache: Cache, logits: torch.Tensor, max_new_tokens: int, eos: set[int]) -> Decoded:
+    """Greedy tokens from the first token's logits on, each fed back through `cache`."""
+    token = int(torch.argmax(logits))
+    tokens, steps = [token], []
+    with torch.no_grad():
+        while len(tokens) < max_new_tokens and token not in eos:
+            started = time.perf_counter()
+            out = model(input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
+            token = int(torch.argmax(out.logits[0, -1]))
+            steps.append(time.perf_counter() - started)
+            tokens.append(token)
+    return Decoded(tokens, steps)
+
+
+def eos_ids(model) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: list[int]
+    ttft_s: float
+    tpot_s: float | None
+    prefill: Prefill
+
+
+def answer(loaded: "LoadedModel", prompt: FusionPrompt, strategy: Strategy, store: ChunkStore | None = None, *,
+           evict: EvictionPolicy | None = None, max_new_tokens: int = 32) -> Answer:
+    """Prefill with `strategy`, then decode greedily; TTFT runs from the first store read to the first token."""
+    started = time.perf_counter()
+    result = prefill(loaded, prompt, strategy, store, evict=evict)
+    int(torch.argmax(result.logits))  # the first token is part of the time to first token
+    ttft = time.perf_counter() - started
+    decoded = greedy_decode(loaded.model, result.cache, result.logits, max_new_tokens, eos_ids(loaded.model))
+    tokens = decoded.tokens
+    text = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+    tpot = sum(decoded.step_seconds) / len(decoded.step_seconds) if decoded.step_seconds else None
+    return Answer(text, tokens, ttft, tpot, result)
