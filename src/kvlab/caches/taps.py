@@ -4,7 +4,9 @@ Some cache decisions need the queries of a forward pass (A^3 scores question-to-
 attention, SnapKV scores what the observation window attends to). The model's attention
 modules call whatever function transformers' `AttentionInterface` names in the config; for the
 length of a `with attention_taps(...)` block that name is a kvlab wrapper which calls the
-layer's tap, then the kernel the model used before (sdpa or eager). The block always puts the
+layer's tap, then the kernel the model used before (sdpa or eager) — directly, or through the
+layer's route, which may call the kernel on parts of the queries (a fused prefill runs the
+selected rows in blocks, each with only the keys it can see). The block always puts the
 model's own kernel back.
 """
 
@@ -22,10 +24,13 @@ from kvlab.errors import KvlabError
 
 # tap(module, query, key, attention_mask, kwargs): query [b, heads, q, d], key [b, kv_heads, k, d]
 Tap = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Any, dict[str, Any]], None]
+# route(kernel, module, query, key, value, attention_mask, **kwargs) -> (output [b, q, heads, d], weights)
+Route = Callable[..., tuple[torch.Tensor, Any]]
 
 TAPPABLE = ("sdpa", "eager")
 _PREFIX = "kvlab_tap_"
 _TAPS: "weakref.WeakKeyDictionary[torch.nn.Module, Tap]" = weakref.WeakKeyDictionary()
+_ROUTES: "weakref.WeakKeyDictionary[torch.nn.Module, Route]" = weakref.WeakKeyDictionary()
 
 
 def _tapped(inner: str) -> Callable:
@@ -41,6 +46,9 @@ def _tapped(inner: str) -> Callable:
                 raise KvlabError(f"{type(module).__name__}: its modeling file has no eager attention to wrap")
         else:
             kernel = ALL_ATTENTION_FUNCTIONS[inner]
+        route = _ROUTES.get(module)
+        if route is not None:
+            return route(kernel, module, query, key, value, attention_mask, **kwargs)
         return kernel(module, query, key, value, attention_mask, **kwargs)
 
     return attention
@@ -65,11 +73,12 @@ def inner_attention(model) -> str:
 
 
 @contextlib.contextmanager
-def attention_taps(model, taps: Mapping[int, Tap]) -> Iterator[None]:
-    """Call `taps[layer]` with each attention call's query and key while the block runs."""
+def attention_taps(model, taps: Mapping[int, Tap], routes: Mapping[int, Route] | None = None) -> Iterator[None]:
+    """Call `taps[layer]` with each attention call's query and key, and run the kernel through `routes[layer]`."""
     from kvlab.models import apply_attention
 
-    if not taps:
+    routes = routes or {}
+    if not taps and not routes:
         yield
         return
     previous = model.config._attn_implementation
@@ -80,16 +89,17 @@ def attention_taps(model, taps: Mapping[int, Tap]) -> Iterator[None]:
     name = _register(inner)
     installed = []
     try:
-        for index, tap in taps.items():
-            _TAPS[modules[index]] = tap
-            installed.append(modules[index])
+        for registry, items in ((_TAPS, taps), (_ROUTES, routes)):
+            for index, fn in items.items():
+                registry[modules[index]] = fn
+                installed.append((registry, modules[index]))
         apply_attention(model, name)
         if model.config._attn_implementation != name:
             raise KvlabError(f"{type(model).__name__} does not route attention through transformers' AttentionInterface")
         yield
     finally:
-        for module in installed:
-            _TAPS.pop(module, None)
+        for registry, module in installed:
+            registry.pop(module, None)
         if model.config._attn_implementation != previous:
             apply_attention(model, previous)
 

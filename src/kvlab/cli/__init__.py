@@ -26,9 +26,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from kvlab.cli import capture, models
+    from kvlab.cli import capture, fuse_eval, models
 
-    for module in (models, capture):
+    for module in (models, capture, fuse_eval):
         for command in module.COMMANDS:
             cli.add_command(command)
 

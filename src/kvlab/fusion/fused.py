@@ -157,22 +157,21 @@ def _fused_prefill(loaded, prompt: FusionPrompt, strategy: Strategy, store: Chun
     started = time.perf_counter()
     prefix, chunks, stats = load_chunks(loaded, store, prompt, surprisal="surprisal" in strategy.needs)
     first_selective = min(strategy.first_selective_layer(), n_layers)
-    plan = FusionPlan(n_past=prompt.n_prefix, n_new=prompt.n_docs + len(prompt.question), n_docs=prompt.n_docs,
+    plan = FusionPlan(n_tokens=prompt.n_tokens, n_prefix=prompt.n_prefix, n_docs=prompt.n_docs,
                       check_layer=strategy.check_layer_index if "deviation" in strategy.needs else None)
-    layers = _assemble(shift, prefix, chunks, prompt, plan, first_selective, model.device)
+    layers = _assemble(shift, prefix, chunks, prompt, first_selective, model.device)
     cache = Cache(layers=[FusionLayer(i, k, v, plan) for i, (k, v) in enumerate(layers)])
     surprisal = None
     if "surprisal" in strategy.needs:
         surprisal = torch.cat([c.surprisal.float() for c in chunks])
     selector = _Selector(model, plan, strategy, SelectionInputs(prompt.spans, surprisal=surprisal))
     observed: dict[int, torch.Tensor] = {}
-    question_taps = {}
-    if "attention" in strategy.needs:
-        question_taps[strategy.check_layer_index] = plan
-    ids = torch.tensor([prompt.ids[prompt.n_prefix:]], device=model.device)
-    positions = torch.arange(prompt.n_prefix, prompt.n_tokens, device=model.device)[None]
-    with _observation_taps(model, evict, len(prompt.question), observed, question_taps), \
-            selector.hooks(range(first_selective, n_layers)):
+    question_taps = {strategy.check_layer_index: plan} if "attention" in strategy.needs else {}
+    selective = range(first_selective, n_layers)
+    ids = torch.tensor([prompt.ids], device=model.device)
+    positions = torch.arange(prompt.n_tokens, device=model.device)[None]
+    with selector.hooks(selective), _observation_taps(model, evict, len(prompt.question), observed, question_taps,
+                                                      {i: selector.blockwise for i in selective}):
         out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
     plan.done = True
     logits = out.logits[0, -1].float()
@@ -180,38 +179,44 @@ def _fused_prefill(loaded, prompt: FusionPrompt, strategy: Strategy, store: Chun
     if plan.rows is None:  # no selective layer: every token was computed
         selected = torch.arange(prompt.n_docs)
     else:
-        selected = plan.rows[plan.rows < prompt.n_docs].cpu()
+        rows = plan.rows.cpu() - prompt.n_prefix
+        selected = rows[(rows >= 0) & (rows < prompt.n_docs)]
     if evict is not None:
         cache = evict.adopt(cache, observed, window=len(prompt.question))
     return Prefill(cache, logits, prompt.n_tokens, prompt.n_docs, int(selected.numel()), selected, stats, seconds)
 
 
-def _assemble(shift, prefix: ChunkKV | None, chunks: Sequence[ChunkKV], prompt: FusionPrompt, plan: FusionPlan,
+def _assemble(shift, prefix: ChunkKV | None, chunks: Sequence[ChunkKV], prompt: FusionPrompt,
               first_selective: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer: prefix, chunks moved to their offsets, zero question slots, `[1, kv, n_tokens, d]`."""
-    offsets = [prompt.n_prefix + start for start, _ in prompt.spans]
-    n_layers = chunks[0].n_layers
+    """Per layer `[1, kv, n_tokens, d]`: prefix, chunks moved to where they land, zero question slots.
+
+    A chunk stored at base len(prefix) lands at len(prefix) + its start among the documents:
+    every token of it moves by that start. Layers that compute every token overwrite the
+    loaded keys unread, so theirs are not moved.
+    """
+    starts = torch.cat([torch.full((len(c),), start) for c, (start, _) in zip(prompt.chunks, prompt.spans)])
+    cos, sin = shift.angles(starts, device)
+    n_question = len(prompt.question)
     out = []
-    for i in range(n_layers):
-        keys, values = [], []
+    for i in range(chunks[0].n_layers):
+        doc_keys = torch.cat([c.keys[i] for c in chunks], dim=-2).to(device)
+        doc_values = torch.cat([c.values[i] for c in chunks], dim=-2).to(device)
+        if i >= first_selective:
+            doc_keys = shift.rotate(doc_keys, cos, sin)
+        keys, values = [doc_keys], [doc_values]
         if prefix is not None:
-            keys.append(prefix.keys[i].to(device))
-            values.append(prefix.values[i].to(device))
-        for chunk, offset in zip(chunks, offsets):
-            k = chunk.keys[i].to(device)
-            # Layers that compute every token overwrite these keys unread: no need to move them.
-            keys.append(shift.shift(k, offset - prompt.n_prefix) if i >= first_selective else k)
-            values.append(chunk.values[i].to(device))
-        template = keys[-1]
-        question = template.new_zeros(*template.shape[:2], len(prompt.question), template.shape[-1])
-        keys.append(question)
-        values.append(values[-1].new_zeros(*values[-1].shape[:2], len(prompt.question), values[-1].shape[-1]))
+            keys.insert(0, prefix.keys[i].to(device))
+            values.insert(0, prefix.values[i].to(device))
+        keys.append(doc_keys.new_zeros(*doc_keys.shape[:2], n_question, doc_keys.shape[-1]))
+        values.append(doc_values.new_zeros(*doc_values.shape[:2], n_question, doc_values.shape[-1]))
         out.append((torch.cat(keys, dim=-2), torch.cat(values, dim=-2)))
     return out
 
 
 class _Selector:
-    """The forward pre-hooks that shrink selective layers to the selected rows."""
+    """Shrinks the selective layers to the selected rows (forward pre-hooks) and runs their attention in blocks."""
+
+    BLOCKS = 8  # query blocks per selective layer: each sees keys only up to its last row's position
 
     def __init__(self, model, plan: FusionPlan, strategy: Strategy, inputs: SelectionInputs) -> None:
         self.model = model
@@ -238,14 +243,15 @@ class _Selector:
         if docs.numel() and (docs.min() < 0 or docs.max() >= plan.n_docs or not bool((docs[1:] > docs[:-1]).all())):
             raise RuntimeError(f"strategy {self.strategy.name} returned rows outside 0..{plan.n_docs - 1} or unsorted")
         device = self.model.device
-        rows = torch.cat([docs, torch.arange(plan.n_docs, plan.n_new)]).to(device)
+        rows = torch.cat([docs + plan.n_prefix, torch.arange(plan.n_prefix + plan.n_docs, plan.n_tokens)]).to(device)
         embeddings = kwargs.get("position_embeddings")
-        if not isinstance(embeddings, tuple) or any(t.shape[-2] != plan.n_new for t in embeddings):
+        if not isinstance(embeddings, tuple) or any(t.shape[-2] != plan.n_tokens for t in embeddings):
             raise KvlabError("fusion needs decoder layers that take position_embeddings (cos, sin) per token")
         state = {
             "rows": rows,
             "position_embeddings": tuple(t[:, rows] for t in embeddings),
             "mask": self._mask(rows),
+            "blocks": self._blocks(rows),
         }
         if isinstance(kwargs.get("position_ids"), torch.Tensor):
             state["position_ids"] = kwargs["position_ids"][:, rows]
@@ -256,15 +262,33 @@ class _Selector:
         """Selected queries see every key up to their own position, in the attention kernel's format."""
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-        plan = self.plan
-        query_positions = rows + plan.n_past
-
         def visible(batch_idx, head_idx, q_idx, kv_idx):
-            return kv_idx <= query_positions[q_idx]
+            return kv_idx <= rows[q_idx]
 
         make = ALL_MASK_ATTENTION_FUNCTIONS[inner_attention(self.model)]
-        return make(batch_size=1, q_length=rows.numel(), kv_length=plan.n_past + plan.n_new, mask_function=visible,
+        return make(batch_size=1, q_length=rows.numel(), kv_length=self.plan.n_tokens, mask_function=visible,
                     allow_is_causal_skip=False, dtype=self.model.dtype, device=rows.device, config=self.model.config)
+
+    def _blocks(self, rows: torch.Tensor) -> list[tuple[int, int, int]]:
+        """(first query, end query, number of keys it can see) for blocks of about equal size."""
+        n = rows.numel()
+        cuts = sorted({round(n * b / self.BLOCKS) for b in range(self.BLOCKS + 1)})
+        return [(a, b, int(rows[b - 1]) + 1) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+    def blockwise(self, kernel, module, query, key, value, attention_mask, **kwargs):
+        """Attention of the selected rows, block by block over the keys each block can see.
+
+        Keys past a block's last position are masked for all its rows anyway: leaving them out
+        gives the same result and spares most of the work the mask would waste.
+        """
+        if self.state is None or query.shape[-2] != self.state["rows"].numel():
+            return kernel(module, query, key, value, attention_mask, **kwargs)
+        outputs = []
+        for a, b, end in self.state["blocks"]:
+            mask = attention_mask[:, :, a:b, :end] if attention_mask is not None else None
+            out, _ = kernel(module, query[:, :, a:b], key[:, :, :end], value[:, :, :end], mask, **kwargs)
+            outputs.append(out)
+        return torch.cat(outputs, dim=1), None
 
     def _pre_hook(self, module, args, kwargs):
         if self.state is None:
@@ -286,7 +310,7 @@ class _Selector:
 
 @contextlib.contextmanager
 def _observation_taps(model, evict: EvictionPolicy | None, question: int, observed: dict[int, torch.Tensor],
-                      question_taps: dict[int, FusionPlan]) -> Iterator[None]:
+                      question_taps: dict[int, FusionPlan], routes=None) -> Iterator[None]:
     """Taps that record the question's attention: per layer for eviction, summed at the check layer for A^3."""
     wanted = set(question_taps)
     observe = evict is not None and evict.observes
@@ -300,9 +324,9 @@ def _observation_taps(model, evict: EvictionPolicy | None, question: int, observ
             observed[layer] = evict.reduce(probs, key.shape[1])
         plan = question_taps.get(layer)
         if plan is not None:
-            plan.observations["attention"] = probs[:, :, plan.n_past: plan.n_past + plan.n_docs].sum(dim=(0, 1))
+            plan.observations["attention"] = probs[:, :, plan.docs].sum(dim=(0, 1))
 
-    with attention_taps(model, {layer: tap for layer in sorted(wanted)}):
+    with attention_taps(model, {layer: tap for layer in sorted(wanted)}, routes):
         yield
 
 

@@ -30,28 +30,38 @@ class RopeError(KvlabError):
 
 @dataclass
 class RopeShift:
-    """Rotates post-RoPE keys by a position delta with the model's rotary embedding."""
+    """Rotates post-RoPE keys by position deltas with the model's rotary embedding."""
 
     rotary: torch.nn.Module
     apply: Callable
     rope_type: str
     scaling: float
 
-    def angles(self, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[1, n, rot_dim]` in float32 for integer `positions` `[n]`."""
+    def angles(self, positions: torch.Tensor, device, *, unit: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[1, n, rot_dim]` (float32) of integer `positions` `[n]`.
+
+        `unit` divides out the rope type's attention scaling (yarn), so that a rotation moves
+        a key without rescaling it; without it they are what the model applies.
+        """
         probe = torch.zeros(1, dtype=torch.float32, device=device)
         cos, sin = self.rotary(probe, positions.reshape(1, -1).to(device))
-        return cos.float(), sin.float()
+        cos, sin = cos.float(), sin.float()
+        if unit and self.scaling != 1.0:
+            cos, sin = cos / self.scaling, sin / self.scaling
+        return cos, sin
+
+    def rotate(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`keys` `[b, kv, n, d]` rotated by per-token angles `[1, n, rot_dim]` (from `angles`)."""
+        k = keys if keys.dtype == torch.float32 else keys.float()
+        _, moved = self.apply(k[:, :1, :1], k, cos, sin)  # the query slot gets a one-element stand-in
+        return moved.to(keys.dtype)
 
     def shift(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
-        """`keys` `[b, kv, n, d]` computed at positions p moved to p + delta (same dtype)."""
+        """`keys` computed at positions p moved to p + delta."""
         if delta == 0:
             return keys
         cos, sin = self.angles(torch.tensor([delta]), keys.device)
-        cos, sin = cos / self.scaling, sin / self.scaling
-        k = keys.float()
-        _, moved = self.apply(k, k, cos, sin)
-        return moved.to(keys.dtype)
+        return self.rotate(keys, cos, sin)
 
 
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, RopeShift]" = weakref.WeakKeyDictionary()
@@ -100,15 +110,15 @@ def _build(model) -> RopeShift:
 def _check_composes(shift: RopeShift, attention, model) -> None:
     """Rotating the key at p by d must give the key at p + d, at small and large positions."""
     device = next(model.parameters()).device
-    cos0, _ = shift.angles(torch.tensor([0]), device)
+    cos0, _ = shift.angles(torch.tensor([0]), device, unit=False)
     head_dim = int(getattr(attention, "head_dim", 0) or cos0.shape[-1])
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, 1, 1, head_dim, generator=generator).to(device)
     limit = int(getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", 2048) or 2048)
     for start, delta in ((3, 5), (limit // 4, limit // 2)):
-        cos, sin = shift.angles(torch.tensor([start]), device)
+        cos, sin = shift.angles(torch.tensor([start]), device, unit=False)
         _, at_start = shift.apply(x, x, cos, sin)
-        cos, sin = shift.angles(torch.tensor([start + delta]), device)
+        cos, sin = shift.angles(torch.tensor([start + delta]), device, unit=False)
         _, expected = shift.apply(x, x, cos, sin)
         moved = shift.shift(at_start, delta)
         if not torch.allclose(moved, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
