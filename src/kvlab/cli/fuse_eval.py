@@ -126,7 +126,7 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
         summary["scores"] = score(got.text, task.answers)
     if json_path != "-":
         con = console()
-        con.print(f"[bold]{model_spec}[/bold]  strategy {chosen.spec()}"
+        con.print(f"[bold]{model_spec}[/bold]  strategy {chosen.label()}"
                   + (f" rate {chosen.rate_value:g}" if chosen.rate_value is not None else "")
                   + (f"  evict {policy}" if policy else ""))
         con.print(f"prompt {result.n_tokens} tokens ({result.n_docs} in {len(prompt.chunks)} chunks), "
@@ -189,7 +189,7 @@ def eval_command(model_spec, task_source, n_tasks, strategies, rates, store_url,
         for column in ("strategy", "rate", metric, "TTFT s", "speedup", "TPOT ms", "recomputed", "n"):
             table.add_column(column, justify="right" if column not in ("strategy",) else "left")
         for r in rows:
-            table.add_row(r["spec"], "-" if r["rate"] is None else f"{r['rate']:g}", f"{r['accuracy']:.3f}",
+            table.add_row(r["label"], "-" if r["rate"] is None else f"{r['rate']:g}", f"{r['accuracy']:.3f}",
                           f"{r['ttft_s']:.3f}", f"{r['speedup']:.2f}x", f"{r['tpot_s'] * 1000:.1f}" if r["tpot_s"] else "-",
                           f"{r['recomputed_fraction']:.1%}", str(r["n"]))
         con = console()

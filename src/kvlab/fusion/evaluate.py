@@ -70,6 +70,7 @@ class Outcome:
     strategy: Strategy
     scores: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in SCORERS})
     ttft: list[float] = field(default_factory=list)
+    ttft_cpu: list[float] = field(default_factory=list)
     tpot: list[float] = field(default_factory=list)
     fractions: list[float] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
@@ -77,7 +78,7 @@ class Outcome:
     @property
     def label(self) -> str:
         rate = self.strategy.rate_value
-        return self.strategy.spec() + (f"@{rate:g}" if rate is not None else "")
+        return self.strategy.label() + (f"@{rate:g}" if rate is not None else "")
 
 
 @dataclass
@@ -86,18 +87,22 @@ class EvalResult:
     outcomes: list[Outcome]
     metric: str
     precomputed: int  # chunks computed to fill the store before timing
+    prompt_tokens: float  # mean prompt length
 
     def rows(self) -> list[dict[str, Any]]:
         """The DESIGN `fuse eval` JSON rows (plus the other scores and agreement with full prefill)."""
         full = self.outcomes[0]
         base_ttft = statistics.fmean(full.ttft)
+        base_cpu = statistics.fmean(full.ttft_cpu)
         rows = []
         for outcome in self.outcomes:
             ttft = statistics.fmean(outcome.ttft)
+            cpu = statistics.fmean(outcome.ttft_cpu)
             agree = [a.strip() == b.strip() for a, b in zip(outcome.texts, full.texts)]
             rows.append({
                 "strategy": outcome.strategy.name,
                 "spec": outcome.strategy.spec(),
+                "label": outcome.strategy.label(),
                 "rate": outcome.strategy.rate_value,
                 "accuracy": statistics.fmean(outcome.scores[self.metric]),
                 "ttft_s": ttft,
@@ -108,6 +113,8 @@ class EvalResult:
                 "metric": self.metric,
                 **{f"{name}": statistics.fmean(values) for name, values in outcome.scores.items()},
                 "agreement_with_full": statistics.fmean(agree) if agree else None,
+                "ttft_cpu_s": cpu,
+                "speedup_cpu": base_cpu / cpu if cpu > 0 else None,
             })
         return rows
 
@@ -117,7 +124,8 @@ class EvalResult:
              "runs": [{"label": o.label, "text": o.texts[i], "ttft_s": o.ttft[i]} for o in self.outcomes]}
             for i, task in enumerate(self.tasks)
         ]
-        return {"results": self.rows(), **extra, "precomputed_chunks": self.precomputed, "tasks": details}
+        return {"results": self.rows(), **extra, "precomputed_chunks": self.precomputed,
+                "prompt_tokens": self.prompt_tokens, "tasks": details}
 
 
 def evaluate(loaded: "LoadedModel", tasks: Sequence[Task], strategies: Sequence[Strategy], store: ChunkStore, *,
@@ -141,10 +149,11 @@ def evaluate(loaded: "LoadedModel", tasks: Sequence[Task], strategies: Sequence[
             for name, scorer in SCORERS.items():
                 outcome.scores[name].append(scorer(got.text, task.answers))
             outcome.ttft.append(got.ttft_s)
+            outcome.ttft_cpu.append(got.ttft_cpu_s)
             if got.tpot_s is not None:
                 outcome.tpot.append(got.tpot_s)
             outcome.fractions.append(got.prefill.recomputed_fraction)
             outcome.texts.append(got.text)
             if on_step is not None:
                 on_step(1)
-    return EvalResult(list(tasks), outcomes, metric, precomputed)
+    return EvalResult(list(tasks), outcomes, metric, precomputed, statistics.fmean(p.n_tokens for p in prompts))

@@ -23,7 +23,7 @@ def plot_png(rows: Sequence[dict[str, Any]], title: str) -> bytes:
     try:
         by_strategy: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
-            by_strategy.setdefault(row["spec"], []).append(row)
+            by_strategy.setdefault(row["label"], []).append(row)
         for spec, group in by_strategy.items():
             group = sorted(group, key=lambda r: r["ttft_s"])
             xs, ys = [r["ttft_s"] for r in group], [r["accuracy"] for r in group]
@@ -67,7 +67,7 @@ def _html(rows: Sequence[dict[str, Any]], title: str, png: bytes) -> str:
     header = ["strategy", "rate", "accuracy", "TTFT s", "speedup", "TPOT s", "recomputed", "n"]
     body = []
     for r in rows:
-        cells = [r["spec"], "-" if r["rate"] is None else f"{r['rate']:g}", f"{r['accuracy']:.3f}",
+        cells = [r["label"], "-" if r["rate"] is None else f"{r['rate']:g}", f"{r['accuracy']:.3f}",
                  f"{r['ttft_s']:.3f}", f"{r['speedup']:.2f}x" if r["speedup"] else "-",
                  f"{r['tpot_s']:.4f}" if r["tpot_s"] else "-", f"{r['recomputed_fraction']:.1%}", str(r["n"])]
         body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")

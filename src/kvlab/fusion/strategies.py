@@ -94,6 +94,12 @@ class Strategy:
                  if getattr(self, f.name) is not None and f.name != "rate"]
         return self.name + (":" + ",".join(items) if items else "")
 
+    def label(self) -> str:
+        """Like `spec`, with only the parameters that differ from their defaults (for tables)."""
+        items = [f"{f.name}={render(getattr(self, f.name))}" for f in dataclasses.fields(self)
+                 if f.name != "rate" and getattr(self, f.name) != f.default]
+        return self.name + (":" + ",".join(items) if items else "")
+
     @property
     def rate_value(self) -> float | None:
         return getattr(self, "rate", None) if self.uses_rate else None
