@@ -37,12 +37,12 @@ def test_fuse_run_on_a_task_file_prints_ttft(cli, tmp_path):
 def test_fuse_eval_writes_json_table_and_report(cli, tmp_path):
     report = tmp_path / "report.html"
     code, out, err = cli("fuse", "eval", "--model", "tiny-llama", "--task", "kvqa", "--n", "2", "--chunks", "2",
-                         "--chunk-tokens", "48", "--strategies", "reuse,a3,epic", "--rates", "0.1,0.5",
+                         "--chunk-tokens", "48", "--strategies", "reuse,a3", "--rates", "0.1,0.5",
                          "--max-new-tokens", "3", "--report", report, "--json", tmp_path / "eval.json", "--quiet")
     assert code == 0, err
     rows = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert [(r["strategy"], r["rate"]) for r in rows] == [
-        ("full", None), ("reuse", None), ("a3", 0.1), ("a3", 0.5), ("epic", 0.1), ("epic", 0.5)]
+        ("full", None), ("reuse", None), ("a3", 0.1), ("a3", 0.5)]
     assert all(DESIGN_KEYS <= set(r) for r in rows) and all(r["n"] == 2 for r in rows)
     assert rows[0]["speedup"] == 1.0 and rows[0]["recomputed_fraction"] == 1.0 and rows[1]["recomputed_fraction"] == 0
     assert rows[3]["recomputed_fraction"] == pytest.approx(0.5, abs=0.02)

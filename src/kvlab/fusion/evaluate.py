@@ -142,6 +142,10 @@ def evaluate(loaded: "LoadedModel", tasks: Sequence[Task], strategies: Sequence[
     precomputed = 0
     for prompt in prompts:
         precomputed += load_chunks(loaded, store, prompt, surprisal=True)[2].misses
+    # Warm every path up on a short prompt (first calls pay one-off setup), untimed.
+    short = FusionPrompt(prompts[0].prefix, prompts[0].chunks[:1], prompts[0].question)
+    for strategy in strategies:
+        answer(loaded, short, strategy, store, evict=evict, max_new_tokens=2)
     outcomes = [Outcome(strategy) for strategy in strategies]
     for task, prompt in zip(tasks, prompts):
         for outcome in outcomes:

@@ -13,7 +13,7 @@ from kvlab.atomic import atomic_file, write_text_atomic
 
 
 def plot_png(rows: Sequence[dict[str, Any]], title: str) -> bytes:
-    """PNG bytes: x = mean TTFT (s), y = accuracy; each strategy's rates joined and labelled."""
+    """PNG bytes: x = mean TTFT (s), y = accuracy; each strategy's rates joined in rate order and labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,7 +25,7 @@ def plot_png(rows: Sequence[dict[str, Any]], title: str) -> bytes:
         for row in rows:
             by_strategy.setdefault(row["label"], []).append(row)
         for spec, group in by_strategy.items():
-            group = sorted(group, key=lambda r: r["ttft_s"])
+            group = sorted(group, key=lambda r: (r["rate"] is None, r["rate"] or 0.0))
             xs, ys = [r["ttft_s"] for r in group], [r["accuracy"] for r in group]
             if group[0]["strategy"] == "full":
                 axes.scatter(xs, ys, marker="*", s=180, color="black", zorder=3, label="full prefill")
@@ -40,7 +40,7 @@ def plot_png(rows: Sequence[dict[str, Any]], title: str) -> bytes:
         axes.set_ylim(-0.05, 1.05)
         axes.set_title(title, fontsize=10)
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=8, loc="lower right")
+        axes.legend(fontsize=8, loc="best")
         figure.tight_layout()
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png")
