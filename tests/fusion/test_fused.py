@@ -9,7 +9,7 @@ from kvlab.fusion.prompt import FusionPrompt
 from kvlab.fusion.store import MemoryStore, open_store
 from kvlab.fusion.strategies import make_strategy
 from tests.conftest import tiny
-from tests.fusion.helpers import full_run, llama_from_config, tiny_prompt
+from tests.fusion.helpers import QUESTION, full_run, llama_from_config, tiny_prompt
 
 REUSING = ["last", "cacheblend", "a3", "epic", "surprisal"]
 
@@ -129,8 +129,10 @@ def test_a3_picks_the_documents_the_question_attends_to():
     with torch.no_grad():
         out = loaded.model(torch.tensor([prompt.ids]), output_attentions=True)
     probs = out.attentions[1][0]  # check layer 1: [heads, query, key]
-    p, q = prompt.n_prefix, len(prompt.question)
-    scores = probs[:, -q:, p: p + prompt.n_docs].sum(dim=(0, 1))
+    p, question = prompt.n_prefix, prompt.n_prefix + prompt.n_docs  # the question part starts here
+    start, end = prompt.query_span  # the user's question within it (not the instruction or template)
+    assert loaded.decode(list(prompt.question[start:end])) == QUESTION
+    scores = probs[:, question + start: question + end, p: p + prompt.n_docs].sum(dim=(0, 1))
     expected = torch.topk(scores, round(0.2 * prompt.n_docs)).indices.sort().values
     assert torch.equal(result.selected, expected)
 

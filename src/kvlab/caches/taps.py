@@ -104,20 +104,26 @@ def attention_taps(model, taps: Mapping[int, Tap], routes: Mapping[int, Route] |
             apply_attention(model, previous)
 
 
-def last_rows_attention(query: torch.Tensor, key: torch.Tensor, rows: int, scaling: float | None) -> torch.Tensor:
-    """Softmax attention of the last `rows` queries over every key, `[heads, rows, keys]` in float32.
+def rows_attention(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                   scaling: float | None) -> torch.Tensor:
+    """Softmax attention of query rows `rows` (at key positions `positions`) over every key, `[heads, rows, keys]`.
 
-    The rows are the last `rows` positions of the keys too (a prompt's question, SnapKV's
-    observation window), so row r sees keys up to `keys - rows + r`.
+    Causal: a row sees the keys up to its own position. Computed in float32.
     """
-    q = query[0, :, -rows:].float()
+    q = query[0][:, rows].float()
     k = key[0].float()
     groups = q.shape[0] // k.shape[0]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=0)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    n_keys = k.shape[-2]
-    future = torch.arange(n_keys, device=k.device)[None, :] > (n_keys - rows + torch.arange(rows, device=k.device))[:, None]
+    future = torch.arange(k.shape[-2], device=k.device)[None, :] > positions.to(k.device)[:, None]
     scores.masked_fill_(future, float("-inf"))
     return torch.softmax(scores, dim=-1)
+
+
+def last_rows_attention(query: torch.Tensor, key: torch.Tensor, rows: int, scaling: float | None) -> torch.Tensor:
+    """`rows_attention` of the last `rows` queries, which sit at the last `rows` key positions."""
+    n_queries, n_keys = query.shape[-2], key.shape[-2]
+    return rows_attention(query, key, torch.arange(n_queries - rows, n_queries), torch.arange(n_keys - rows, n_keys),
+                          scaling)

@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache
 from kvlab.caches.eviction import EvictionPolicy
 from kvlab.caches.fusion import FusionLayer, FusionPlan
 from kvlab.caches.model_parts import decoder_layers
-from kvlab.caches.taps import attention_taps, inner_attention, last_rows_attention
+from kvlab.caches.taps import attention_taps, inner_attention, last_rows_attention, rows_attention
 from kvlab.errors import KvlabError
 from kvlab.fusion.chunks import ChunkKV, chunk_key, compute_chunk_kv
 from kvlab.fusion.prompt import FusionPrompt
@@ -139,7 +139,7 @@ def _full_prefill(loaded, prompt: FusionPrompt, evict: EvictionPolicy | None) ->
     cache = DynamicCache(config=model.config)
     observed: dict[int, torch.Tensor] = {}
     ids = torch.tensor([prompt.ids], device=model.device)
-    with _observation_taps(model, evict, len(prompt.question), observed, {}):
+    with _observation_taps(model, evict, prompt, observed, {}):
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     logits = out.logits[0, -1].float()
     seconds = time.perf_counter() - started
@@ -170,7 +170,7 @@ def _fused_prefill(loaded, prompt: FusionPrompt, strategy: Strategy, store: Chun
     selective = range(first_selective, n_layers)
     ids = torch.tensor([prompt.ids], device=model.device)
     positions = torch.arange(prompt.n_tokens, device=model.device)[None]
-    with selector.hooks(selective), _observation_taps(model, evict, len(prompt.question), observed, question_taps,
+    with selector.hooks(selective), _observation_taps(model, evict, prompt, observed, question_taps,
                                                       {i: selector.blockwise for i in selective}):
         out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
     plan.done = True
@@ -309,21 +309,30 @@ class _Selector:
 
 
 @contextlib.contextmanager
-def _observation_taps(model, evict: EvictionPolicy | None, question: int, observed: dict[int, torch.Tensor],
+def _observation_taps(model, evict: EvictionPolicy | None, prompt: FusionPrompt, observed: dict[int, torch.Tensor],
                       question_taps: dict[int, FusionPlan], routes=None) -> Iterator[None]:
-    """Taps that record the question's attention: per layer for eviction, summed at the check layer for A^3."""
-    wanted = set(question_taps)
+    """Taps that record attention from the question part of the prompt.
+
+    For eviction: all of the question part (SnapKV's observation window) at every layer. For
+    A^3: the user's question tokens at the check layer, summed over heads and tokens, per
+    document token.
+    """
+    n_question = len(prompt.question)
+    start, end = prompt.query_span
     observe = evict is not None and evict.observes
-    if observe:
-        wanted |= set(range(len(decoder_layers(model))))
+    wanted = set(question_taps) | (set(range(len(decoder_layers(model)))) if observe else set())
 
     def tap(module, query, key, attention_mask, kwargs):
         layer = module.layer_idx
-        probs = last_rows_attention(query, key, question, kwargs.get("scaling"))
         if observe:
-            observed[layer] = evict.reduce(probs, key.shape[1])
+            observed[layer] = evict.reduce(last_rows_attention(query, key, n_question, kwargs.get("scaling")),
+                                           key.shape[1])
         plan = question_taps.get(layer)
         if plan is not None:
+            first_row = query.shape[-2] - n_question  # the question closes the rows of every layer
+            first_key = key.shape[-2] - n_question
+            probs = rows_attention(query, key, torch.arange(first_row + start, first_row + end),
+                                   torch.arange(first_key + start, first_key + end), kwargs.get("scaling"))
             plan.observations["attention"] = probs[:, :, plan.docs].sum(dim=(0, 1))
 
     with attention_taps(model, {layer: tap for layer in sorted(wanted)}, routes):

@@ -35,7 +35,12 @@ DEFAULT_CHUNK_TOKENS = 512
 class FusionPrompt:
     prefix: tuple[int, ...]
     chunks: tuple[tuple[int, ...], ...]
-    question: tuple[int, ...]
+    question: tuple[int, ...]  # instruction, question and closing: always computed
+    query: tuple[int, int] | None = None  # the user's question within `question` ([start, end)); None: all of it
+
+    @property
+    def query_span(self) -> tuple[int, int]:
+        return self.query if self.query is not None else (0, len(self.question))
 
     @cached_property
     def ids(self) -> list[int]:
@@ -114,9 +119,17 @@ def build_prompt(loaded: "LoadedModel", documents: Sequence[str], question: str,
     chunks = tuple(chunk_token_ids(loaded, doc) for doc in documents)
     if any(not c for c in chunks):
         raise KvlabError("a document chunk is empty")
-    tail = tuple(loaded.tokenizer(f"{instruction}\nQuestion: {question.strip()}{frame.closing}",
-                                  add_special_tokens=False)["input_ids"])
-    return FusionPrompt(frame.prefix, chunks, tail)
+    lead = f"{instruction}\nQuestion: "
+    text = f"{lead}{question.strip()}{frame.closing}"
+    encoded = loaded.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return FusionPrompt(frame.prefix, chunks, tuple(encoded["input_ids"]),
+                        _span(encoded["offset_mapping"], len(lead), len(lead) + len(question.strip())))
+
+
+def _span(offsets, start: int, end: int) -> tuple[int, int] | None:
+    """The tokens whose characters overlap [start, end) (None when offsets are not available)."""
+    inside = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+    return (inside[0], inside[-1] + 1) if inside else None
 
 
 def task_prompt(loaded: "LoadedModel", task: Task, *, chat: bool | None = None,
@@ -126,7 +139,7 @@ def task_prompt(loaded: "LoadedModel", task: Task, *, chat: bool | None = None,
         return build_prompt(loaded, task.chunks, task.question, chat=chat)
     prompt = build_prompt(loaded, [task.context or ""], task.question, chat=chat)
     pieces = split_tokens(prompt.chunks[0], chunk_tokens)
-    return FusionPrompt(prompt.prefix, tuple(pieces), prompt.question)
+    return FusionPrompt(prompt.prefix, tuple(pieces), prompt.question, prompt.query)
 
 
 def read_chunks_file(path: str | Path) -> list[str]:

@@ -11,8 +11,8 @@ before the forward pass and compute only the selected tokens from layer 0.
     reuse       recompute the question only
     last        the last document tokens (those nearest the question)
     cacheblend  largest squared L2 of V_fresh - V_cached at the check layer (CacheBlend)
-    a3          question attention to each document token at the check layer, summed over heads
-                and question tokens, average-pooled with width `pool` (A^3)
+    a3          attention of the user's question tokens to each document token at the check layer,
+                summed over heads and question tokens, average-pooled with width `pool` (A^3)
     epic        the first tokens of every chunk (EPIC's LegoLink; `k` per chunk, or the rate)
     surprisal   budget split across chunks by length, the most surprising tokens of each chunk
 """
