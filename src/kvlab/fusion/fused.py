@@ -3,12 +3,13 @@
 1. Load the prefix and each chunk from the store (computing and storing the missing ones).
 2. Move each chunk's keys to where it lands (`rope.RopeShift`) and concatenate everything into
    one FusionLayer per model layer, with empty slots for the question.
-3. Run the model once over the document and question tokens, the prefix being real past.
-   Layers before the strategy's first selective layer compute every token (the check layer
-   is the last of them, where CacheBlend's value deviation and A^3's question attention are
-   observed); from there a forward pre-hook on each decoder layer keeps only the selected
-   rows (selected document tokens + the whole question), with their positions and a mask
-   that lets each see every key up to its own position; their fresh K/V overwrite the loaded.
+3. Run the model once over the whole prompt. Layers before the strategy's first selective
+   layer compute every token (the check layer is the last of them, where CacheBlend's value
+   deviation and A^3's question attention are observed); from there a forward pre-hook on each
+   decoder layer keeps only the selected rows (selected document tokens + the whole question;
+   the prefix stays as stored, it is exact), with their positions and a mask that lets each see
+   every key up to its own position; their fresh K/V overwrite the loaded ones. Their attention
+   runs in blocks of rows, each over the keys it can see.
 4. The last row's logits give the first token; the cache then decodes like any other.
 
 Everything goes through transformers' own interfaces: cache layers, forward pre-hooks with
@@ -99,16 +100,10 @@ def _fetch(loaded, store: ChunkStore, ids: list[int], prefix_ids: list[int], sur
     if chunk is not None:
         stats.hits += 1
         return chunk
-    if prefix_cache is not None:
-        prefix_cache = _copy_cache(prefix_cache)
     key, chunk = compute_chunk_kv(loaded, ids, prefix_ids, surprisal=True, prefix_cache=prefix_cache)
     store.put(key, chunk)
     stats.misses += 1
     return chunk
-
-
-def _copy_cache(cache: DynamicCache) -> DynamicCache:
-    return DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in cache.layers])
 
 
 def _check_model(model, strategy: Strategy) -> int:
