@@ -79,3 +79,15 @@ def test_fuse_run_refuses_a_model_whose_rope_does_not_compose(cli, tmp_path):
     code, _, err = cli("fuse", "run", "--model", tmp_path / "model", "--chunks-file", tmp_path / "c.txt", "-q", "Q?")
     assert code == 2 and "rope_type='dynamic' changes its frequencies with the sequence length" in err
     assert err.count("\n") == 1
+
+
+def test_a_prefix_text_replaces_the_chat_opening_and_is_encoded_like_precompute_does():
+    from kvlab.fusion.prompt import build_prompt
+
+    loaded = tiny("tiny-llama")
+    chat = build_prompt(loaded, ["Doc."], "Q?")
+    assert loaded.decode(list(chat.prefix)) == "<|user|>" and loaded.decode(list(chat.question)).endswith("<|assistant|>")
+    given = build_prompt(loaded, ["Doc."], "Q?", prefix="System: be brief. ")
+    assert list(given.prefix) == loaded.encode("System: be brief. ")
+    plain = build_prompt(loaded, ["Doc."], "Q?", chat=False)
+    assert plain.prefix == () and loaded.decode(list(plain.question)).endswith("\nAnswer:")

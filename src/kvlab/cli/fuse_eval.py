@@ -52,6 +52,11 @@ _model = click.option("--model", "-m", "model_spec", default="smollm2", show_def
 _run = click.option("--run", "run_text", default="", metavar="SPEC", help="Run spec, e.g. 'dtype=bfloat16,attn=eager'.")
 _evict_option = click.option("--evict", "evict_spec", default=None, metavar="SPEC",
                              help="Evict after the prefill: streaming:sink=4,window=W or snapkv:capacity=C,kernel=5,pool=avg|max.")
+_prefix = click.option("--prefix", default=None, metavar="TEXT",
+                       help="Shared prefix before the documents (as given to `fuse precompute --prefix`); "
+                            "default: the chat template's opening.")
+_chat = click.option("--chat/--no-chat", default=None,
+                     help="Wrap documents and question in the chat template (default: when the model has one).")
 _max_new = click.option("--max-new-tokens", "-n", "max_new_tokens", type=click.IntRange(min=1), default=32,
                         show_default=True)
 
@@ -69,11 +74,13 @@ _max_new = click.option("--max-new-tokens", "-n", "max_new_tokens", type=click.I
 @click.option("--rate", "-r", type=float, default=0.15, show_default=True,
               help="Fraction of document tokens to recompute.")
 @_evict_option
+@_prefix
+@_chat
 @_run
 @_max_new
 @json_option
-def run_command(model_spec, store_url, task_file, task_id, chunks_file, question, strategy, rate, evict_spec,
-                run_text, max_new_tokens, json_path) -> None:
+def run_command(model_spec, store_url, task_file, task_id, chunks_file, question, strategy, rate, evict_spec, prefix,
+                chat, run_text, max_new_tokens, json_path) -> None:
     """Answer one question from stored chunk caches and print the time to first token.
 
     Chunks missing from the store are computed and stored (their time counts in TTFT).
@@ -100,7 +107,10 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
         raise click.UsageError("--chunks-file needs --question")
     docs = read_chunks_file(chunks_file) if chunks_file else None
     loaded = load_model(model_spec, run_text)
-    prompt = task_prompt(loaded, task) if task is not None else build_prompt(loaded, docs, question)
+    if task is not None:
+        prompt = task_prompt(loaded, task, chat=chat, prefix=prefix)
+    else:
+        prompt = build_prompt(loaded, docs, question, chat=chat, prefix=prefix)
     with _store(store_url) as store:
         got = answer(loaded, prompt, chosen, store, evict=policy, max_new_tokens=max_new_tokens)
     result = got.prefill
@@ -156,12 +166,14 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
 @click.option("--metric", type=click.Choice(["substring", "exact", "f1"]), default="substring", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated tasks.")
 @click.option("--report", default=None, metavar="PATH", help="Write an HTML report (and PNG) of accuracy against TTFT.")
+@_prefix
+@_chat
 @_run
 @click.option("--max-new-tokens", "-N", "max_new_tokens", type=click.IntRange(min=1), default=24, show_default=True)
 @json_option
 @quiet_option
 def eval_command(model_spec, task_source, n_tasks, strategies, rates, store_url, evict_spec, n_chunks, chunk_tokens,
-                 metric, seed, report, run_text, max_new_tokens, json_path, quiet) -> None:
+                 metric, seed, report, prefix, chat, run_text, max_new_tokens, json_path, quiet) -> None:
     """Accuracy, TTFT, time per output token and speedup of each strategy and rate, against full prefill."""
     from rich.table import Table
 
@@ -176,7 +188,7 @@ def eval_command(model_spec, task_source, n_tasks, strategies, rates, store_url,
     tasks = make_tasks(loaded, task_source, n_tasks, n_chunks=n_chunks, chunk_tokens=chunk_tokens, seed=seed)
     with _store(store_url) as store, progress_bar(len(tasks) * len(runs), "fuse eval", enabled=not quiet) as bar:
         result = evaluate(loaded, tasks, runs, store, evict=policy, metric=metric, max_new_tokens=max_new_tokens,
-                          chunk_tokens=chunk_tokens, on_step=bar)
+                          chunk_tokens=chunk_tokens, chat=chat, prefix=prefix, on_step=bar)
     rows = result.rows()
     title = f"{model_spec}: {task_source}, {len(tasks)} tasks" + (f", evict {policy}" if policy else "")
     written = []

@@ -130,7 +130,8 @@ class EvalResult:
 
 def evaluate(loaded: "LoadedModel", tasks: Sequence[Task], strategies: Sequence[Strategy], store: ChunkStore, *,
              evict: EvictionPolicy | None = None, metric: str = "substring", max_new_tokens: int = 24,
-             chunk_tokens: int = DEFAULT_CHUNK_TOKENS, on_step: Callable[[int], None] | None = None) -> EvalResult:
+             chunk_tokens: int = DEFAULT_CHUNK_TOKENS, chat: bool | None = None, prefix: str | None = None,
+             on_step: Callable[[int], None] | None = None) -> EvalResult:
     """Answer every task with every strategy; `strategies[0]` must be full prefill (the baseline)."""
     if metric not in SCORERS:
         raise KvlabError(f"--metric {metric}: not one of {', '.join(SCORERS)}")
@@ -138,7 +139,8 @@ def evaluate(loaded: "LoadedModel", tasks: Sequence[Task], strategies: Sequence[
         raise KvlabError("the first strategy must be full prefill: it is the baseline of the speedups")
     if not tasks:
         raise KvlabError("no tasks to evaluate")
-    prompts: list[FusionPrompt] = [task_prompt(loaded, task, chunk_tokens=chunk_tokens) for task in tasks]
+    prompts: list[FusionPrompt] = [task_prompt(loaded, task, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
+                                   for task in tasks]
     precomputed = 0
     for prompt in prompts:
         precomputed += load_chunks(loaded, store, prompt, surprisal=True)[2].misses

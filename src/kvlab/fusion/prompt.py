@@ -79,23 +79,35 @@ class PromptFrame:
     closing: str
 
 
-def prompt_frame(loaded: "LoadedModel", chat: bool | None = None) -> PromptFrame:
-    """The prefix ids and closing text; `chat` (default: when the tokenizer has a template) wraps one user turn."""
+def prompt_frame(loaded: "LoadedModel", chat: bool | None = None, prefix: str | None = None) -> PromptFrame:
+    """The prefix ids and closing text.
+
+    `chat` (default: when the tokenizer has a template) wraps documents and question in one
+    user turn; the prefix is then the template's opening. A `prefix` text replaces that
+    opening and is encoded as a prompt starts (`loaded.encode`, special tokens included), as
+    `kvlab fuse precompute --prefix` encodes it.
+    """
     tokenizer = loaded.tokenizer
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat is None:
         chat = has_template
+    if chat and not has_template:
+        raise KvlabError(f"model {loaded.spec} has no chat template: run without chat")
+    head_ids = None
+    closing = "\nAnswer:"
     if chat:
-        if not has_template:
-            raise KvlabError(f"model {loaded.spec} has no chat template: run without chat")
         text = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], add_generation_prompt=True,
                                              tokenize=False)
-        head, _, tail = text.partition(_MARK)
-        return PromptFrame(tuple(tokenizer(head, add_special_tokens=False)["input_ids"]), tail)
+        head, _, closing = text.partition(_MARK)
+        head_ids = tuple(tokenizer(head, add_special_tokens=False)["input_ids"])
+    if prefix is not None:
+        return PromptFrame(tuple(loaded.encode(prefix)) if prefix else (), closing)
+    if head_ids is not None:
+        return PromptFrame(head_ids, closing)
     with_specials = tokenizer("x")["input_ids"]
     without = tokenizer("x", add_special_tokens=False)["input_ids"]
     lead = len(with_specials) - len(without) if with_specials[-len(without):] == without else 0
-    return PromptFrame(tuple(with_specials[:lead]), "\nAnswer:")
+    return PromptFrame(tuple(with_specials[:lead]), closing)
 
 
 def chunk_token_ids(loaded: "LoadedModel", text: str) -> tuple[int, ...]:
@@ -109,13 +121,13 @@ def split_tokens(ids: Sequence[int], size: int) -> list[tuple[int, ...]]:
 
 
 def build_prompt(loaded: "LoadedModel", documents: Sequence[str], question: str, *, chat: bool | None = None,
-                 instruction: str = DEFAULT_INSTRUCTION) -> FusionPrompt:
+                 prefix: str | None = None, instruction: str = DEFAULT_INSTRUCTION) -> FusionPrompt:
     """A prompt with one chunk per document."""
     if not documents:
         raise KvlabError("a fused prompt needs at least one document chunk")
     if not question.strip():
         raise KvlabError("a fused prompt needs a question")
-    frame = prompt_frame(loaded, chat)
+    frame = prompt_frame(loaded, chat, prefix)
     chunks = tuple(chunk_token_ids(loaded, doc) for doc in documents)
     if any(not c for c in chunks):
         raise KvlabError("a document chunk is empty")
@@ -132,12 +144,12 @@ def _span(offsets, start: int, end: int) -> tuple[int, int] | None:
     return (inside[0], inside[-1] + 1) if inside else None
 
 
-def task_prompt(loaded: "LoadedModel", task: Task, *, chat: bool | None = None,
+def task_prompt(loaded: "LoadedModel", task: Task, *, chat: bool | None = None, prefix: str | None = None,
                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> FusionPrompt:
     """The prompt of a task: its chunks, or (LongBench-style) its context cut into token pieces."""
     if task.chunks:
-        return build_prompt(loaded, task.chunks, task.question, chat=chat)
-    prompt = build_prompt(loaded, [task.context or ""], task.question, chat=chat)
+        return build_prompt(loaded, task.chunks, task.question, chat=chat, prefix=prefix)
+    prompt = build_prompt(loaded, [task.context or ""], task.question, chat=chat, prefix=prefix)
     pieces = split_tokens(prompt.chunks[0], chunk_tokens)
     return FusionPrompt(prompt.prefix, tuple(pieces), prompt.question, prompt.query)
 
