@@ -1,15 +1,16 @@
 """The token layout of a RAG prompt: prefix, document chunks, question.
 
-prefix    the chat template's opening up to the user's text (or the tokenizer's BOS); computed
-          once and stored as a chunk of its own at position 0
+prefix    the chat template's opening up to the user's text (or the tokenizer's BOS), or a
+          given prefix text; computed once and stored as a chunk of its own at position 0
 chunks    each document's tokens, computed after the prefix at position base len(prefix) and
           stored; a fused prompt moves each to where it lands
 question  the instruction, the question and the template's closing; always computed
 
 Each part is tokenized on its own so that a chunk has the same token ids in every prompt it
 appears in (which is what lets its cache be reused). The full-prefill baseline runs the same
-token ids, so fused and full prefill are compared on identical input. A precompute must use
-`chunk_token_ids` and `prompt_frame(...).prefix` to fill a store these prompts hit.
+token ids, so fused and full prefill are compared on identical input. A precompute fills a
+store these prompts hit when its chunks are `chunk_token_ids` and its prefix is
+`prompt_frame(...).prefix`.
 """
 
 from __future__ import annotations
