@@ -1,0 +1,215 @@
+"""`kvlab fuse run` and `kvlab fuse eval`: answer with fused chunk caches, and measure it.
+
+Both join the `fuse` group through `FUSE_COMMANDS` (see `kvlab.cli.fuse`).
+"""
+
+from __future__ import annotations
+
+import click
+
+from kvlab.cli.common import console, json_option, quiet_option, write_json
+from kvlab.errors import KvlabError
+
+_STORE_HELP = "Chunk store URL: a folder, redis://host:port/db, or memory:// (this process only)."
+
+
+def _store(url: str):
+    from kvlab.fusion.store import open_store
+
+    try:
+        return open_store(url)
+    except ModuleNotFoundError as err:
+        raise KvlabError(f"store {url}: its backend is not available in this build ({err.name}); use memory://") from None
+
+
+def _evict(spec: str | None):
+    if not spec:
+        return None
+    from kvlab.caches import parse_policy
+    from kvlab.caches.eviction import EvictionPolicy
+    from kvlab.params import ParamError
+
+    try:
+        policy = parse_policy(spec)
+    except ParamError as err:
+        raise KvlabError(f"--evict: {err}") from None
+    if not isinstance(policy, EvictionPolicy):
+        raise KvlabError(f"--evict {spec}: not an eviction policy; use streaming:sink=4,window=W or "
+                         "snapkv:capacity=C,kernel=5,pool=avg|max")
+    return policy
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=option) from None
+
+
+_model = click.option("--model", "-m", "model_spec", default="smollm2", show_default=True,
+                      help="Model spec (see `kvlab models`).")
+_run = click.option("--run", "run_text", default="", metavar="SPEC", help="Run spec, e.g. 'dtype=bfloat16,attn=eager'.")
+_evict_option = click.option("--evict", "evict_spec", default=None, metavar="SPEC",
+                             help="Evict after the prefill: streaming:sink=4,window=W or snapkv:capacity=C,kernel=5,pool=avg|max.")
+_prefix = click.option("--prefix", default=None, metavar="TEXT",
+                       help="Shared prefix before the documents (as given to `fuse precompute --prefix`); "
+                            "default: the chat template's opening.")
+_chat = click.option("--chat/--no-chat", default=None,
+                     help="Wrap documents and question in the chat template (default: when the model has one).")
+_max_new = click.option("--max-new-tokens", "-n", "max_new_tokens", type=click.IntRange(min=1), default=32,
+                        show_default=True)
+
+
+@click.command("run")
+@_model
+@click.option("--store", "store_url", default="memory://", show_default=True, help=_STORE_HELP)
+@click.option("--task-file", default=None, metavar="FILE", help="Task file (JSON lines); pick the task with --id.")
+@click.option("--id", "task_id", default=None, help="The task's id in --task-file.")
+@click.option("--chunks-file", default=None, metavar="FILE",
+              help="Chunks: a JSON list of strings, or text with chunks separated by blank lines.")
+@click.option("--question", "-q", default=None, help="The question (with --chunks-file).")
+@click.option("--strategy", "-s", default="a3", show_default=True, metavar="NAME[:p=v,...]",
+              help="full, reuse, last, cacheblend, a3, epic or surprisal, with parameters (a3:check_layer=2).")
+@click.option("--rate", "-r", type=float, default=0.15, show_default=True,
+              help="Fraction of document tokens to recompute.")
+@_evict_option
+@_prefix
+@_chat
+@_run
+@_max_new
+@json_option
+def run_command(model_spec, store_url, task_file, task_id, chunks_file, question, strategy, rate, evict_spec, prefix,
+                chat, run_text, max_new_tokens, json_path) -> None:
+    """Answer one question from stored chunk caches and print the time to first token.
+
+    Chunks missing from the store are computed and stored (their time counts in TTFT).
+    """
+    from kvlab.fusion.fused import answer
+    from kvlab.fusion.prompt import build_prompt, read_chunks_file, task_prompt
+    from kvlab.fusion.strategies import make_strategy
+    from kvlab.models import load_model
+    from kvlab.tasks import read_task_file
+
+    if (task_file is None) == (chunks_file is None):
+        raise click.UsageError("give --task-file FILE --id ID, or --chunks-file FILE --question Q")
+    chosen = make_strategy(strategy, rate)
+    policy = _evict(evict_spec)
+    task = None
+    if task_file is not None:
+        if task_id is None:
+            raise click.UsageError("--task-file needs --id")
+        tasks = {t.id: t for t in read_task_file(task_file)}
+        if task_id not in tasks:
+            raise KvlabError(f"task file {task_file} has no task with id {task_id!r}")
+        task = tasks[task_id]
+    elif not question:
+        raise click.UsageError("--chunks-file needs --question")
+    docs = read_chunks_file(chunks_file) if chunks_file else None
+    loaded = load_model(model_spec, run_text)
+    if task is not None:
+        prompt = task_prompt(loaded, task, chat=chat, prefix=prefix)
+    else:
+        prompt = build_prompt(loaded, docs, question, chat=chat, prefix=prefix)
+    with _store(store_url) as store:
+        got = answer(loaded, prompt, chosen, store, evict=policy, max_new_tokens=max_new_tokens)
+    result = got.prefill
+    summary = {
+        "model": model_spec,
+        "strategy": chosen.spec(),
+        "rate": chosen.rate_value,
+        "evict": str(policy) if policy else None,
+        "answer": got.text,
+        "ttft_s": got.ttft_s,
+        "tpot_s": got.tpot_s,
+        "n_tokens": result.n_tokens,
+        "n_docs": result.n_docs,
+        "recomputed": result.recomputed,
+        "recomputed_fraction": result.recomputed_fraction,
+        "store": {"url": store_url, "hits": result.load.hits, "misses": result.load.misses,
+                  "repaired": result.load.repaired, "load_s": result.load.seconds},
+    }
+    if task is not None:
+        from kvlab.tasks.scoring import score
+
+        summary["task"] = task.id
+        summary["scores"] = score(got.text, task.answers)
+    if json_path != "-":
+        con = console()
+        con.print(f"[bold]{model_spec}[/bold]  strategy {chosen.label()}"
+                  + (f" rate {chosen.rate_value:g}" if chosen.rate_value is not None else "")
+                  + (f"  evict {policy}" if policy else ""))
+        con.print(f"prompt {result.n_tokens} tokens ({result.n_docs} in {len(prompt.chunks)} chunks), "
+                  f"recomputed {result.recomputed} document tokens ({result.recomputed_fraction:.1%}); store "
+                  f"{result.load.hits} hits, {result.load.misses} computed")
+        con.print(f"TTFT {got.ttft_s:.3f} s" + (f", {got.tpot_s * 1000:.1f} ms per output token" if got.tpot_s else ""))
+        con.rule("answer")
+        con.print(got.text, markup=False)
+        con.rule()
+    write_json(json_path, summary)
+
+
+@click.command("eval")
+@_model
+@click.option("--task", "task_source", default="needle", show_default=True, metavar="needle|kvqa|FILE",
+              help="Generated needle or kvqa tasks, or a task file.")
+@click.option("--n", "n_tasks", type=click.IntRange(min=1), default=8, show_default=True, help="Number of tasks.")
+@click.option("--strategies", default="reuse,cacheblend,a3,epic,surprisal", show_default=True,
+              help="Comma-separated strategies (full prefill is always run as the baseline).")
+@click.option("--rates", default="0.05,0.15,0.3", show_default=True, help="Comma-separated recompute rates.")
+@click.option("--store", "store_url", default="memory://", show_default=True, help=_STORE_HELP)
+@_evict_option
+@click.option("--chunks", "n_chunks", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Documents per generated task.")
+@click.option("--chunk-tokens", type=click.IntRange(min=16), default=512, show_default=True,
+              help="Tokens per document chunk.")
+@click.option("--metric", type=click.Choice(["substring", "exact", "f1"]), default="substring", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated tasks.")
+@click.option("--report", default=None, metavar="PATH", help="Write an HTML report (and PNG) of accuracy against TTFT.")
+@_prefix
+@_chat
+@_run
+@click.option("--max-new-tokens", "-N", "max_new_tokens", type=click.IntRange(min=1), default=24, show_default=True)
+@json_option
+@quiet_option
+def eval_command(model_spec, task_source, n_tasks, strategies, rates, store_url, evict_spec, n_chunks, chunk_tokens,
+                 metric, seed, report, prefix, chat, run_text, max_new_tokens, json_path, quiet) -> None:
+    """Accuracy, TTFT, time per output token and speedup of each strategy and rate, against full prefill."""
+    from rich.table import Table
+
+    from kvlab.fusion.evaluate import evaluate, expand, make_tasks
+    from kvlab.models import load_model
+    from kvlab.progress import progress_bar
+
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    runs = expand(names, _floats(rates, "--rates"))
+    policy = _evict(evict_spec)
+    loaded = load_model(model_spec, run_text, progress=not quiet)
+    tasks = make_tasks(loaded, task_source, n_tasks, n_chunks=n_chunks, chunk_tokens=chunk_tokens, seed=seed)
+    with _store(store_url) as store, progress_bar(len(tasks) * len(runs), "fuse eval", enabled=not quiet) as bar:
+        result = evaluate(loaded, tasks, runs, store, evict=policy, metric=metric, max_new_tokens=max_new_tokens,
+                          chunk_tokens=chunk_tokens, chat=chat, prefix=prefix, on_step=bar)
+    rows = result.rows()
+    title = f"{model_spec}: {task_source}, {len(tasks)} tasks" + (f", evict {policy}" if policy else "")
+    written = []
+    if report:
+        from kvlab.fusion.report import write_report
+
+        written = write_report(report, rows, title)
+    if json_path != "-":
+        table = Table(title=title, title_justify="left")
+        for column in ("strategy", "rate", metric, "TTFT s", "speedup", "TPOT ms", "recomputed", "n"):
+            table.add_column(column, justify="right" if column not in ("strategy",) else "left")
+        for r in rows:
+            table.add_row(r["label"], "-" if r["rate"] is None else f"{r['rate']:g}", f"{r['accuracy']:.3f}",
+                          f"{r['ttft_s']:.3f}", f"{r['speedup']:.2f}x", f"{r['tpot_s'] * 1000:.1f}" if r["tpot_s"] else "-",
+                          f"{r['recomputed_fraction']:.1%}", str(r["n"]))
+        con = console()
+        con.print(table)
+        if result.precomputed:
+            con.print(f"{result.precomputed} chunks computed into {store_url} before timing")
+        for path in written:
+            con.print(f"report written to {path}")
+    write_json(json_path, result.to_json(model=model_spec, task=task_source, evict=str(policy) if policy else None))
+
+
+FUSE_COMMANDS = [run_command, eval_command]

@@ -1,0 +1,82 @@
+"""The picture of a `fuse eval`: accuracy against time to first token, one line per strategy."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kvlab.atomic import atomic_file, write_text_atomic
+
+
+def plot_png(rows: Sequence[dict[str, Any]], title: str) -> bytes:
+    """PNG bytes: x = mean TTFT (s), y = accuracy; each strategy's rates joined in rate order and labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    try:
+        by_strategy: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_strategy.setdefault(row["label"], []).append(row)
+        for spec, group in by_strategy.items():
+            group = sorted(group, key=lambda r: (r["rate"] is None, r["rate"] or 0.0))
+            xs, ys = [r["ttft_s"] for r in group], [r["accuracy"] for r in group]
+            if group[0]["strategy"] == "full":
+                axes.scatter(xs, ys, marker="*", s=180, color="black", zorder=3, label="full prefill")
+                continue
+            axes.plot(xs, ys, marker="o", label=spec)
+            for r in group:
+                if r["rate"] is not None:
+                    axes.annotate(f"{r['rate']:g}", (r["ttft_s"], r["accuracy"]), textcoords="offset points",
+                                  xytext=(4, 4), fontsize=7)
+        axes.set_xlabel("mean time to first token (s), store reads included")
+        axes.set_ylabel(f"accuracy ({rows[0]['metric']})" if rows else "accuracy")
+        axes.set_ylim(-0.05, 1.05)
+        axes.set_title(title, fontsize=10)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8, loc="best")
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        return buffer.getvalue()
+    finally:
+        plt.close(figure)
+
+
+def write_report(path: str | Path, rows: Sequence[dict[str, Any]], title: str) -> list[Path]:
+    """`R.png` writes the plot; any other name writes `R` as HTML (plot and table) and the PNG beside it."""
+    path = Path(path)
+    png = plot_png(rows, title)
+    png_path = path if path.suffix.lower() == ".png" else path.with_suffix(".png")
+    with atomic_file(png_path, "wb") as handle:
+        handle.write(png)
+    if path.suffix.lower() == ".png":
+        return [png_path]
+    html_path = path if path.suffix else path.with_suffix(".html")
+    write_text_atomic(html_path, _html(rows, title, png))
+    return [html_path, png_path]
+
+
+def _html(rows: Sequence[dict[str, Any]], title: str, png: bytes) -> str:
+    header = ["strategy", "rate", "accuracy", "TTFT s", "speedup", "TPOT s", "recomputed", "n"]
+    body = []
+    for r in rows:
+        cells = [r["label"], "-" if r["rate"] is None else f"{r['rate']:g}", f"{r['accuracy']:.3f}",
+                 f"{r['ttft_s']:.3f}", f"{r['speedup']:.2f}x" if r["speedup"] else "-",
+                 f"{r['tpot_s']:.4f}" if r["tpot_s"] else "-", f"{r['recomputed_fraction']:.1%}", str(r["n"])]
+        body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    image = base64.b64encode(png).decode()
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><img alt='accuracy against TTFT' src='data:image/png;base64,{image}'>"
+        "<table><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>" + "".join(body) + "</table>"
+        "</body></html>\n"
+    )
