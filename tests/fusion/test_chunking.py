@@ -59,7 +59,7 @@ def test_chunks_cover_the_document_in_order_and_respect_the_size(parts, size):
 
 def test_given_chunks_are_kept_whole_when_they_fit():
     tok = byte_tokenizer()
-    task = Task("t", ["short one.", "x" * 25], "q?", [])
-    assert [tok.decode(p) for p in task_chunks(tok, task, 10)] == ["short one.", "x" * 10, "x" * 10, "x" * 5]
+    task = Task("t", [" short one. ", "x" * 25], "q?", [])  # each document stripped, then a blank line
+    assert [tok.decode(p) for p in task_chunks(tok, task, 12)] == ["short one.\n\n", "x" * 12, "x" * 12, "x\n\n"]
     longbench = Task("l", [], "q?", [], context="Yes. No.")
-    assert [tok.decode(p) for p in task_chunks(tok, longbench, 4)] == ["Yes.", " No."]
+    assert [tok.decode(p) for p in task_chunks(tok, longbench, 4)] == ["Yes.", " No.", "\n\n"]

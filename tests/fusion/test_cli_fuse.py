@@ -91,3 +91,20 @@ def test_a_prefix_text_replaces_the_chat_opening_and_is_encoded_like_precompute_
     assert list(given.prefix) == loaded.encode("System: be brief. ")
     plain = build_prompt(loaded, ["Doc."], "Q?", chat=False)
     assert plain.prefix == () and loaded.decode(list(plain.question)).endswith("\nAnswer:")
+
+
+@pytest.mark.parametrize("extra", [[], ["--prefix", "System: answer briefly."], ["--chat"]])
+def test_fuse_run_hits_every_chunk_precompute_stored(cli, tmp_path, extra):
+    long_doc = " ".join(f"Fact {i}: the code of box {i} is {i * 7}." for i in range(30))  # cut into several chunks
+    path = write_task_file(tmp_path / "t.jsonl", [Task("q1", ["Blue is a colour.", long_doc], "Code of box 3?", ["21"])])
+    store = tmp_path / "store"
+    code, _, err = cli("fuse", "precompute", "--model", "tiny-llama", "--tasks", path, "--store", store,
+                       "--chunk-tokens", "64", *extra, "--quiet", "--json", tmp_path / "pre.json")
+    assert code == 0, err
+    stored = json.loads((tmp_path / "pre.json").read_text())["chunks"]
+    assert stored >= 5  # the prefix, the short document, the long one in pieces of at most 64 tokens
+    code, out, err = cli("fuse", "run", "--model", "tiny-llama", "--store", store, "--task-file", path, "--id", "q1",
+                         "--chunk-tokens", "64", "--strategy", "a3", "--rate", "0.2", "-n", "2", *extra, "--json", "-")
+    assert code == 0, err
+    got = json.loads(out)["store"]
+    assert (got["hits"], got["misses"]) == (stored, 0)

@@ -56,6 +56,8 @@ _prefix = click.option("--prefix", default=None, metavar="TEXT",
                             "default: the chat template's opening.")
 _chat = click.option("--chat/--no-chat", default=None,
                      help="Wrap documents and question in the chat template (default: when the model has one).")
+_chunk_tokens = click.option("--chunk-tokens", type=click.IntRange(min=16), default=512, show_default=True,
+                             help="Tokens per chunk, as given to `fuse precompute` (documents are cut at sentence ends).")
 _max_new = click.option("--max-new-tokens", "-n", "max_new_tokens", type=click.IntRange(min=1), default=32,
                         show_default=True)
 
@@ -73,13 +75,14 @@ _max_new = click.option("--max-new-tokens", "-n", "max_new_tokens", type=click.I
 @click.option("--rate", "-r", type=float, default=0.15, show_default=True,
               help="Fraction of document tokens to recompute.")
 @_evict_option
+@_chunk_tokens
 @_prefix
 @_chat
 @_run
 @_max_new
 @json_option
-def run_command(model_spec, store_url, task_file, task_id, chunks_file, question, strategy, rate, evict_spec, prefix,
-                chat, run_text, max_new_tokens, json_path) -> None:
+def run_command(model_spec, store_url, task_file, task_id, chunks_file, question, strategy, rate, evict_spec,
+                chunk_tokens, prefix, chat, run_text, max_new_tokens, json_path) -> None:
     """Answer one question from stored chunk caches and print the time to first token.
 
     Chunks missing from the store are computed and stored (their time counts in TTFT).
@@ -107,9 +110,9 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
     docs = read_chunks_file(chunks_file) if chunks_file else None
     loaded = load_model(model_spec, run_text)
     if task is not None:
-        prompt = task_prompt(loaded, task, chat=chat, prefix=prefix)
+        prompt = task_prompt(loaded, task, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
     else:
-        prompt = build_prompt(loaded, docs, question, chat=chat, prefix=prefix)
+        prompt = build_prompt(loaded, docs, question, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
     with _store(store_url) as store:
         got = answer(loaded, prompt, chosen, store, evict=policy, max_new_tokens=max_new_tokens)
     result = got.prefill
@@ -160,8 +163,7 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
 @_evict_option
 @click.option("--chunks", "n_chunks", type=click.IntRange(min=1), default=8, show_default=True,
               help="Documents per generated task.")
-@click.option("--chunk-tokens", type=click.IntRange(min=16), default=512, show_default=True,
-              help="Tokens per document chunk.")
+@_chunk_tokens
 @click.option("--metric", type=click.Choice(["substring", "exact", "f1"]), default="substring", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated tasks.")
 @click.option("--report", default=None, metavar="PATH", help="Write an HTML report (and PNG) of accuracy against TTFT.")

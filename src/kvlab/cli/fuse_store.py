@@ -136,17 +136,19 @@ def gc_command(url, capacity, min_age, json_path) -> None:
 @click.option("--chunk-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Chunk size in tokens (cut at a sentence end in the last quarter when there is one).")
 @click.option("--prefix", default=None, metavar="TEXT",
-              help="Shared prefix (e.g. a system prompt) every chunk follows.")
+              help="Shared prefix (e.g. a system prompt) every chunk follows; default: the chat template's opening.")
+@click.option("--chat/--no-chat", default=None,
+              help="Prompts use the chat template (default: when the model has one); as for `fuse run`.")
 @click.option("--surprisal", is_flag=True, help="Also store each token's surprisal -log p(token | before).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes computing chunks into the shared store.")
 @json_option
 @quiet_option
-def precompute_command(model_spec, tasks, store_url, run_text, chunk_tokens, prefix, surprisal, workers,
+def precompute_command(model_spec, tasks, store_url, run_text, chunk_tokens, prefix, chat, surprisal, workers,
                        json_path, quiet) -> None:
     """Compute the KV cache of every distinct chunk of a task file once, into a store.
 
-    Each chunk is computed on its own (after --prefix when given) and stored under a key made
+    Each chunk is computed on its own after the prefix (stored too) and stored under a key made
     of the model fingerprint, dtype, token ids, position base and prefix. Chunks already stored
     and intact are skipped, damaged ones recomputed: running it again resumes or does nothing.
     """
@@ -162,7 +164,7 @@ def precompute_command(model_spec, tasks, store_url, run_text, chunk_tokens, pre
             bar["advance"] = stack.enter_context(progress_bar(total, "precompute", enabled=not quiet))
 
         report = precompute(model_spec, tasks, store_url, run=run_text, chunk_tokens=chunk_tokens, prefix=prefix,
-                            surprisal=surprisal, workers=workers, on_start=on_start,
+                            chat=chat, surprisal=surprisal, workers=workers, on_start=on_start,
                             on_chunk=lambda outcome: bar["advance"]())
     if json_path != "-":
         console().print(

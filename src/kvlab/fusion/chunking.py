@@ -1,10 +1,11 @@
 """How a RAG task's documents become token chunks (the tasks themselves: `kvlab.tasks`).
 
-Documents (a task file's `chunks` entries, or a LongBench record's one `context`) are cut into
-chunks of at most `chunk_tokens` tokens, at a sentence end when one lies in the last quarter of
-the window, else exactly at the limit. The cut is made on the document's own tokenization, so
-the chunks laid end to end are exactly the tokens of the document; a given `chunks` entry is
-kept whole when it fits and cut the same way when it does not.
+Documents (a task file's `chunks` entries, or a LongBench record's one `context`) end with a
+blank line (`as_document`), so that documents laid end to end in a prompt read as paragraphs,
+and are cut into chunks of at most `chunk_tokens` tokens, at a sentence end when one lies in the
+last quarter of the window, else exactly at the limit. The cut is made on the document's own
+tokenization, so the chunks laid end to end are exactly the tokens of the document; a given
+`chunks` entry is kept whole when it fits and cut the same way when it does not.
 
 Precompute and fused prefill must agree on these token ids (they name the chunks in the store):
 both call `task_chunks`.
@@ -74,8 +75,19 @@ def chunk_text(tokenizer, text: str, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     return split_at_sentences(ids, ends, chunk_tokens)
 
 
+def as_document(text: str) -> str:
+    """A document as it stands in a prompt: its text, then a blank line."""
+    return text.strip() + "\n\n"
+
+
+def document_chunks(tokenizer, documents: Sequence[str], chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                    sentence_ends: SentenceEnds | None = None) -> list[list[int]]:
+    """The token chunks of some documents, in order."""
+    ends = sentence_ends or SentenceEnds(tokenizer)
+    return [piece for doc in documents for piece in chunk_text(tokenizer, as_document(doc), chunk_tokens, ends)]
+
+
 def task_chunks(tokenizer, task: "Task", chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                 sentence_ends: SentenceEnds | None = None) -> list[list[int]]:
     """The token chunks of a task's documents, in order."""
-    ends = sentence_ends or SentenceEnds(tokenizer)
-    return [piece for doc in task.documents() for piece in chunk_text(tokenizer, doc, chunk_tokens, ends)]
+    return document_chunks(tokenizer, task.documents(), chunk_tokens, sentence_ends)

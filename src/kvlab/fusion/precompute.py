@@ -50,9 +50,13 @@ class PrecomputeReport:
         return asdict(self)
 
 
-def prefix_token_ids(loaded, prefix: str | None) -> list[int]:
-    """The shared prefix's tokens, as a prompt starts (with the tokenizer's special tokens)."""
-    return loaded.encode(prefix) if prefix else []
+def prefix_token_ids(loaded, prefix: str | None, chat: bool | None = None) -> list[int]:
+    """The shared prefix's tokens, as a fused prompt starts (`kvlab.fusion.prompt.prompt_frame`):
+    the given text with the tokenizer's special tokens, else the chat template's opening (when
+    `chat`, by default when the model has a template), else the tokenizer's leading specials."""
+    from kvlab.fusion.prompt import prompt_frame
+
+    return list(prompt_frame(loaded, chat, prefix).prefix)
 
 
 def plan_chunks(loaded, tasks, chunk_tokens: int) -> list[list[int]]:
@@ -73,6 +77,7 @@ def precompute(
     run: str = "",
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     prefix: str | None = None,
+    chat: bool | None = None,
     surprisal: bool = False,
     workers: int = 1,
     on_start: Callable[[int], None] | None = None,
@@ -80,6 +85,9 @@ def precompute(
 ) -> PrecomputeReport:
     """Compute every missing chunk of the task file `tasks` with `model` into `store` (a URL, or
     an open store, which is left open).
+
+    The prefix (`prefix_token_ids`) is stored as a chunk of its own at position 0 and every
+    chunk is computed after it, as `kvlab fuse run` and `kvlab fuse eval` look them up.
 
     `on_start(n_chunks)` is called once the plan is known, `on_chunk(outcome)` after each chunk.
     """
@@ -96,19 +104,20 @@ def precompute(
     loaded = load_model(model, run)  # a bad model spec fails before a new store folder is made
     with open_store(store) if isinstance(store, str) else contextlib.nullcontext(store) as store:
         plan = plan_chunks(loaded, task_list, chunk_tokens)
-        prefix_ids = prefix_token_ids(loaded, prefix)
-        report = PrecomputeReport(store.url, model, chunk_key(loaded, [0]).dtype, len(task_list), len(plan),
-                                  workers=workers, chunk_tokens=chunk_tokens, prefix_tokens=len(prefix_ids),
-                                  surprisal=surprisal)
+        prefix_ids = prefix_token_ids(loaded, prefix, chat)
+        report = PrecomputeReport(store.url, model, chunk_key(loaded, [0]).dtype, len(task_list),
+                                  len(plan) + bool(prefix_ids), workers=workers, chunk_tokens=chunk_tokens,
+                                  prefix_tokens=len(prefix_ids), surprisal=surprisal)
         if on_start is not None:
-            on_start(len(plan))
+            on_start(report.chunks)
         started = time.perf_counter()
+        each = None if on_chunk is None else lambda outcome, *_: on_chunk(outcome)
+        outcomes = compute_missing(loaded, store, [prefix_ids], (), surprisal, each) if prefix_ids else []
         if workers == 1 or len(plan) <= 1:
             report.workers = 1
-            outcomes = compute_missing(loaded, store, plan, prefix_ids, surprisal,
-                                       None if on_chunk is None else lambda outcome, *_: on_chunk(outcome))
+            outcomes += compute_missing(loaded, store, plan, prefix_ids, surprisal, each)
         else:
-            outcomes = _run_workers(model, run, store_url, plan, prefix_ids, surprisal, workers, on_chunk)
+            outcomes += _run_workers(model, run, store_url, plan, prefix_ids, surprisal, workers, on_chunk)
     report.seconds = time.perf_counter() - started
     for outcome, n_tokens, digest in outcomes:
         setattr(report, outcome, getattr(report, outcome) + 1)

@@ -7,10 +7,10 @@ chunks    each document's tokens, computed after the prefix at position base len
 question  the instruction, the question and the template's closing; always computed
 
 Each part is tokenized on its own so that a chunk has the same token ids in every prompt it
-appears in (which is what lets its cache be reused). The full-prefill baseline runs the same
-token ids, so fused and full prefill are compared on identical input. A precompute fills a
-store these prompts hit when its chunks are `chunk_token_ids` and its prefix is
-`prompt_frame(...).prefix`.
+appears in (which is what lets its cache be reused): documents are cut by
+`kvlab.fusion.chunking.document_chunks`, as `kvlab fuse precompute` cuts them, and the prefix is
+`prompt_frame(...).prefix` in both. The full-prefill baseline runs the same token ids, so fused
+and full prefill are compared on identical input.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvlab.errors import KvlabError
+from kvlab.fusion.chunking import DEFAULT_CHUNK_TOKENS, document_chunks
 from kvlab.tasks.records import DEFAULT_INSTRUCTION, Task
 
 if TYPE_CHECKING:
     from kvlab.models import LoadedModel
 
 _MARK = "\u0000kvlab-user-text\u0000"
-DEFAULT_CHUNK_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -111,31 +111,20 @@ def prompt_frame(loaded: "LoadedModel", chat: bool | None = None, prefix: str | 
     return PromptFrame(tuple(with_specials[:lead]), closing)
 
 
-def chunk_token_ids(loaded: "LoadedModel", text: str) -> tuple[int, ...]:
-    """A document chunk's token ids: its text and a blank line, no special tokens."""
-    return tuple(loaded.tokenizer(text.strip() + "\n\n", add_special_tokens=False)["input_ids"])
-
-
-def split_tokens(ids: Sequence[int], size: int) -> list[tuple[int, ...]]:
-    """Consecutive pieces of `size` tokens (the last may be shorter)."""
-    return [tuple(ids[i: i + size]) for i in range(0, len(ids), size)]
-
-
 def build_prompt(loaded: "LoadedModel", documents: Sequence[str], question: str, *, chat: bool | None = None,
-                 prefix: str | None = None, instruction: str = DEFAULT_INSTRUCTION) -> FusionPrompt:
-    """A prompt with one chunk per document."""
-    if not documents:
-        raise KvlabError("a fused prompt needs at least one document chunk")
+                 prefix: str | None = None, instruction: str = DEFAULT_INSTRUCTION,
+                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> FusionPrompt:
+    """A prompt over some documents, each cut into chunks as `kvlab.fusion.chunking` cuts them."""
+    if not documents or not any(doc.strip() for doc in documents):
+        raise KvlabError("a fused prompt needs at least one non-empty document")
     if not question.strip():
         raise KvlabError("a fused prompt needs a question")
     frame = prompt_frame(loaded, chat, prefix)
-    chunks = tuple(chunk_token_ids(loaded, doc) for doc in documents)
-    if any(not c for c in chunks):
-        raise KvlabError("a document chunk is empty")
+    chunks = document_chunks(loaded.tokenizer, documents, chunk_tokens)
     lead = f"{instruction}\nQuestion: "
     text = f"{lead}{question.strip()}{frame.closing}"
     encoded = loaded.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return FusionPrompt(frame.prefix, chunks, tuple(encoded["input_ids"]),
+    return FusionPrompt(frame.prefix, tuple(tuple(c) for c in chunks), tuple(encoded["input_ids"]),
                         _span(encoded["offset_mapping"], len(lead), len(lead) + len(question.strip())))
 
 
@@ -147,12 +136,9 @@ def _span(offsets, start: int, end: int) -> tuple[int, int] | None:
 
 def task_prompt(loaded: "LoadedModel", task: Task, *, chat: bool | None = None, prefix: str | None = None,
                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> FusionPrompt:
-    """The prompt of a task: its chunks, or (LongBench-style) its context cut into token pieces."""
-    if task.chunks:
-        return build_prompt(loaded, task.chunks, task.question, chat=chat, prefix=prefix)
-    prompt = build_prompt(loaded, [task.context or ""], task.question, chat=chat, prefix=prefix)
-    pieces = split_tokens(prompt.chunks[0], chunk_tokens)
-    return FusionPrompt(prompt.prefix, tuple(pieces), prompt.question, prompt.query)
+    """The prompt of a task: its documents (`chunks`, or a LongBench `context`) cut into chunks."""
+    return build_prompt(loaded, task.documents(), task.question, chat=chat, prefix=prefix,
+                        instruction=DEFAULT_INSTRUCTION, chunk_tokens=chunk_tokens)
 
 
 def read_chunks_file(path: str | Path) -> list[str]:

