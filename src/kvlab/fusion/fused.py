@@ -154,7 +154,7 @@ def _fused_prefill(loaded, prompt: FusionPrompt, strategy: Strategy, store: Chun
     first_selective = min(strategy.first_selective_layer(), n_layers)
     plan = FusionPlan(n_tokens=prompt.n_tokens, n_prefix=prompt.n_prefix, n_docs=prompt.n_docs,
                       check_layer=strategy.check_layer_index if "deviation" in strategy.needs else None)
-    layers = _assemble(shift, prefix, chunks, prompt, first_selective, model.device)
+    layers = _assemble(shift, prefix, chunks, prompt, first_selective, plan.check_layer, model.device)
     cache = Cache(layers=[FusionLayer(i, k, v, plan) for i, (k, v) in enumerate(layers)])
     surprisal = None
     if "surprisal" in strategy.needs:
@@ -182,29 +182,45 @@ def _fused_prefill(loaded, prompt: FusionPrompt, strategy: Strategy, store: Chun
 
 
 def _assemble(shift, prefix: ChunkKV | None, chunks: Sequence[ChunkKV], prompt: FusionPrompt,
-              first_selective: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+              first_selective: int, check_layer: int | None, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer `[1, kv, n_tokens, d]`: prefix, chunks moved to where they land, zero question slots.
 
     A chunk stored at base len(prefix) lands at len(prefix) + its start among the documents:
     every token of it moves by that start. Layers that compute every token overwrite the
-    loaded keys unread, so theirs are not moved.
+    loaded K/V unread, so they get a zero-cost stand-in (but for the values of the check layer,
+    which CacheBlend compares with the fresh ones).
     """
-    starts = torch.cat([torch.full((len(c),), start) for c, (start, _) in zip(prompt.chunks, prompt.spans)])
-    cos, sin = shift.angles(starts, device)
-    n_question = len(prompt.question)
+    n_layers = chunks[0].n_layers
+    cos = sin = None
+    if first_selective < n_layers:
+        starts = torch.cat([torch.full((len(c),), start) for c, (start, _) in zip(prompt.chunks, prompt.spans)])
+        cos, sin = shift.angles(starts, device)
+    docs = slice(prompt.n_prefix, prompt.n_prefix + prompt.n_docs)
+
+    def laid_out(stored: ChunkKV | None, parts: list[torch.Tensor], rotate: bool) -> torch.Tensor:
+        first = parts[0]
+        out = torch.zeros(*first.shape[:2], prompt.n_tokens, first.shape[-1], dtype=first.dtype, device=device)
+        if stored is not None:
+            out[:, :, : prompt.n_prefix] = stored
+        for part, (start, end) in zip(parts, prompt.spans):
+            out[:, :, docs.start + start: docs.start + end] = part
+        if rotate:
+            out[:, :, docs] = shift.rotate(out[:, :, docs], cos, sin)
+        return out
+
+    def stand_in(like: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), dtype=like.dtype, device=device).expand(*like.shape[:2], prompt.n_tokens, like.shape[-1])
+
     out = []
-    for i in range(chunks[0].n_layers):
-        doc_keys = torch.cat([c.keys[i] for c in chunks], dim=-2).to(device)
-        doc_values = torch.cat([c.values[i] for c in chunks], dim=-2).to(device)
-        if i >= first_selective:
-            doc_keys = shift.rotate(doc_keys, cos, sin)
-        keys, values = [doc_keys], [doc_values]
-        if prefix is not None:
-            keys.insert(0, prefix.keys[i].to(device))
-            values.insert(0, prefix.values[i].to(device))
-        keys.append(doc_keys.new_zeros(*doc_keys.shape[:2], n_question, doc_keys.shape[-1]))
-        values.append(doc_values.new_zeros(*doc_values.shape[:2], n_question, doc_values.shape[-1]))
-        out.append((torch.cat(keys, dim=-2), torch.cat(values, dim=-2)))
+    for i in range(n_layers):
+        full = i < first_selective
+        key_parts = [c.keys[i] for c in chunks]
+        value_parts = [c.values[i] for c in chunks]
+        prefix_keys, prefix_values = (None, None) if prefix is None else (prefix.keys[i], prefix.values[i])
+        keys = stand_in(key_parts[0]) if full else laid_out(prefix_keys, key_parts, rotate=True)
+        values = (stand_in(value_parts[0]) if full and i != check_layer
+                  else laid_out(prefix_values, value_parts, rotate=False))
+        out.append((keys, values))
     return out
 
 
