@@ -360,7 +360,7 @@ def main() -> None:
 
     loaded = kvlab.load_model(args.model)
     print(f"model {args.model}, torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
-          f"mixed caches: {MIXED_COMMON},split=1024")
+          f"mixed caches: {MIXED_COMMON},split={parse_policy('mixed').split}")
     report: dict = {"model": args.model, "mixed": MIXED_COMMON}
     if not args.skip_attention:
         contexts = [int(c) for c in args.contexts.split(",")]

@@ -212,7 +212,7 @@ def test_run_spec_errors_are_one_line():
         RunSpec.parse("cache=mixed:hot=-1")
     with pytest.raises(kvlab.KvlabError, match="multiple of 32"):
         parse_policy("mixed:scheme=q8_0,group=1,split=1").build(tiny("tiny-llama").model)  # 16 values per block
-    assert str(RunSpec.parse("cache=mixed:bits=2,hot=64,dtype=float32")) == "dtype=float32,cache=mixed:bits=2,hot=64,scheme=kivi,group=32,split=1024"
+    assert str(RunSpec.parse("cache=mixed:bits=2,hot=64,dtype=float32")) == "dtype=float32,cache=mixed:bits=2,hot=64,scheme=kivi,group=32,split=4096"
 
 
 def test_capture_cli_stores_the_dequantized_view_and_the_raw_blocks(cli, tmp_path):

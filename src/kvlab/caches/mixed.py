@@ -23,14 +23,16 @@ class MixedPolicy(CachePolicy):
     bits: 2, 4 or 8 for kivi (default 4); q8_0, q4_0 and fp8 fix their own (8, 4, 8).
     hot: tokens kept in full precision (0 allowed). group: tokens per block, and kivi's value
     group (channels, capped at head_dim). split: tokens flash-decoding dequantizes at once (a
-    multiple of group).
+    multiple of group): the working memory of a decode step; larger splits make fewer, larger
+    kernel calls, which on CPU is most of the cost of small ones (4096: 1.85x full-precision
+    time at 4k tokens for 4 bits, against 2.5x with 1024).
     """
 
     bits: Literal[2, 4, 8] | None = None
     hot: int = 128
     scheme: Literal["kivi", "q8_0", "q4_0", "fp8"] = "kivi"
     group: int = 32
-    split: int = 1024
+    split: int = 4096
 
     lossless = False
 
