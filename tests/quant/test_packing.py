@@ -27,3 +27,12 @@ def test_rejects_what_does_not_fill_bytes():
         packing.pack(torch.zeros(4, dtype=torch.uint8), 3)
     with pytest.raises(ValueError, match="uint8"):
         packing.pack(torch.zeros(4, dtype=torch.int32), 4)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_unpack_reads_views_and_empty_tensors(bits):
+    codes = torch.randint(0, 1 << bits, (3, 5, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    packed = packing.pack(codes, bits)
+    assert torch.equal(packing.unpack(packed.transpose(0, 1), bits), codes.transpose(0, 1))  # a strided view
+    assert torch.equal(packing.unpack(packed[:, 1:3], bits), codes[:, 1:3])
+    assert packing.unpack(packed[:0], bits).shape == (0, 5, 16)
