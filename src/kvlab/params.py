@@ -114,3 +114,23 @@ def build_params(cls: type, items: list[str], where: str) -> dict[str, Any]:
         except ParamError as err:
             raise ParamError(f"{where}: {name}={value} is not {err}") from None
     return out
+
+
+def registrar(registry: dict[str, type], kind: str) -> typing.Callable[[str], typing.Callable[[type], type]]:
+    """A class decorator factory: `@register(name)` makes the class a frozen dataclass (unless it
+    is one already), sets `cls.name` and files it under `name` in `registry`; a second class under
+    one name is an error rather than a silent replacement."""
+
+    def register(name: str) -> typing.Callable[[type], type]:
+        def wrap(cls: type) -> type:
+            if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
+                cls = dataclasses.dataclass(frozen=True)(cls)
+            if name in registry and registry[name] is not cls:
+                raise ValueError(f"{kind} {name!r} registered twice")
+            cls.name = name
+            registry[name] = cls
+            return cls
+
+        return wrap
+
+    return register

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from kvlab.params import ParamError, build_params, render
+from kvlab.params import ParamError, build_params, registrar, render
 
 if TYPE_CHECKING:
     import torch
@@ -65,19 +64,8 @@ class CachePolicy:
         return self.spec()
 
 
-def register(name: str) -> Callable[[type], type]:
-    """Class decorator: make a CachePolicy dataclass available as `cache=name`."""
-
-    def wrap(cls: type) -> type:
-        if not dataclasses.is_dataclass(cls):
-            cls = dataclasses.dataclass(frozen=True)(cls)
-        if name in _POLICIES and _POLICIES[name] is not cls:
-            raise ValueError(f"cache policy {name!r} registered twice")
-        cls.name = name
-        _POLICIES[name] = cls
-        return cls
-
-    return wrap
+register = registrar(_POLICIES, "cache policy")
+"""Class decorator: `@register(name)` makes a CachePolicy dataclass available as `cache=name`."""
 
 
 def policy_names() -> list[str]:

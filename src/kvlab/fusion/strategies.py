@@ -20,14 +20,14 @@ before the forward pass and compute only the selected tokens from layer 0.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from kvlab.errors import KvlabError
-from kvlab.params import ParamError, build_params, render
+from kvlab.params import ParamError, build_params, registrar, render
 
 
 class StrategyError(KvlabError):
@@ -51,14 +51,7 @@ class SelectionInputs:
 _STRATEGIES: dict[str, type["Strategy"]] = {}
 
 
-def register_strategy(name: str) -> Callable[[type], type]:
-    def wrap(cls: type) -> type:
-        cls = dataclasses.dataclass(frozen=True)(cls)
-        cls.name = name
-        _STRATEGIES[name] = cls
-        return cls
-
-    return wrap
+register_strategy = registrar(_STRATEGIES, "strategy")
 
 
 def strategy_names() -> list[str]:
