@@ -18,6 +18,7 @@ from typing import Any
 from kvlab.errors import KvlabError
 from kvlab.fusion.chunking import DEFAULT_CHUNK_TOKENS, SentenceEnds, task_chunks
 from kvlab.fusion.chunks import chunk_key, compute_chunk_kv
+from kvlab.fusion.prompt import prompt_frame
 from kvlab.fusion.store import ChunkStore, CorruptChunkError, open_store
 from kvlab.tasks import read_task_file
 
@@ -54,8 +55,6 @@ def prefix_token_ids(loaded, prefix: str | None, chat: bool | None = None) -> li
     """The shared prefix's tokens, as a fused prompt starts (`kvlab.fusion.prompt.prompt_frame`):
     the given text with the tokenizer's special tokens, else the chat template's opening (when
     `chat`, by default when the model has a template), else the tokenizer's leading specials."""
-    from kvlab.fusion.prompt import prompt_frame
-
     return list(prompt_frame(loaded, chat, prefix).prefix)
 
 

@@ -137,8 +137,7 @@ def _span(offsets, start: int, end: int) -> tuple[int, int] | None:
 def task_prompt(loaded: "LoadedModel", task: Task, *, chat: bool | None = None, prefix: str | None = None,
                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> FusionPrompt:
     """The prompt of a task: its documents (`chunks`, or a LongBench `context`) cut into chunks."""
-    return build_prompt(loaded, task.documents(), task.question, chat=chat, prefix=prefix,
-                        instruction=DEFAULT_INSTRUCTION, chunk_tokens=chunk_tokens)
+    return build_prompt(loaded, task.documents(), task.question, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
 
 
 def read_chunks_file(path: str | Path) -> list[str]:
