@@ -8,7 +8,7 @@ token is shown too, a steadier figure on a shared machine). Goals for a3 at rate
 prefill; needle accuracy equal to full prefill's; kvqa accuracy at least 95% of full
 prefill's and at least cacheblend's.
 
-    python bench/fusion.py [--n 4] [--rate 0.15] [--store memory://] [--threads N] [--model smollm2]
+    python bench/fusion.py [--n 4] [--rate 0.15] [--store memory://] [--threads N] [--model smollm2] [--profile]
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--kinds", default="needle,kvqa", help="task kinds to run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one fused prefill of the first strategy (torch profiler, CPU kernels)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,9 +79,40 @@ def main() -> None:
         if "cacheblend" in kvqa:
             blend = kvqa["cacheblend"]["accuracy"]
             print(f"  kvqa accuracy >= cacheblend's:       {a3:.3f} vs {blend:.3f}  {_mark(a3 >= blend)}")
+    if args.profile:
+        _profile(loaded, args)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)
+
+
+def _profile(loaded, args) -> None:
+    """Where one fused prefill's time goes: share of CPU time per kernel, and the chunk reads."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kvlab.fusion.fused import load_chunks, prefill
+    from kvlab.fusion.prompt import task_prompt
+    from kvlab.fusion.strategies import make_strategy
+
+    kind = args.kinds.split(",")[0]
+    task = make_tasks(loaded, kind, 1, n_chunks=args.chunks, chunk_tokens=args.chunk_tokens)[0]
+    prompt = task_prompt(loaded, task, chunk_tokens=args.chunk_tokens)
+    strategy = make_strategy(args.strategies.split(",")[0], args.rate)
+    with open_store("memory://") as store:
+        prefill(loaded, prompt, strategy, store)  # fills the store and warms up
+        started = time.perf_counter()
+        load_chunks(loaded, store, prompt, surprisal=False)
+        loading = time.perf_counter() - started
+        started = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            prefill(loaded, prompt, strategy, store)
+        seconds = time.perf_counter() - started
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\nprofile of one {strategy.spec()} prefill ({kind}, {seconds:.2f} s under the profiler; "
+          f"reading the chunks alone: {loading:.2f} s)")
+    for event in events[:6]:
+        print(f"  {event.key:50} {event.self_cpu_time_total / total:6.1%}")
 
 
 def _mark(ok: bool) -> str:
