@@ -35,7 +35,8 @@ from transformers import QuantizedCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import kvlab
-from kvlab.attention.flash_decoding import flash_decode
+from kvlab.attention import native
+from kvlab.attention.flash_decoding import flash_decode, native_flash_decode
 from kvlab.caches import parse_policy
 from kvlab.compare import tensor_errors
 from kvlab.progress import progress_bar
@@ -121,8 +122,14 @@ def mixed_layers(loaded, spec: str, layers):
 
 
 def flash(module, q, layer) -> torch.Tensor:
+    """Flash-decoding with PyTorch ops: one split dequantized at a time."""
     parts = itertools.chain(layer.cold_parts(q.dtype), [(layer.keys, layer.values)])
     return flash_decode(q, parts, module.scaling)
+
+
+def flash_native(module, q, layer) -> torch.Tensor:
+    """Flash-decoding with the compiled kernel: each block dequantized inside the loop."""
+    return native_flash_decode(q, layer.native_parts(), layer.keys, layer.values, module.scaling)
 
 
 def dequant_sdpa(module, q, layer) -> torch.Tensor:
@@ -201,9 +208,11 @@ def attention_section(loaded, inputs, repeats: int, peers: set[str]) -> list[dic
             methods[f"mixed {spec} dequant+sdpa"] = dict(
                 step=lambda i, c=cache: dequant_sdpa(layers[i][0], layers[i][1], c.layers[i]), bytes=nbytes,
                 outputs=lambda c=cache: [dequant_sdpa(m, q, c.layers[i]) for i, (m, q, _, _) in enumerate(layers)])
-            methods[f"mixed {spec} flash"] = dict(
-                step=lambda i, c=cache: flash(layers[i][0], layers[i][1], c.layers[i]), bytes=nbytes,
-                outputs=lambda c=cache: [flash(m, q, c.layers[i]) for i, (m, q, _, _) in enumerate(layers)])
+            kernels = [("flash torch", flash)] + ([("flash native", flash_native)] if native.available() else [])
+            for label, fn in kernels:
+                methods[f"mixed {spec} {label}"] = dict(
+                    step=lambda i, c=cache, f=fn: f(layers[i][0], layers[i][1], c.layers[i]), bytes=nbytes,
+                    outputs=lambda c=cache, f=fn: [f(m, q, c.layers[i]) for i, (m, q, _, _) in enumerate(layers)])
         for label, backend, kwargs in peer_specs(peers):
             try:
                 cache = peer_layers(loaded, backend, kwargs, layers)
@@ -359,6 +368,7 @@ def main() -> None:
     args = parser.parse_args()
 
     loaded = kvlab.load_model(args.model)
+    print(f"native kernel: {native.unavailable_reason() or native.library_path()}")
     print(f"model {args.model}, torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
           f"mixed caches: {MIXED_COMMON},split={parse_policy('mixed').split}")
     report: dict = {"model": args.model, "mixed": MIXED_COMMON}

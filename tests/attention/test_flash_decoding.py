@@ -3,17 +3,28 @@
 import pytest
 import torch
 
-from kvlab.attention import flash_decoding
-from kvlab.attention.flash_decoding import flash_decode
+from kvlab.attention import flash_decoding, native
 from kvlab.attention.reference import reference_attention
 
+KERNEL = {"name": "fused"}
 
-@pytest.fixture(autouse=True, params=["fused", "explicit"])
+
+@pytest.fixture(autouse=True, params=["fused", "explicit", "native"])
 def kernel(request, monkeypatch):
-    """Every test runs on both part kernels: PyTorch's fused CPU one and the written-out formulas."""
+    """Every test runs on the three part kernels: PyTorch's fused CPU one, the written-out
+    formulas, and the compiled kernel (parts as full-precision rows, the last one as the hot window)."""
     if request.param == "explicit":
         monkeypatch.setattr(flash_decoding, "_FUSED_CPU", None)
+    monkeypatch.setitem(KERNEL, "name", request.param)
     return request.param
+
+
+def flash_decode(query, parts, scale=None, mask=None):
+    if KERNEL["name"] != "native":
+        return flash_decoding.flash_decode(query, parts, scale, mask)
+    parts = list(parts)
+    cold = [native.Part(native.raw_role(k), native.raw_role(v), k.shape[-2], 8) for k, v in parts[:-1]]
+    return flash_decoding.native_flash_decode(query, cold, *parts[-1], scale, mask)
 
 
 def _split(k, v, sizes):

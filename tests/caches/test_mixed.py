@@ -81,11 +81,24 @@ CASES = [("tiny-llama", scheme, hot) for scheme in SCHEMES for hot in (0, 5, 12)
 ]
 
 
+@pytest.fixture
+def native_calls(monkeypatch):
+    """How many decode steps the compiled kernel ran."""
+    from kvlab.attention import flash_decoding
+
+    calls = []
+    real = flash_decoding.native_flash_decode
+    monkeypatch.setattr(flash_decoding, "native_flash_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("kernel", ["native", "torch"])
 @pytest.mark.parametrize("name,scheme,hot", CASES)
-def test_flash_decoding_equals_reference_over_dequantized_cache(name, scheme, hot):
-    worst, with_blocks = _decode_errors(name, f"mixed:{scheme},hot={hot},group=8,split=16")
+def test_flash_decoding_equals_reference_over_dequantized_cache(name, scheme, hot, kernel, native_calls):
+    worst, with_blocks = _decode_errors(name, f"mixed:{scheme},hot={hot},group=8,split=16,kernel={kernel}")
     assert with_blocks == 10
     assert worst <= 1e-5
+    assert len(native_calls) == (10 * len(tiny(name).model.model.layers) if kernel == "native" else 0)
 
 
 def test_hot_window_fills_then_moves_whole_blocks():
@@ -162,9 +175,10 @@ def test_without_the_session_update_returns_the_dequantized_view(name):
     assert (plain - flash).abs().max() <= 1e-5
 
 
-def test_left_padded_batch_masks_every_part():
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_left_padded_batch_masks_every_part(kernel):
     model = tiny("tiny-qwen2").model
-    policy = parse_policy("mixed:scheme=q4_0,hot=3,group=8,split=8")
+    policy = parse_policy(f"mixed:scheme=q4_0,hot=3,group=8,split=8,kernel={kernel}")
     ids = torch.tensor([[258] * 11 + PROMPT[:26], PROMPT])
     mask = torch.ones_like(ids)
     mask[0, :11] = 0
@@ -212,7 +226,7 @@ def test_run_spec_errors_are_one_line():
         RunSpec.parse("cache=mixed:hot=-1")
     with pytest.raises(kvlab.KvlabError, match="multiple of 32"):
         parse_policy("mixed:scheme=q8_0,group=1,split=1").build(tiny("tiny-llama").model)  # 16 values per block
-    assert str(RunSpec.parse("cache=mixed:bits=2,hot=64,dtype=float32")) == "dtype=float32,cache=mixed:bits=2,hot=64,scheme=kivi,group=32,split=4096"
+    assert str(RunSpec.parse("cache=mixed:bits=2,hot=64,dtype=float32")) == "dtype=float32,cache=mixed:bits=2,hot=64,scheme=kivi,group=32,split=4096,kernel=auto"
 
 
 def test_capture_cli_stores_the_dequantized_view_and_the_raw_blocks(cli, tmp_path):

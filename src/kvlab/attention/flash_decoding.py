@@ -11,7 +11,9 @@ Transformers reaches it through `AttentionInterface` under the name `kvlab_split
 that holds quantized blocks is `bind`-ed to an attention module for one forward call; for a
 single-token query with a bound source, the keys and values handed over by the cache are the
 hot window and the source yields the older parts. Anything else (prefill, an unbound module)
-runs transformers' SDPA on what it is given.
+runs transformers' SDPA on what it is given. A source that offers `native_parts()` is read by
+the compiled CPU kernel (`kvlab.attention.native`), which runs the same algorithm with each
+block dequantized inside the loop; `flash_decode` below is the PyTorch path.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Protocol
 
 import torch
 
+from kvlab.attention import native
+
 # transformers treats any kernel name containing "flash" as a flash-attention build to import
 NAME = "kvlab_split_k"
 
@@ -34,6 +38,10 @@ class ColdSource(Protocol):
 
     def cold_parts(self, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(keys, values) `[b, kv_heads, n, head_dim]` per part, in position order, from position 0."""
+        ...
+
+    def native_parts(self) -> "list[native.Part] | None":
+        """The same parts as the compiled kernel reads them, or None to use `cold_parts`."""
         ...
 
 
@@ -152,6 +160,43 @@ def flash_decode(query: torch.Tensor, parts: Iterable[tuple[torch.Tensor, torch.
     return merged.o.reshape(b, heads, q_len, -1).to(query.dtype)
 
 
+def native_flash_decode(query: torch.Tensor, cold: list[native.Part], keys: torch.Tensor, values: torch.Tensor,
+                        scale: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`flash_decode` over the `cold` parts and then the full-precision `keys` / `values`, with the
+    compiled kernel: one call per part, the softmax state carried from call to call."""
+    b, heads, q_len, d = query.shape
+    kv_heads = keys.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    state = native.State(query, kv_heads, scale)
+    grouped = None
+    if mask is not None:
+        grouped = _group_mask(mask, heads, kv_heads, q_len)
+        if grouped.dtype == torch.bool:
+            grouped = torch.zeros(grouped.shape).masked_fill(~grouped, -float("inf"))
+    hot = native.Part(native.raw_role(keys), native.raw_role(values), keys.shape[-2], native.RAW_BLOCK)
+    start = 0
+    for part in [*cold, hot]:
+        part_mask = None
+        if grouped is not None:
+            if start + part.tokens > grouped.shape[-1]:
+                raise ValueError(f"the mask covers {grouped.shape[-1]} positions but the parts hold more")
+            part_mask = grouped[..., start:start + part.tokens]
+            if not bool((part_mask != 0).any()):
+                part_mask = None  # attends everywhere: no mask to read
+        start += part.tokens
+        state.fold(part, part_mask)
+    if grouped is not None and start != grouped.shape[-1]:
+        raise ValueError(f"the mask covers {grouped.shape[-1]} positions but the parts hold {start}")
+    return state.output().to(query.dtype)
+
+
+def _native_cold(source: ColdSource, query: torch.Tensor, key: torch.Tensor) -> list[native.Part] | None:
+    parts = getattr(source, "native_parts", None)
+    if parts is None or query.dtype not in native.RAW or key.dtype not in native.RAW or query.device.type != "cpu":
+        return None
+    return parts()
+
+
 # ---- transformers integration --------------------------------------------------------------
 
 _SOURCES: "weakref.WeakKeyDictionary[torch.nn.Module, ColdSource]" = weakref.WeakKeyDictionary()
@@ -197,8 +242,11 @@ def flash_decoding_attention(module: torch.nn.Module, query: torch.Tensor, key: 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if kwargs.get("softcap") is not None or dropout:
         raise ValueError("flash-decoding supports neither softcap nor dropout")
-    parts = itertools.chain(source.cold_parts(key.dtype), [(key, value)])
-    out = flash_decode(query, parts, scaling, attention_mask)
+    cold = _native_cold(source, query, key)
+    if cold is not None:
+        out = native_flash_decode(query, cold, key, value, scaling, attention_mask)
+    else:
+        out = flash_decode(query, itertools.chain(source.cold_parts(key.dtype), [(key, value)]), scaling, attention_mask)
     return out.transpose(1, 2).contiguous(), None
 
 

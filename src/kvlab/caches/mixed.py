@@ -23,9 +23,11 @@ class MixedPolicy(CachePolicy):
     bits: 2, 4 or 8 for kivi (default 4); q8_0, q4_0 and fp8 fix their own (8, 4, 8).
     hot: tokens kept in full precision (0 allowed). group: tokens per block, and kivi's value
     group (channels, capped at head_dim). split: tokens flash-decoding dequantizes at once (a
-    multiple of group): the working memory of a decode step; larger splits make fewer, larger
-    kernel calls, which on CPU is most of the cost of small ones (4096: 1.85x full-precision
-    time at 4k tokens for 4 bits, against 2.5x with 1024).
+    multiple of group) on the PyTorch path: the working memory of a decode step; larger splits
+    make fewer, larger calls, which on CPU is most of the cost of small ones.
+    kernel: how a CPU decode step reads the blocks. `native`: the compiled kernel
+    (`kvlab.attention.native`), which dequantizes each block inside the attention loop;
+    `torch`: PyTorch ops, one split at a time; `auto`: native where it builds, else torch.
     """
 
     bits: Literal[2, 4, 8] | None = None
@@ -33,6 +35,7 @@ class MixedPolicy(CachePolicy):
     scheme: Literal["kivi", "q8_0", "q4_0", "fp8"] = "kivi"
     group: int = 32
     split: int = 4096
+    kernel: Literal["auto", "native", "torch"] = "auto"
 
     lossless = False
 
@@ -64,14 +67,31 @@ class MixedPolicy(CachePolicy):
 
         shape = model_shape(model.config)
         spec = self.scheme_spec()
+        native = self._native()
         try:
-            layers = [MixedLayer(spec, shape["head_dim"], self.hot, self.split // self.group)
+            layers = [MixedLayer(spec, shape["head_dim"], self.hot, self.split // self.group, native=native)
                       for _ in range(shape["n_layers"])]
         except ValueError as err:
             from kvlab.errors import KvlabError
 
             raise KvlabError(f"cache={self.spec()}: {err} (head_dim {shape['head_dim']})") from None
         return Cache(layers=layers)
+
+    def _native(self) -> bool:
+        """Whether decode steps on CPU use the compiled kernel (built here, once, if need be)."""
+        if self.kernel == "torch":
+            return False
+        from kvlab.attention import native
+
+        reason = native.unavailable_reason()
+        if reason is None:
+            return True
+        if self.kernel == "native":
+            from kvlab.errors import KvlabError
+
+            raise KvlabError(f"cache={self.spec()}: the native kernel is unavailable: {reason}")
+        native.note_fallback(reason)
+        return False
 
     def session(self, model) -> contextlib.AbstractContextManager:
         from kvlab.caches.mixed_layer import flash_session

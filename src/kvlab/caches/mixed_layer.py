@@ -39,9 +39,10 @@ class MixedLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, spec: SchemeSpec, head_dim: int, hot: int, split_blocks: int) -> None:
+    def __init__(self, spec: SchemeSpec, head_dim: int, hot: int, split_blocks: int, native: bool = False) -> None:
         super().__init__()
         self.spec, self.hot, self.block = spec, hot, spec.tokens
+        self.native = native  # decode steps on CPU read the blocks with the compiled kernel
         self.key_store = BlockStore(spec.codec("keys", head_dim), split_blocks)
         self.value_store = BlockStore(spec.codec("values", head_dim), split_blocks)
         self.defer_cold = False  # set for one decode call while flash-decoding reads the blocks itself
@@ -118,6 +119,23 @@ class MixedLayer(DynamicLayer):
         """Dequantized (keys, values) one split at a time, oldest first (flash_decoding.ColdSource)."""
         for k_parts, v_parts in zip(self.key_store.splits(), self.value_store.splits()):
             yield self.key_store.decode(k_parts, dtype), self.value_store.decode(v_parts, dtype)
+
+    def native_parts(self) -> list | None:
+        """The stored blocks as the compiled kernel reads them, one part per split (no copies), or
+        None where this layer reads them with PyTorch ops (flash_decoding.ColdSource)."""
+        if not self.native or self.device.type != "cpu":
+            return None
+        from kvlab.attention import native
+
+        try:
+            return [native.Part(native.codec_role(self.key_store.codec, k),
+                                native.codec_role(self.value_store.codec, v),
+                                next(iter(k.values())).shape[2] * self.block, self.block)
+                    for k, v in zip(self.key_store.splits(), self.value_store.splits())]
+        except native.NativeUnavailable as err:  # a layout the kernel does not read: PyTorch ops
+            native.note_fallback(str(err))
+            self.native = False
+            return None
 
     def _with_cold(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.key_store.n_blocks == 0:
