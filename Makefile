@@ -27,7 +27,7 @@ install: $(STAMP)
 # Tests use two Debian packages: redis-server (the shared chunk store) and chromium (the HTML
 # report is opened in a headless browser). Install them only where they are missing.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
-SYSTEM_BINARIES := redis-server chromium
+SYSTEM_BINARIES := redis-server chromium gcc
 system-deps:
 	@missing=""; for b in $(SYSTEM_BINARIES); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \

@@ -4,7 +4,8 @@ Everything is measured in one process, side by side, on the same keys, values an
 
 1. Attention per decode step (summed over the 30 layers) at each context length, for
    full-precision SDPA (the baseline), the mixed cache read by dequantize-everything-then-SDPA,
-   and the mixed cache read by flash-decoding; cache memory against float16; and the attention
+   and the mixed cache read by flash-decoding, with PyTorch ops ("flash torch") and with the
+   compiled kernel ("flash native", when it builds); cache memory against float16; and the attention
    error against float64 attention over the full-precision cache. The keys, values and each
    layer's decode query come from a real prefill of essay text and one real decode step.
 2. Peers on the same data: transformers' QuantizedCache (fp8 backend; HQQ and quanto when

@@ -10,6 +10,8 @@
  *
  * A block is dequantized into a small float buffer right before its dot products, so the
  * cache is read once, in its packed form; nothing the size of the cache is ever written.
+ * Vector code is GNU C vectors plus AVX2 / AVX-512 intrinsics where the compiler targets them,
+ * with plain C fallbacks, so any machine gcc or clang builds for gets a working kernel.
  * The formulas match kvlab.quant (intq, ggml, blocks): code * scale + zero for kivi,
  * (nibble - 8) * d for q4_0, q * d for q8_0, table[code] * scale for fp8.
  */
@@ -239,9 +241,14 @@ static inline __attribute__((always_inline)) float dot(const float *restrict a, 
         memcpy(&y, b + c, sizeof y);
         acc += x * y;
     }
+#if defined(__clang__) || __GNUC__ >= 12
     v8f h8 = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
              __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
     v4f h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+#else
+    v4f h4;
+    for (int j = 0; j < 4; j++) h4[j] = (acc[j] + acc[j + 8]) + (acc[j + 4] + acc[j + 12]);
+#endif
     float total = (h4[0] + h4[2]) + (h4[1] + h4[3]);
     for (; c < d; c++) total += a[c] * b[c];
     return total;
