@@ -221,8 +221,7 @@ class Snapshot:
             if self._tensors is None and self.path is not None:
                 shutil.copyfile(self.path / KV_FILE, tmp / KV_FILE)
             else:
-                tensors = {name: t.contiguous() for name, t in self._tensors.items()}
-                save_file(tensors, str(tmp / KV_FILE), metadata={"format": FORMAT})
+                save_file(_unshared(self._tensors), str(tmp / KV_FILE), metadata={"format": FORMAT})
             logits = self.logits()
             if logits is not None:
                 save_file({"logits": logits.float().contiguous()}, str(tmp / LOGITS_FILE), metadata={"format": FORMAT})
@@ -265,3 +264,19 @@ def _version() -> str:
     from kvlab import __version__
 
     return __version__
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors with no two sharing storage, as safetensors requires: a cache may hand
+    over one tensor under two names (a mixed cache's hot window is also its whole view while
+    nothing is quantized yet)."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        t = t.contiguous()
+        key = t.untyped_storage().data_ptr()
+        if t.numel() and key in seen:
+            t = t.clone()
+        seen.add(key)
+        out[name] = t
+    return out

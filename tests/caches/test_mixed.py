@@ -251,6 +251,17 @@ def test_capture_cli_stores_the_dequantized_view_and_the_raw_blocks(cli, tmp_pat
     assert torch.equal(snap.keys(0), torch.cat([cold, snap.tensor("layers.0.keys.hot")], dim=2))
 
 
+def test_capture_before_any_block_is_quantized(cli, tmp_path):
+    """With the default 128-token window a short run quantizes nothing: the view is the window."""
+    out = tmp_path / "snap"
+    code, _, err = cli("capture", "--model", "tiny-llama", "--prompt", "short", "-n", "3",
+                       "--run", "cache=mixed", "--out", out, "--quiet")
+    assert code == 0, err
+    snap = kvlab.Snapshot.load(out)
+    assert torch.equal(snap.keys(1), snap.tensor("layers.1.keys.hot"))
+    assert snap.keys(1).shape[2] == len(snap.token_ids) - 1
+
+
 def test_layers_are_mixed_layers_built_explicitly():
     cache = parse_policy("mixed").build(tiny("tiny-llama-32l").model)
     assert len(cache.layers) == 32 and all(type(layer) is MixedLayer for layer in cache.layers)
