@@ -111,12 +111,17 @@ def explicit_partial(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 _FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A mask as added to the scores: bool True -> 0, False -> -inf; additive masks as they are."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, -float("inf"))
+    return mask.to(dtype)
+
+
 def _fused_partial(query, keys, values, scale, mask) -> Partial:
     additive = None
     if mask is not None:
-        additive = (torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(~mask, -float("inf"))
-                    if mask.dtype == torch.bool else mask.to(query.dtype))
-        additive = additive.expand(query.shape[0], keys.shape[1], query.shape[2], keys.shape[2])
+        additive = _additive(mask, query.dtype).expand(query.shape[0], keys.shape[1], query.shape[2], keys.shape[2])
     out, lse = _FUSED_CPU(query, keys, values, 0.0, False, attn_mask=additive, scale=scale)
     lse = lse.unsqueeze(-1).to(query.dtype)
     if additive is not None:  # a row with nothing to attend to reports lse 0: make it -inf
@@ -170,9 +175,7 @@ def native_flash_decode(query: torch.Tensor, cold: list[native.Part], keys: torc
     state = native.State(query, kv_heads, scale)
     grouped = None
     if mask is not None:
-        grouped = _group_mask(mask, heads, kv_heads, q_len)
-        if grouped.dtype == torch.bool:
-            grouped = torch.zeros(grouped.shape).masked_fill(~grouped, -float("inf"))
+        grouped = _additive(_group_mask(mask, heads, kv_heads, q_len), torch.float32)
     hot = native.Part(native.raw_role(keys), native.raw_role(values), keys.shape[-2], native.RAW_BLOCK)
     start = 0
     for part in [*cold, hot]:

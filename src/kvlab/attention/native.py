@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from kvlab.paths import kvlab_home
+from kvlab.quant.blocks import fp8_table
 
 SOURCE = Path(__file__).with_name("csrc") / "split_k.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-Wno-psabi"]
@@ -171,9 +172,6 @@ def raw_role(x: torch.Tensor) -> Role:
     return Role(_Role(scheme=SCHEMES[RAW[x.dtype]], data=_ptr(x)), [x])
 
 
-_FP8_TABLE: dict[torch.dtype, torch.Tensor] = {}
-
-
 def codec_role(codec, parts: dict[str, torch.Tensor]) -> Role:
     """Stored blocks of a `kvlab.quant.blocks` codec, as they are (nothing is copied when contiguous)."""
     scheme = codec.scheme
@@ -192,9 +190,7 @@ def codec_role(codec, parts: dict[str, torch.Tensor]) -> Role:
     if scheme == "fp8":
         codes = q.view(torch.uint8)
         scale = parts["scale"].to(torch.float32).contiguous()
-        table = _FP8_TABLE.get(q.dtype)
-        if table is None:
-            table = _FP8_TABLE[q.dtype] = torch.arange(256, dtype=torch.uint8).view(q.dtype).to(torch.float32)
+        table = fp8_table(q.dtype)
         return Role(_Role(scheme=SCHEMES["fp8"], data=_ptr(codes), fscale=_ptr(scale), table=_ptr(table)),
                     [codes, scale, table])
     raise NativeUnavailable(f"no kernel for scheme {scheme!r}")

@@ -108,12 +108,18 @@ class Fp8Codec(BlockCodec):
         return (_fp8_to_float(parts["q"]) * parts["scale"]).to(dtype)
 
 
+def fp8_table(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 `[256]`: the value of each byte read as `dtype` (an fp8 format)."""
+    table = _FP8_TABLES.get(dtype)
+    if table is None or table.device != torch.device(device):
+        table = torch.arange(256, dtype=torch.uint8, device=device).view(dtype).to(torch.float32)
+        _FP8_TABLES[dtype] = table
+    return table
+
+
 def _fp8_to_float(q: torch.Tensor) -> torch.Tensor:
     """The same values as `q.float()`, through a 256-entry table: several times faster on CPU."""
-    table = _FP8_TABLES.get(q.dtype)
-    if table is None or table.device != q.device:
-        table = torch.arange(256, dtype=torch.uint8, device=q.device).view(q.dtype).to(torch.float32)
-        _FP8_TABLES[q.dtype] = table
+    table = fp8_table(q.dtype, q.device)
     codes = q.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
     return table.index_select(0, codes).reshape(q.shape)
 

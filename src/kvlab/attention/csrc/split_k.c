@@ -81,10 +81,9 @@ static inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
+/* Bytes of `values` quantized values (raw rows are addressed as floats, not through this). */
 static int64_t block_bytes(const Role *r, int64_t values) {
     switch (r->scheme) {
-    case RAW_F32: return values * 4;
-    case RAW_F16: case RAW_BF16: return values * 2;
     case KIVI: return values * r->bits / 8;
     case Q8_0: return values / 32 * 34;
     case Q4_0: return values / 32 * 18;
@@ -281,7 +280,7 @@ static inline float sum_of(const float *restrict x, int64_t n) {
 
 /* x[i] = exp(x[i]) for x <= 0, written so that it vectorises: 2^k * p(r) with k = round(x / ln 2),
  * r = x - k ln 2 in two parts, p the degree-6 Taylor polynomial (relative error < 2e-7 on
- * |r| <= ln2 / 2); below -87.3 (and for -inf) the result is 0. */
+ * |r| <= ln2 / 2); below -87 (and for -inf) the result is 0. */
 static inline void exp_rows(float *restrict x, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         const float v = x[i] < -87.0f ? -87.0f : x[i];
@@ -319,12 +318,13 @@ attend_chunk_d(const Role *k, const Role *v, const Shape *s, const float *query,
                int64_t first_blk, int64_t last_blk, float *m, float *l, float *restrict o, volatile int *failed,
                const int64_t d) {
     const int64_t R = s->rows, T = s->block;
-    float *kbuf = malloc(sizeof(float) * (T * d * 2 + R * T + 4 * T * d));
+    /* keys, values, probabilities, and a scale and a zero per value of a block */
+    float *kbuf = malloc(sizeof(float) * (4 * T * d + R * T));
     if (!kbuf) {
         *failed = 1;
         return;
     }
-    float *vbuf = kbuf + T * d, *p = vbuf + T * d, *sbuf = p + R * T, *zbuf = sbuf + 2 * T * d;
+    float *vbuf = kbuf + T * d, *p = vbuf + T * d, *sbuf = p + R * T, *zbuf = sbuf + T * d;
     const int64_t kways = split_ways(k), vways = split_ways(v);
     const float *q = query + head * R * d;
     float *qsplit = NULL;
@@ -381,7 +381,7 @@ attend_chunk_d(const Role *k, const Role *v, const Shape *s, const float *query,
             }
         }
     }
-    if (vways > 1) /* back to channel order; sbuf is free now and holds 2 * T * d floats */
+    if (vways > 1) /* back to channel order; sbuf (T * d >= d floats) is free now */
         for (int64_t r = 0; r < R; r++) {
             for (int64_t pos = 0; pos < d; pos++) sbuf[split_channel(pos, d, vways)] = o[r * d + pos];
             memcpy(o + r * d, sbuf, sizeof(float) * d);
