@@ -126,7 +126,8 @@ def test_calibrate_for_a_tp_vllm_cannot_run_warns_with_the_reason(cli, tmp_path)
     code, out, err = cli("scales", "calibrate", "-m", "tiny-llama", "--samples", "1", "--seq-len", "32",
                          "--tp", "3", "--out", tmp_path / "o", "-q", "--json", tmp_path / "c.json")
     assert code == 0, err
-    warning = "warning: kv_cache_scales.json for tp 3, but vLLM refuses tp 3 for this model: tp must divide the 4 attention heads"
+    warning = ("warning: kv_cache_scales.json for tp 3, but vLLM refuses tp 3 for this model: "
+               "tp must divide the 4 attention heads")
     assert [line for line in err.splitlines() if line.strip()][0].startswith(warning)
     assert json.loads((tmp_path / "c.json").read_text())["warnings"][0].startswith(warning.removeprefix("warning: "))
     code, out, _ = cli("scales", "check", tmp_path / "o" / "kv_cache_scales.json", "-m", "tiny-llama")

@@ -221,7 +221,8 @@ def test_kv_scale_serves_k_and_v(tmp_path):
                                                     "num_attention_heads": 8, "num_key_value_heads": 4}))
     found = extract(folder, tp_size=2)
     assert found.kind == "kv_scale (one scale for K and V)"
-    assert [k.tolist() for k in found.scales.keys] == [[0.25], [0.5], [0.75]] == [v.tolist() for v in found.scales.values]
+    assert [k.tolist() for k in found.scales.keys] == [[0.25], [0.5], [0.75]]
+    assert [v.tolist() for v in found.scales.values] == [[0.25], [0.5], [0.75]]
     assert found.ranks == {r: {0: 0.25, 1: 0.5, 2: 0.75} for r in range(2)}
     save_file({"model.layers.0.self_attn.k_scale": torch.ones(1)}, str(folder / "extra.safetensors"))
     with pytest.raises(ScalesError, match="two K scales for layer 0"):
@@ -230,7 +231,8 @@ def test_kv_scale_serves_k_and_v(tmp_path):
 
 def test_no_model_type_is_a_warning_and_model_type_fills_it(cli, tmp_path):
     write_hf(tmp_path / "hf", n_layers=2, config=False)
-    code, out, err = cli("scales", "extract", tmp_path / "hf", "--out", tmp_path / "a.json", "--json", tmp_path / "s.json")
+    code, out, err = cli("scales", "extract", tmp_path / "hf", "--out", tmp_path / "a.json",
+                         "--json", tmp_path / "s.json")
     assert code == 0, err
     assert err.startswith("warning: the checkpoint names no model type") and "reject" in err
     assert json.loads((tmp_path / "a.json").read_text())["model_type"] is None

@@ -158,7 +158,8 @@ def test_check_cli_lists_each_violation(cli, tmp_path):
     assert lines[6] == " kvlab's own rules:" and [line[4:] for line in lines[7:]] == own
     assert err.strip() == f"error: {path}: 5 violation(s): 4 that vLLM's schema rejects, 1 of kvlab's own rules"
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["ok"] is False and report["violations"] == schema + own and report["context"] == {"tp": 4, "n_layers": 3}
+    assert report["ok"] is False and report["violations"] == schema + own
+    assert report["context"] == {"tp": 4, "n_layers": 3}
     assert report["vllm_violations"] == schema and report["kvlab_violations"] == own
     code, _, err = cli("scales", "check", path, "--layers", "3", "--model", "tiny-llama")
     assert code == 2 and "--model or --layers" in err

@@ -86,7 +86,8 @@ def calibrate_command(model_spec, run_text, data, samples, seq_len, granularity,
 @click.argument("checkpoint", metavar="CHECKPOINT_DIR")
 @click.option("--tp-size", type=click.IntRange(min=1), default=None, help="Expected tensor-parallel size (checked; also folds per-head scales).")
 @click.option("--load-format", type=click.Choice(["auto", "safetensors", "npz", "pt"]), default="auto", show_default=True)
-@click.option("--model-type", default=None, help="The model's type (e.g. llama), for a checkpoint that does not name it.")
+@click.option("--model-type", default=None,
+              help="The model's type (e.g. llama), for a checkpoint that does not name it.")
 @click.option("--out", "-o", default=None, metavar="FILE", help="Output file (default: CHECKPOINT_DIR/kv_cache_scales.json).")
 @json_option
 def extract_command(checkpoint, tp_size, load_format, model_type, out, json_path) -> None:
