@@ -1,21 +1,55 @@
 import json
 
+import click
 import pytest
+import torch
 
 from kvlab.snapshot import Snapshot
 
 
-def test_help_lists_every_command(cli):
-    code, out, _ = cli("--help")
-    assert code == 0
-    for command in ("models", "capture"):
-        assert command in out
+def _command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
+    """Every command and subcommand below `group`, with the words that reach it."""
+    found = []
+    for name, command in sorted(group.commands.items()):
+        path = (*prefix, name)
+        found.append((path, command))
+        if isinstance(command, click.Group):
+            found += _command_paths(command, path)
+    return found
 
 
-@pytest.mark.parametrize("command", ["models", "capture"])
-def test_each_command_has_help(cli, command):
-    code, out, _ = cli(command, "--help")
-    assert code == 0 and "Usage:" in out and len(out.splitlines()) > 5
+def _all_commands():
+    from kvlab.cli import cli as root
+
+    return _command_paths(root)
+
+
+def test_help_lists_every_command():
+    from kvlab.cli import cli as root
+
+    paths = [path for path, _ in _all_commands()]
+    assert {"models", "capture", "diff", "reconstruct", "scales", "trace", "fuse"} <= {p[0] for p in paths}
+    assert ("scales", "check") in paths and len(paths) >= 15
+    assert root.commands  # the walk starts from the real root group
+
+
+@pytest.mark.parametrize("path", [path for path, _ in _all_commands()], ids=" ".join)
+def test_each_command_and_subcommand_has_help(cli, path):
+    command = dict(_all_commands())[path]
+    code, out, err = cli(*path, "--help")
+    assert code == 0 and err == ""
+    assert out.startswith(f"Usage: kvlab {' '.join(path)} ")
+    words = " ".join(out.split())
+    summary = " ".join((command.help or "").split("\n\n")[0].split())
+    assert summary and summary[:40] in words  # the command's own description, not a stub
+    for param in command.params:
+        if isinstance(param, click.Option) and not param.hidden:
+            assert any(opt in out for opt in param.opts), (param.opts, out)
+    if isinstance(command, click.Group):
+        for name in command.commands:
+            assert f"  {name} " in out or f"  {name}\n" in out, (name, out)
+    code, root_out, _ = cli("--help")
+    assert code == 0 and (f"  {path[0]} " in root_out or f"  {path[0]}\n" in root_out)
 
 
 def test_models_json(cli, tmp_path):
@@ -35,7 +69,22 @@ def test_capture_then_teacher_force(cli, tmp_path):
                          "--out", tmp_path / "t", "-q")
     assert code == 0, err
     test = Snapshot.load(tmp_path / "t")
-    assert test.token_ids == golden.token_ids and "teacher-forced" in out
+    assert "teacher-forced" in out
+    assert test.meta["teacher_forced"] is True and test.meta["forced_from"]["path"] == str(tmp_path / "g")
+    assert test.run == "dtype=bfloat16,attn=sdpa,cache=dynamic,tp=1,device=cpu"
+    # the same run through the library, teacher-forced on the golden snapshot, is the oracle
+    import kvlab
+    from tests.conftest import tiny
+
+    want = kvlab.capture(tiny("tiny-llama", "dtype=bfloat16"), None, "dtype=bfloat16", force=golden)
+    assert test.greedy_ids == want.greedy_ids and torch.equal(test.logits(), want.logits())
+    assert test.greedy_ids == [int(row.argmax()) for row in test.logits()]
+    for i in range(golden.n_layers):
+        assert test.keys(i).dtype == torch.bfloat16 and torch.equal(test.keys(i), want.keys(i))
+        assert torch.equal(test.values(i), want.values(i))
+        # a bfloat16 run of the golden tokens: close to the float32 cache, not equal to it
+        error = (test.keys(i).float() - golden.keys(i)).norm() / golden.keys(i).norm()
+        assert 0 < error < 0.25
 
 
 @pytest.mark.parametrize(

@@ -120,3 +120,46 @@ def test_a_registered_strategy_joins_the_registry(monkeypatch):
 def test_strategy_decorator_refuses_a_second_function_under_one_name():
     with pytest.raises(ValueError, match="registered twice"):
         strategies.strategy("mha")(lambda tp, q, kv: [])
+
+
+# ---- auto against NxDI's rule over a grid -------------------------------------------------------
+GRID_TP = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
+GRID_GROUPS = [1, 2, 3, 4, 7, 8]
+
+
+def nxdi_rank_heads(tp: int, q: int, kv: int) -> list[list[int | None]]:
+    """NxDI's placement restated from REFERENCE.md ("Tensor-parallel KV layouts", "Peers"): the KV head
+    of every slot of every rank (None for a zero head), without kvlab's strategy functions."""
+    q_pad = -(-q // tp) * tp
+    if q == kv and q % tp == 0 or q != kv and kv % tp == 0:  # contiguous
+        return [list(range(r * kv // tp, (r + 1) * kv // tp)) for r in range(tp)]
+    if kv < tp and tp % kv == 0:  # replicate (MHA too, per gqa.py): rank r holds head r // (tp/kv)
+        return [[r // (tp // kv)] for r in range(tp)]
+    if q == kv:  # padded MHA: heads in order, zero heads at the tail
+        flat = list(range(q)) + [None] * (q_pad - q)
+    else:  # convert to MHA: repeat-interleave to q, then pad
+        flat = [h for h in range(kv) for _ in range(q // kv)] + [None] * (q_pad - q)
+    per = q_pad // tp
+    return [flat[r * per:(r + 1) * per] for r in range(tp)]
+
+
+def test_auto_follows_nxdi_over_the_grid():
+    checked = changed = 0
+    for tp in GRID_TP:
+        for kv in range(1, 129):
+            for group in GRID_GROUPS:
+                q = kv * group
+                if q > 128:
+                    continue
+                assert heads(make_layout("auto", tp, q, kv)) == nxdi_rank_heads(tp, q, kv), (tp, q, kv)
+                checked += 1
+                changed += q == kv and kv < tp and tp % kv == 0
+    assert checked == 3300 and changed == 37  # the MHA cases the tail-padding rule got wrong
+
+
+@pytest.mark.parametrize("tp, heads_, expected", [(32, 8, [[r // 4] for r in range(32)]),
+                                                  (4, 2, [[0], [0], [1], [1]]),
+                                                  (6, 3, [[0], [0], [1], [1], [2], [2]])])
+def test_auto_replicates_mha_heads_over_more_ranks(tp, heads_, expected):
+    layout = make_layout("auto", tp, heads_, heads_)
+    assert layout.name == "replicate" and heads(layout) == expected

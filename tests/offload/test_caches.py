@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 import kvlab
 from kvlab.errors import KvlabError
@@ -177,9 +178,15 @@ def test_kvpr_without_its_session_is_one_clear_error():
 
 def test_kvpr_with_nothing_to_recompute_needs_no_session():
     loaded, ids, policy, cache = _prefilled("cache=kvpr:recompute_len=0")
+    exact = DynamicCache(config=loaded.config)
     with torch.no_grad():
-        loaded.model(ids, past_key_values=cache, use_cache=True)
-    assert cache.get_seq_length() == ids.shape[1]
+        got = loaded.model(ids, past_key_values=cache, use_cache=True).logits
+        want = loaded.model(ids, past_key_values=exact, use_cache=True).logits
+        assert float((got - want).abs().max()) <= TOL
+        got = loaded.model(torch.tensor([[65]]), past_key_values=cache, use_cache=True).logits
+        want = loaded.model(torch.tensor([[65]]), past_key_values=exact, use_cache=True).logits
+    assert cache.get_seq_length() == ids.shape[1] + 1
+    assert float((got - want).abs().max()) <= TOL  # the decode step reads the whole offloaded K/V back
 
 
 def test_session_removes_its_hooks_even_on_error():
@@ -208,10 +215,11 @@ def test_kvpr_refuses_attention_that_is_not_kproj_plus_rope():
 
 
 def test_disk_tier_leaves_no_files(tmp_path):
-    loaded = tiny("tiny-llama")
+    loaded, golden = _golden("tiny-llama")
     for run in (f"cache=flexgen:gpu_len=5,tier=disk,dir={tmp_path}", f"cache=kvpr:ratio=0.5,tier=disk,dir={tmp_path}"):
-        kvlab.capture(loaded, loaded.encode(PROMPT), run, max_new_tokens=3)
+        snap = kvlab.capture(loaded, loaded.encode(PROMPT), run, max_new_tokens=STEPS)
         assert os.listdir(tmp_path) == []
+        _assert_same(snap, golden)  # and what went through the folder came back exactly
 
 
 def test_disk_tier_in_a_missing_folder_is_one_clear_error(tmp_path):
@@ -222,16 +230,19 @@ def test_disk_tier_in_a_missing_folder_is_one_clear_error(tmp_path):
 
 
 def test_offload_on_cpu_runs_transformers_schedule_as_copies():
-    from transformers import DynamicCache
-
     from kvlab.caches.offload import HostOffloadedCache
 
     loaded = tiny("tiny-llama")
     cache = RunSpec.parse("cache=offload").policy.build(loaded.model)
+    exact = DynamicCache(config=loaded.config)
     assert isinstance(cache, HostOffloadedCache) and not cache.offloading
     with torch.no_grad():
-        loaded.model(torch.tensor([[1, 2, 3]]), past_key_values=cache, use_cache=True)
-        loaded.model(torch.tensor([[4]]), past_key_values=cache, use_cache=True)
+        for feed in ([[1, 2, 3]], [[4]]):
+            got = loaded.model(torch.tensor(feed), past_key_values=cache, use_cache=True).logits
+            want = loaded.model(torch.tensor(feed), past_key_values=exact, use_cache=True).logits
+            assert float((got - want).abs().max()) <= TOL
+    for layer, reference in zip(cache.layers, exact.layers):
+        assert torch.equal(layer.keys, reference.keys) and torch.equal(layer.values, reference.values)
     kv_bytes = sum(2 * layer.keys.nbytes for layer in cache.layers)
     assert cache.bytes_moved() > kv_bytes  # in and out, every layer, every call
     if not torch.cuda.is_available():  # why the policy does not hand over transformers' own cache here

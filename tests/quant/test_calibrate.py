@@ -104,6 +104,9 @@ def test_calibrate_cli_writes_both_formats_that_reload_exactly(cli, tmp_path):
     "args, fragment",
     [
         (["--fp8", "e5m2", "--format", "vllm"], "float8_e4m3fn scales only"),
+        (["--fp8", "e5m2", "--format", "compressed-tensors"], "cannot say e5m2"),
+        (["--fp8", "e4m3fnuz", "--format", "compressed-tensors"], "cannot say e4m3fnuz"),
+        (["--fp8", "e4m3fnuz"], "float8_e4m3fn scales only"),
         (["--data", "{tmp}/missing.txt"], "does not exist"),
         (["--model", "nope"], "unknown model"),
         (["--granularity", "channel"], "Invalid value for '--granularity'"),
@@ -115,3 +118,20 @@ def test_calibrate_errors(cli, tmp_path, args, fragment):
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and fragment in lines[0], err
     assert not (tmp_path / "o" / "kv_cache_scales.json").exists()
+    assert not (tmp_path / "o" / "kv_cache_scales.safetensors").exists()
+
+
+def test_calibrate_for_a_tp_vllm_cannot_run_warns_with_the_reason(cli, tmp_path):
+    """tiny-llama has 4 heads and 2 KV heads: kvlab's layouts fold to tp 3 (convert-to-MHA), vLLM refuses it."""
+    code, out, err = cli("scales", "calibrate", "-m", "tiny-llama", "--samples", "1", "--seq-len", "32",
+                         "--tp", "3", "--out", tmp_path / "o", "-q", "--json", tmp_path / "c.json")
+    assert code == 0, err
+    warning = ("warning: kv_cache_scales.json for tp 3, but vLLM refuses tp 3 for this model: "
+               "tp must divide the 4 attention heads")
+    assert [line for line in err.splitlines() if line.strip()][0].startswith(warning)
+    assert json.loads((tmp_path / "c.json").read_text())["warnings"][0].startswith(warning.removeprefix("warning: "))
+    code, out, _ = cli("scales", "check", tmp_path / "o" / "kv_cache_scales.json", "-m", "tiny-llama")
+    assert code == 2 and "vLLM refuses tp 3" in out
+    code, _, err = cli("scales", "calibrate", "-m", "tiny-llama", "--samples", "1", "--seq-len", "32",
+                       "--tp", "2", "--out", tmp_path / "o2", "-q")
+    assert code == 0 and "warning" not in err

@@ -172,3 +172,86 @@ def test_extract_cli_writes_a_valid_file(cli, tmp_path):
     assert summary["tp"] == 2 and summary["kind"] == "ammo"
     code, out, err = cli("scales", "check", folder / "kv_cache_scales.json", "--tp", "2", "--layers", "3")
     assert code == 0 and "valid" in out
+
+
+# ---- what the checkpoint says about its number format -------------------------------------------
+def _set_scheme(folder, **scheme):
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["kv_cache_scheme"].update(scheme)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_an_int8_kv_cache_scheme_is_refused_not_read_as_fp8(cli, tmp_path):
+    """llm-compressor's INT8 KV cache: its k/v scales are integer steps (about amax/127), not FP8 scales."""
+    write_hf(tmp_path / "int8", n_layers=2)
+    _set_scheme(tmp_path / "int8", type="int", num_bits=8, symmetric=True)
+    with pytest.raises(ScalesError, match="8-bit integer KV cache"):
+        extract(tmp_path / "int8")
+    code, _, err = cli("scales", "extract", tmp_path / "int8", "--out", tmp_path / "o.json")
+    assert code == 2 and "integer quantization steps, not FP8 scales" in err and not (tmp_path / "o.json").exists()
+    write_hf(tmp_path / "fp4", n_layers=2)
+    _set_scheme(tmp_path / "fp4", num_bits=4)
+    with pytest.raises(ScalesError, match="num_bits 4"):
+        extract(tmp_path / "fp4")
+
+
+@pytest.mark.parametrize("fp8_format", ["e5m2", "e4m3fnuz"])
+def test_scales_labelled_e5m2_or_e4m3fnuz_stay_so_and_never_become_e4m3fn(cli, tmp_path, fp8_format):
+    from kvlab.quant.compressed_tensors import write as write_ct
+    from kvlab.quant.files import load_scales
+    from kvlab.quant.scales import KVScales
+
+    folder = tmp_path / "ckpt"
+    scales = KVScales.from_amax([torch.tensor([3.0])] * 2, [torch.tensor([5.0])] * 2, fp8_format)
+    write_ct(folder, scales)  # the header records the format; kv_cache_scheme.json cannot
+    found = extract(folder)
+    assert found.scales.fp8_format == fp8_format and fp8_format in found.notes[-1]
+    assert load_scales(folder, n_layers=2, n_heads=1, n_kv_heads=1).fp8_format == fp8_format
+    code, _, err = cli("scales", "extract", folder, "--out", tmp_path / "o.json")
+    assert code == 2 and f"holds {fp8_format} scales" in err and "float8_e4m3fn scales only" in err
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_kv_scale_serves_k_and_v(tmp_path):
+    folder = tmp_path / "old"
+    folder.mkdir()
+    save_file({f"model.layers.{i}.self_attn.kv_scale": torch.tensor([0.25 * (i + 1)]) for i in range(3)},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 3,
+                                                    "num_attention_heads": 8, "num_key_value_heads": 4}))
+    found = extract(folder, tp_size=2)
+    assert found.kind == "kv_scale (one scale for K and V)"
+    assert [k.tolist() for k in found.scales.keys] == [[0.25], [0.5], [0.75]]
+    assert [v.tolist() for v in found.scales.values] == [[0.25], [0.5], [0.75]]
+    assert found.ranks == {r: {0: 0.25, 1: 0.5, 2: 0.75} for r in range(2)}
+    save_file({"model.layers.0.self_attn.k_scale": torch.ones(1)}, str(folder / "extra.safetensors"))
+    with pytest.raises(ScalesError, match="two K scales for layer 0"):
+        extract(folder)
+
+
+def test_no_model_type_is_a_warning_and_model_type_fills_it(cli, tmp_path):
+    write_hf(tmp_path / "hf", n_layers=2, config=False)
+    code, out, err = cli("scales", "extract", tmp_path / "hf", "--out", tmp_path / "a.json",
+                         "--json", tmp_path / "s.json")
+    assert code == 0, err
+    assert err.startswith("warning: the checkpoint names no model type") and "reject" in err
+    assert json.loads((tmp_path / "a.json").read_text())["model_type"] is None
+    assert json.loads((tmp_path / "s.json").read_text())["warnings"] == [err.strip().removeprefix("warning: ")]
+    code, _, err = cli("scales", "check", tmp_path / "a.json")
+    assert code == 2 and "model_type is null" in err + _
+    code, _, err = cli("scales", "extract", tmp_path / "hf", "--out", tmp_path / "b.json", "--model-type", "llama")
+    assert code == 0 and "warning" not in err
+    assert json.loads((tmp_path / "b.json").read_text())["model_type"] == "llama"
+    write_hf(tmp_path / "named", n_layers=2)
+    code, _, err = cli("scales", "extract", tmp_path / "named", "--out", tmp_path / "c.json", "--model-type", "qwen2")
+    assert code == 2 and "checkpoint says model type 'llama'" in err
+
+
+def test_a_tp_vllm_cannot_run_the_model_at_is_a_warning_with_the_reason(cli, tmp_path):
+    write_hf(tmp_path / "hf", n_layers=2, n_heads=9, n_kv=3)  # smollm2's heads
+    code, _, err = cli("scales", "extract", tmp_path / "hf", "--tp-size", "2", "--out", tmp_path / "a.json")
+    assert code == 0 and (tmp_path / "a.json").exists()
+    assert err.strip() == ("warning: scales for tp 2, but vLLM refuses tp 2 for this model: tp must divide the "
+                           "9 attention heads (9 % 2 = 1); it runs at tp 1, 3, 9")
+    code, _, err = cli("scales", "extract", tmp_path / "hf", "--tp-size", "3", "--out", tmp_path / "b.json")
+    assert code == 0 and err.strip() == ""

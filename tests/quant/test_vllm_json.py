@@ -20,12 +20,17 @@ def test_written_file_is_valid_and_reads_back(tmp_path):
     assert vllm_json.read(path, tp=2, n_layers=2) == ("llama", ranks)
 
 
-def test_model_type_may_be_null_but_must_be_present():
+def test_model_type_null_is_flagged_unless_no_model_type_is_expected():
     data = valid()
     data["model_type"] = None
-    assert vllm_json.check(data) == []
+    # vLLM and SGLang validate with the model's type in the context: null != "llama" is rejected
+    assert [(p.text, p.vllm) for p in vllm_json.problems(data)] == [
+        ("model_type is null: vLLM and SGLang pass the model's type and reject null "
+         "(if no model type is expected, say so: --no-model-type)", True)]
+    assert vllm_json.check(data, model_type="llama") == ["model_type is null but the model is 'llama'"]
+    assert vllm_json.check(data, expect_model_type=False) == []
     del data["model_type"]
-    assert vllm_json.check(data) == ["missing key 'model_type' (it is required; it may be null)"]
+    assert vllm_json.check(data, expect_model_type=False) == ["missing key 'model_type' (it is required)"]
 
 
 def test_every_violation_is_listed():
@@ -61,12 +66,49 @@ def test_every_violation_is_listed():
         assert any(fragment in p for p in problems), (fragment, problems)
 
 
+def test_each_problem_says_whether_vllms_schema_or_kvlabs_rules_reject_it():
+    """vLLM's pydantic schema reads "07", "+7", numeric strings, NaN, zero and negative scales (REFERENCE.md,
+    vLLM section): kvlab keeps refusing them, as its own rules; the rest is what vLLM itself rejects."""
+    data = {
+        "model_type": "llama",
+        "kv_cache": {
+            "dtype": "float8_e4m3fn",
+            "scaling_factor": {
+                "rank0": {"0": 1.0},
+                "0": {"0": 0.1, "01": 0.2, "+2": 0.3, "x": 0.3, "3": "0.5", "4": "half", "5": float("nan"),
+                      "6": -1.0, "7": 0.0, "8": None, "9": [1.0], "10": float("inf"), "11": 10 ** 400},
+            },
+        },
+    }
+    found = {p.text: p.vllm for p in vllm_json.problems(data, tp=1, n_layers=12, model_type="llama")}
+    whose = {fragment: [v for text, v in found.items() if fragment in text] for fragment in [
+        "not 'rank0'", "not '01'", "not '+2'", "not 'x'", "layer '3': the scale must be a number, not a string",
+        "layer '4': the scale must be a number, not a string", "layer '5'", "layer '6'", "layer '7'",
+        "layer '8'", "layer '9'", "layer '10'", "layer '11': the scale is an integer of 401 digits",
+        "missing layers 1, 2"]}
+    assert all(len(v) == 1 for v in whose.values()), whose
+    assert {k for k, v in whose.items() if v == [True]} == {
+        "not 'rank0'", "not 'x'", "layer '4': the scale must be a number, not a string", "layer '8'", "layer '9'",
+        "missing layers 1, 2"}
+
+
+def test_a_huge_integer_scale_is_a_violation_not_a_crash(cli, tmp_path):
+    path = tmp_path / "huge.json"
+    path.write_text('{"model_type": "llama", "kv_cache": {"dtype": "float8_e4m3fn", "scaling_factor": '
+                    '{"0": {"0": 1' + "0" * 400 + ', "1": -1' + "0" * 400 + '}}}}')
+    code, out, err = cli("scales", "check", path)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert out.count("too large for a float") == 2
+    path.write_text('{"model_type": null, "kv_cache": {"scaling_factor": {"0": {"0": 1' + "0" * 5000 + '}}}}')
+    code, _, err = cli("scales", "check", path)
+    assert code == 2 and "Traceback" not in err and err.startswith("error: ") and "not valid JSON" in err
+
 def test_structure_errors():
     assert vllm_json.check([]) == ["the top level must be a JSON object, not a list"]
-    assert vllm_json.check({"model_type": None}) == ["missing key 'kv_cache'"]
+    assert vllm_json.check({"model_type": "x"}) == ["missing key 'kv_cache'"]
     assert "kv_cache.scaling_factor holds no ranks" in vllm_json.check(
-        {"model_type": None, "kv_cache": {"dtype": "float8_e4m3fn", "scaling_factor": {}}})
-    assert vllm_json.check({"model_type": None, "kv_cache": {"scaling_factor": {"0": {"0": 1}}}}) == [
+        {"model_type": "x", "kv_cache": {"dtype": "float8_e4m3fn", "scaling_factor": {}}})
+    assert vllm_json.check({"model_type": "x", "kv_cache": {"scaling_factor": {"0": {"0": 1}}}}) == [
         "missing key 'kv_cache.dtype' (must be 'float8_e4m3fn')"]
 
 
@@ -108,11 +150,42 @@ def test_check_cli_lists_each_violation(cli, tmp_path):
     path = tmp_path / "s.json"
     path.write_text(json.dumps(data))
     code, out, err = cli("scales", "check", path, "--tp", "4", "--layers", "3", "--json", tmp_path / "r.json")
-    expected = vllm_json.check(data, tp=4, n_layers=3)
-    assert len(expected) == 5
-    assert code == 2 and [line[4:] for line in out.splitlines() if line.startswith("  - ")] == expected
-    assert err.strip() == f"error: {path} breaks vLLM's schema (5 violation(s))"
+    found = vllm_json.problems(data, tp=4, n_layers=3)
+    schema, own = [p.text for p in found if p.vllm], [p.text for p in found if not p.vllm]
+    assert len(schema) == 4 and own == ["rank 1 layer '2': the scale must be finite and positive, got -0.5"]
+    lines = out.splitlines()
+    assert lines[1] == " vLLM's schema rejects:" and [line[4:] for line in lines[2:6]] == schema
+    assert lines[6] == " kvlab's own rules:" and [line[4:] for line in lines[7:]] == own
+    assert err.strip() == f"error: {path}: 5 violation(s): 4 that vLLM's schema rejects, 1 of kvlab's own rules"
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["ok"] is False and report["violations"] == expected and report["context"] == {"tp": 4, "n_layers": 3}
+    assert report["ok"] is False and report["violations"] == schema + own
+    assert report["context"] == {"tp": 4, "n_layers": 3}
+    assert report["vllm_violations"] == schema and report["kvlab_violations"] == own
     code, _, err = cli("scales", "check", path, "--layers", "3", "--model", "tiny-llama")
     assert code == 2 and "--model or --layers" in err
+
+
+def test_check_cli_null_model_type_and_no_model_type(cli, tmp_path):
+    data = valid(tp=1, layers=2)
+    data["model_type"] = None
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(data))
+    code, out, err = cli("scales", "check", path)
+    assert code == 2 and "model_type is null" in out and "1 that vLLM's schema rejects" in err
+    code, out, err = cli("scales", "check", path, "--no-model-type")
+    assert code == 0 and "valid" in out, err
+    code, _, err = cli("scales", "check", path, "--no-model-type", "--model-type", "llama")
+    assert code == 2 and "not both" in err
+
+
+def test_check_cli_with_a_model_flags_a_tp_vllm_cannot_run(cli, tmp_path):
+    from kvlab.models import load_model, model_shape
+
+    shape = model_shape(load_model("tiny-llama").config)  # 4 heads, 2 KV heads, 2 layers
+    assert (shape["n_heads"], shape["n_kv_heads"]) == (4, 2)
+    for tp, ok in ((2, True), (4, True), (3, False)):
+        path = tmp_path / f"tp{tp}.json"
+        vllm_json.write(path, {r: {i: 0.1 for i in range(shape["n_layers"])} for r in range(tp)}, "llama")
+        code, out, err = cli("scales", "check", path, "--model", "tiny-llama")
+        assert (code == 0) == ok, (out, err)
+        assert ("vLLM refuses tp 3 for this model: tp must divide the 4 attention heads" in out) == (not ok)

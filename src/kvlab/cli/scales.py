@@ -64,6 +64,8 @@ def calibrate_command(model_spec, run_text, data, samples, seq_len, granularity,
                    for i, (k, v) in enumerate(zip(scales.keys, scales.values))],
         "rank_scales": result.ranks,
     }
+    summary["warnings"] = result.warnings
+    _warn(result.warnings)
     if json_path != "-":
         from rich.table import Table
 
@@ -84,19 +86,23 @@ def calibrate_command(model_spec, run_text, data, samples, seq_len, granularity,
 @click.argument("checkpoint", metavar="CHECKPOINT_DIR")
 @click.option("--tp-size", type=click.IntRange(min=1), default=None, help="Expected tensor-parallel size (checked; also folds per-head scales).")
 @click.option("--load-format", type=click.Choice(["auto", "safetensors", "npz", "pt"]), default="auto", show_default=True)
+@click.option("--model-type", default=None,
+              help="The model's type (e.g. llama), for a checkpoint that does not name it.")
 @click.option("--out", "-o", default=None, metavar="FILE", help="Output file (default: CHECKPOINT_DIR/kv_cache_scales.json).")
 @json_option
-def extract_command(checkpoint, tp_size, load_format, out, json_path) -> None:
+def extract_command(checkpoint, tp_size, load_format, model_type, out, json_path) -> None:
     """Extract KV scales from a quantized checkpoint into vLLM's kv_cache_scales.json.
 
     Reads TensorRT-LLM/AMMO per-rank files (rank = digits after "rank" in each file's name;
     kv_cache_scaling_factor tensors; npz names use ':'), compressed-tensors (k_scale/v_scale,
-    k_proj.output_scale) and ModelOpt (k_proj.k_scale) checkpoints. Missing or duplicate ranks
-    or layers, a tp mismatch, non-scalar scales or no scales at all are errors.
+    k_proj.output_scale), ModelOpt (k_proj.k_scale) and older single-scale (self_attn.kv_scale)
+    checkpoints. Missing or duplicate ranks or layers, a tp mismatch, non-scalar scales, no scales
+    at all and scales that are not e4m3fn FP8 scales (an INT8 kv_cache_scheme) are errors; no
+    model type, or a tp vLLM cannot run the model at, is a warning.
     """
     from kvlab.quant.api import extract_to_file
 
-    found, path = extract_to_file(checkpoint, out, tp_size=tp_size, load_format=load_format)
+    found, path = extract_to_file(checkpoint, out, tp_size=tp_size, load_format=load_format, model_type=model_type)
     summary = {
         "checkpoint": checkpoint,
         "kind": found.kind,
@@ -107,7 +113,9 @@ def extract_command(checkpoint, tp_size, load_format, out, json_path) -> None:
         "out": str(path),
         "scaling_factor": found.ranks,
         "notes": found.notes,
+        "warnings": found.warnings,
     }
+    _warn(found.warnings)
     if json_path != "-":
         con = console()
         con.print(f"{checkpoint}: {found.kind}, model_type {found.model_type!r}, tp {found.tp}, "
@@ -123,39 +131,74 @@ def extract_command(checkpoint, tp_size, load_format, out, json_path) -> None:
 
 @scales_group.command("check")
 @click.argument("file", metavar="FILE")
-@click.option("--model", "-m", "model_spec", default=None, help="Take the layer count and model type from this model.")
+@click.option("--model", "-m", "model_spec", default=None,
+              help="Take the layer count, model type and head counts from this model.")
 @click.option("--layers", type=click.IntRange(min=1), default=None, help="Number of hidden layers expected.")
 @click.option("--tp", type=click.IntRange(min=1), default=None, help="Tensor-parallel size expected.")
 @click.option("--model-type", default=None, help="model_type expected (default with --model: the model's).")
+@click.option("--no-model-type", "no_model_type", is_flag=True,
+              help="No model type is expected: accept model_type null (vLLM and SGLang pass one and reject null).")
 @json_option
-def check_command(file, model_spec, layers, tp, model_type, json_path) -> None:
-    """Validate a kv_cache_scales.json against every rule of vLLM's schema; list each violation.
+def check_command(file, model_spec, layers, tp, model_type, no_model_type, json_path) -> None:
+    """Validate a kv_cache_scales.json; list what vLLM's schema rejects and what kvlab's own rules do.
 
-    Rules: model_type key present (string or null), kv_cache.dtype float8_e4m3fn, integer-string
-    rank and layer keys, every rank 0..tp-1 and every layer 0..L-1, finite positive scales.
+    vLLM's schema (with the context vLLM passes: tp size, layer count, model type): model_type key
+    present and a string (null is rejected, as vLLM and SGLang pass the model's type, unless
+    --no-model-type), kv_cache.dtype float8_e4m3fn, rank and layer keys that read as integers,
+    every rank 0..tp-1 and every layer 0..L-1, scales that read as numbers. kvlab's rules on top:
+    finite positive numeric scales, keys written plainly ("7", not "07"), no duplicate keys, and
+    with --model a tp vLLM can run the model at.
     """
     from kvlab.errors import KvlabError
     from kvlab.quant.api import check_file
 
     if model_spec is not None and layers is not None:
         raise click.UsageError("give --model or --layers, not both")
+    if no_model_type and model_type is not None:
+        raise click.UsageError("give --model-type or --no-model-type, not both")
+    n_heads = n_kv_heads = None
     if model_spec is not None:
         from kvlab.models import load_model, model_shape
 
         config = load_model(model_spec).config
-        layers = model_shape(config)["n_layers"]
-        model_type = model_type or config.model_type
-    result = check_file(file, tp=tp, n_layers=layers, model_type=model_type)
+        shape = model_shape(config)
+        layers, n_heads, n_kv_heads = shape["n_layers"], shape["n_heads"], shape["n_kv_heads"]
+        if not no_model_type:
+            model_type = model_type or config.model_type
+    result = check_file(file, tp=tp, n_layers=layers, model_type=model_type, expect_model_type=not no_model_type,
+                        n_heads=n_heads, n_kv_heads=n_kv_heads)
     if json_path != "-":
         con = console()
         where = ", ".join(f"{k}={v}" for k, v in result.context.items())
         con.print(f"{file}" + (f" ({where})" if where else "") + ": "
-                  + ("valid under vLLM's schema" if result.ok else f"{len(result.violations)} violation(s)"))
-        for problem in result.violations:
-            con.print(f"  - {problem}", markup=False)
-    write_json(json_path, {"file": file, "ok": result.ok, "context": result.context, "violations": result.violations})
+                  + ("valid under vLLM's schema and kvlab's rules" if result.ok else _counts(result)))
+        for title, items in (("vLLM's schema rejects:", result.vllm_violations),
+                             ("kvlab's own rules:", result.kvlab_violations)):
+            if items:
+                con.print(f" {title}")
+            for problem in items:
+                con.print(f"  - {problem}", markup=False)
+    write_json(json_path, {"file": file, "ok": result.ok, "context": result.context, "violations": result.violations,
+                           "vllm_violations": result.vllm_violations, "kvlab_violations": result.kvlab_violations})
     if not result.ok:
-        raise KvlabError(f"{file} breaks vLLM's schema ({len(result.violations)} violation(s))")
+        raise KvlabError(f"{file}: {_counts(result)}")
+
+
+def _counts(result) -> str:
+    parts = []
+    if result.vllm_violations:
+        parts.append(f"{len(result.vllm_violations)} that vLLM's schema rejects")
+    if result.kvlab_violations:
+        parts.append(f"{len(result.kvlab_violations)} of kvlab's own rules")
+    return f"{len(result.violations)} violation(s): " + ", ".join(parts)
+
+
+def _warn(warnings: list[str]) -> None:
+    """Each warning on stderr, one line each: the file was written, but an engine would refuse it."""
+    import sys
+
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _floats(t) -> str:

@@ -150,16 +150,19 @@ def padded_mha(tp: int, n_heads: int, n_kv_heads: int) -> SlotList:
 
 
 def auto_choice(tp: int, n_heads: int, n_kv_heads: int) -> str:
-    """The strategy NxDI's GQA sharding picks (gqa.get_shardable_head_counts):
+    """The strategy NxDI's GQA sharding picks (gqa.py):
 
-    1. MHA (heads == kv_heads): pad the heads to a multiple of tp -> `padded-mha`, which is
-       plain `contiguous` when heads % tp == 0;
+    1. MHA (heads == kv_heads): heads % tp == 0 -> `contiguous`; fewer heads than ranks with
+       tp % heads == 0 -> `replicate` (each head on tp/heads ranks, REPLICATE_TO_TP_DEGREE);
+       otherwise pad the heads to a multiple of tp -> `padded-mha`;
     2. otherwise, kv_heads % tp == 0 -> `contiguous` (kv heads left as they are);
     3. otherwise, tp % kv_heads == 0 -> `replicate` (REPLICATE_TO_TP_DEGREE, kv < tp);
     4. otherwise -> `mha` (CONVERT_TO_MHA, its fallback that works for every tp).
     """
     if n_heads == n_kv_heads:
-        return "contiguous" if n_heads % tp == 0 else "padded-mha"
+        if n_heads % tp == 0:
+            return "contiguous"
+        return "replicate" if n_kv_heads < tp and tp % n_kv_heads == 0 else "padded-mha"
     if n_kv_heads % tp == 0:
         return "contiguous"
     if tp % n_kv_heads == 0:

@@ -78,7 +78,8 @@ def read_file(path: str | Path, n_layers: int | None = None, n_kv_heads: int | N
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ScalesError(f"cannot read {path}: {first}") from None
     if not entries:
-        raise ScalesError(f"{path} holds no KV scales (self_attn.k_scale/v_scale, k_proj.output_scale, k_proj.k_scale)")
+        raise ScalesError(f"{path} holds no KV scales (self_attn.k_scale/v_scale, self_attn.kv_scale, k_proj.output_scale, "
+                          "k_proj.k_scale)")
     scales, _ = hf_scales(entries, ".", n_layers, n_kv_heads)
     fmt = metadata.get(FORMAT_KEY, "e4m3fn")
     return KVScales(scales.keys, scales.values, fmt, {"source": str(path)})

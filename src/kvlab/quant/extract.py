@@ -9,10 +9,19 @@ Two families:
   model type and tp size from the JSON beside them (`layers[0].decoder_type`,
   `tensor_parallel`, or TensorRT-LLM's `mapping.tp_size`).
 - Hugging Face checkpoints: compressed-tensors `self_attn.k_scale` / `v_scale` (shape `(1,)` or
-  `(num_kv_heads, 1, 1)`), the older `k_proj.output_scale` / `v_proj.output_scale`, and
-  ModelOpt's `k_proj.k_scale` / `v_proj.v_scale`; global (not per rank), separate K and V.
+  `(num_kv_heads, 1, 1)`), the older `k_proj.output_scale` / `v_proj.output_scale`, ModelOpt's
+  `k_proj.k_scale` / `v_proj.v_scale`, and the older single `self_attn.kv_scale` that serves both
+  K and V (what vLLM and TGI read from early FP8 checkpoints); global (not per rank).
 
-Anything ambiguous or incomplete is a ScalesError naming the file, rank or layer.
+The scales are FP8 scales for float8_e4m3fn unless the checkpoint says otherwise: a
+`kv_cache_scheme` (config.json's `quantization_config`, or kvlab's `kv_cache_scheme.json`) that
+is not 8-bit float is refused (an INT8 KV cache's scales are integer steps, not FP8 scales), and
+a `kvlab.fp8_format` entry in a safetensors header (files kvlab wrote for e5m2 or e4m3fnuz)
+labels the scales with that format.
+
+Anything ambiguous or incomplete is a ScalesError naming the file, rank or layer. Things that
+are valid but that an engine would refuse (no model type; a tp vLLM cannot run the model at)
+are warnings.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from typing import Any
 
 import torch
 
+from kvlab.quant.engine_tp import vllm_tp_problem
+from kvlab.quant.fp8 import FORMATS, fp8_max
 from kvlab.quant.scales import KVScales, RankScales, ScalesError
 
 LOAD_FORMATS = ("auto", "safetensors", "npz", "pt")
@@ -41,7 +52,9 @@ _HF_NAMES: list[tuple[re.Pattern, str, str]] = [
     (re.compile(r"(^|\.)v_proj\.v_scale$"), "v", "modelopt"),
     (re.compile(r"(^|\.)k_scale$"), "k", "compressed-tensors"),
     (re.compile(r"(^|\.)v_scale$"), "v", "compressed-tensors"),
+    (re.compile(r"(^|\.)kv_scale$"), "kv", "kv_scale (one scale for K and V)"),
 ]
+FP8_FORMAT_KEY = "kvlab.fp8_format"  # safetensors header entry of the files kvlab writes
 
 
 @dataclass
@@ -54,6 +67,7 @@ class Extracted:
     scales: KVScales | None
     files: list[Path]
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # valid, but an engine would refuse it
 
     @property
     def tp(self) -> int:
@@ -131,7 +145,7 @@ def rank_of(path: Path, n_files: int) -> int:
 
 
 def hf_kind(name: str) -> tuple[str, str] | None:
-    """('k' | 'v', naming family) for a Hugging Face KV scale name, else None."""
+    """('k' | 'v' | 'kv', naming family) for a Hugging Face KV scale name, else None."""
     for pattern, which, family in _HF_NAMES:
         if pattern.search(name):
             return which, family
@@ -162,6 +176,10 @@ def folder_metadata(folder: Path) -> dict[str, Any]:
 
 def _metadata_of(data: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    quant = data.get("quantization_config")
+    scheme = quant.get("kv_cache_scheme") if isinstance(quant, dict) else data.get("kv_cache_scheme")
+    if isinstance(scheme, dict):  # only what tells the number format apart
+        out["kv_cache_scheme"] = {"type": scheme.get("type"), "num_bits": scheme.get("num_bits")}
     layers = data.get("layers")
     if isinstance(layers, list) and layers and isinstance(layers[0], dict):
         out["model_type"] = layers[0].get("decoder_type")
@@ -187,8 +205,12 @@ def _metadata_of(data: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- extraction ------------------------------------------------------------------------
-def extract(folder: str | Path, tp_size: int | None = None, load_format: str = "auto") -> Extracted:
-    """All KV scales of a checkpoint folder, checked, in vLLM's per-(rank, layer) form."""
+def extract(folder: str | Path, tp_size: int | None = None, load_format: str = "auto",
+            model_type: str | None = None) -> Extracted:
+    """All KV scales of a checkpoint folder, checked, in vLLM's per-(rank, layer) form.
+
+    `model_type` names the model when the checkpoint does not (and must agree when it does).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise ScalesError(f"checkpoint folder {folder} does not exist")
@@ -196,6 +218,7 @@ def extract(folder: str | Path, tp_size: int | None = None, load_format: str = "
         raise ScalesError(f"--tp-size must be a positive integer, got {tp_size}")
     files, fmt = tensor_files(folder, load_format)
     meta = folder_metadata(folder)
+    check_scheme(meta.get("kv_cache_scheme"), folder)
     delimiter = ":" if fmt == "npz" else "."
 
     ammo: dict[Path, list[tuple[str, torch.Tensor]]] = {}
@@ -213,11 +236,60 @@ def extract(folder: str | Path, tp_size: int | None = None, load_format: str = "
     if not n_ammo and not hf:
         raise ScalesError(
             f"no KV cache scales in {folder} ({len(files)} {fmt} file(s); looked for {AMMO_MARK}, "
-            "self_attn.k_scale/v_scale, k_proj.output_scale, k_proj.k_scale)"
+            "self_attn.k_scale/v_scale, self_attn.kv_scale, k_proj.output_scale, k_proj.k_scale)"
         )
     if n_ammo:
-        return _from_ammo(folder, ammo, delimiter, meta, tp_size, fmt)
-    return _from_hf(folder, hf, delimiter, meta, tp_size)
+        found = _from_ammo(folder, ammo, delimiter, meta, tp_size, fmt)
+    else:
+        found = _from_hf(folder, hf, delimiter, meta, tp_size)
+    if model_type is not None:
+        if found.model_type is not None and found.model_type != model_type:
+            raise ScalesError(f"--model-type {model_type} but the checkpoint says model type {found.model_type!r}")
+        found.model_type = model_type
+    found.warnings += engine_warnings(found.model_type, found.tp, meta.get("n_heads"), meta.get("n_kv_heads"))
+    return found
+
+
+def check_scheme(scheme: dict[str, Any] | None, where: Path | str) -> None:
+    """Refuse a `kv_cache_scheme` whose scales are not FP8 scales (an INT8 KV cache's are integer steps)."""
+    if scheme is None:
+        return
+    kind, bits = scheme.get("type"), scheme.get("num_bits")
+    if kind == "float" and bits == 8:
+        return
+    if kind == "int":
+        raise ScalesError(f"{where}: kv_cache_scheme says a {bits}-bit integer KV cache (type int): its k/v scales "
+                          "are integer quantization steps, not FP8 scales; kvlab extracts FP8 KV scales only")
+    raise ScalesError(f"{where}: kv_cache_scheme says type {kind!r}, num_bits {bits!r}; kvlab extracts FP8 KV "
+                      "scales only (type float, num_bits 8)")
+
+
+def engine_warnings(model_type: str | None, tp: int, n_heads: int | None, n_kv_heads: int | None) -> list[str]:
+    """What an engine loading a kv_cache_scales.json with this model type and tp would refuse."""
+    out = []
+    if model_type is None:
+        out.append("the checkpoint names no model type (config.json model_type, AMMO decoder_type): the file gets "
+                   "model_type null, which vLLM and SGLang reject (they pass the model's type); give --model-type")
+    if n_heads is not None and n_kv_heads is not None:
+        problem = vllm_tp_problem(tp, n_heads, n_kv_heads)
+        if problem is not None:
+            out.append(f"scales for tp {tp}, but {problem}")
+    return out
+
+
+def header_fp8_format(path: Path) -> str | None:
+    """The fp8 format a safetensors file's header names (`kvlab.fp8_format`), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            fmt = (handle.metadata() or {}).get(FP8_FORMAT_KEY)
+    except Exception as err:  # a truncated or foreign file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ScalesError(f"cannot read {path}: {first}") from None
+    if fmt is not None and fmt not in FORMATS:
+        raise ScalesError(f"{path.name}: its header names fp8 format {fmt!r}; known: {', '.join(FORMATS)}")
+    return fmt
 
 
 def _from_ammo(folder: Path, per_file: dict[Path, list[tuple[str, torch.Tensor]]], delimiter: str,
@@ -270,17 +342,24 @@ def _check_layer_sets(ranks: dict[int, dict[int, float]], n_layers: int | None) 
 
 
 def hf_scales(entries: list[tuple[str, str, torch.Tensor]], delimiter: str = ".",
-              n_layers: int | None = None, n_kv_heads: int | None = None) -> tuple[KVScales, str]:
-    """KVScales from `(where, name, tensor)` Hugging Face scale tensors, and their naming family."""
+              n_layers: int | None = None, n_kv_heads: int | None = None,
+              fp8_format: str = "e4m3fn") -> tuple[KVScales, str]:
+    """KVScales from `(where, name, tensor)` Hugging Face scale tensors, and their naming family.
+
+    A `kv_scale` serves both K and V.
+    """
     found: dict[tuple[int, str], tuple[str, torch.Tensor]] = {}
     families: set[str] = set()
     for where, name, tensor in entries:
-        which, family = hf_kind(name)
+        kind, family = hf_kind(name)
         families.add(family)
         layer = layer_of(name, delimiter)
-        if (layer, which) in found:
-            raise ScalesError(f"two {which.upper()} scales for layer {layer}: {found[layer, which][0]} and {where}:{name}")
-        found[layer, which] = (f"{where}:{name}", _scale_vector(tensor, f"{where}:{name}", n_kv_heads))
+        vector = _scale_vector(tensor, f"{where}:{name}", n_kv_heads)
+        for which in ("k", "v") if kind == "kv" else (kind,):
+            if (layer, which) in found:
+                raise ScalesError(f"two {which.upper()} scales for layer {layer}: {found[layer, which][0]} and "
+                                  f"{where}:{name}")
+            found[layer, which] = (f"{where}:{name}", vector.clone())
     layers = sorted({layer for layer, _ in found})
     want = n_layers if n_layers is not None else layers[-1] + 1
     for layer in range(want):
@@ -292,7 +371,7 @@ def hf_scales(entries: list[tuple[str, str, torch.Tensor]], delimiter: str = "."
         raise ScalesError(f"scales for layer(s) {', '.join(map(str, extra))} beyond the model's {want} layers")
     keys = tuple(found[layer, "k"][1] for layer in range(want))
     values = tuple(found[layer, "v"][1] for layer in range(want))
-    return KVScales(keys, values, "e4m3fn"), " + ".join(sorted(families))
+    return KVScales(keys, values, fp8_format), " + ".join(sorted(families))
 
 
 def _scale_vector(tensor: torch.Tensor, where: str, n_kv_heads: int | None) -> torch.Tensor:
@@ -309,8 +388,15 @@ def _scale_vector(tensor: torch.Tensor, where: str, n_kv_heads: int | None) -> t
 
 def _from_hf(folder: Path, entries: list[tuple[Path, str, torch.Tensor]], delimiter: str,
              meta: dict[str, Any], tp_size: int | None) -> Extracted:
+    files = sorted({p for p, _, _ in entries})
+    labels = {p.name: header_fp8_format(p) for p in files if p.suffix == ".safetensors"}
+    named = {fmt for fmt in labels.values() if fmt is not None}
+    if len(named) > 1:
+        raise ScalesError(f"{folder}: the scale files' headers name different fp8 formats: "
+                          + ", ".join(f"{name} {fmt}" for name, fmt in labels.items() if fmt))
+    fp8_format = named.pop() if named else "e4m3fn"
     scales, family = hf_scales([(p.name, n, t) for p, n, t in entries], delimiter,
-                               meta.get("n_layers"), meta.get("n_kv_heads"))
+                               meta.get("n_layers"), meta.get("n_kv_heads"), fp8_format)
     tp = tp_size or 1
     notes = []
     n_heads, n_kv = meta.get("n_heads"), meta.get("n_kv_heads")
@@ -322,6 +408,8 @@ def _from_hf(folder: Path, entries: list[tuple[Path, str, torch.Tensor]], delimi
         n_heads = n_kv = heads
     if all(float(s.min()) == 1.0 and float(s.max()) == 1.0 for s in (*scales.keys, *scales.values)):
         notes.append("every scale is exactly 1.0: placeholders, or ModelOpt's clamp to >= 1.0")
+    if fp8_format != "e4m3fn":
+        notes.append(f"the scales are for {fp8_format} (scale = amax / {fp8_max(fp8_format):g}), as the files' "
+                     f"{FP8_FORMAT_KEY} header says")
     ranks = scales.to_ranks(tp, n_heads, n_kv)
-    files = sorted({p for p, _, _ in entries})
     return Extracted(family, meta.get("model_type"), ranks, scales, files, notes)

@@ -42,6 +42,23 @@ def load_scales(path: str | Path, *, n_layers: int, n_heads: int, n_kv_heads: in
                       "tensors, or a checkpoint folder")
 
 
+def check_expressible(fmt: str, fp8_format: str) -> None:
+    """Refuse an output format that cannot say which fp8 format the scales are for.
+
+    vLLM's kv_cache_scales.json names float8_e4m3fn; compressed-tensors' kv_cache_scheme
+    (`num_bits: 8, type: float`) stands for float8_e4m3fn too and has no way to name another.
+    A reader would apply e5m2 scales (amax / 57344) as e4m3fn ones (amax / 448): 128x too small.
+    """
+    if fp8_format == "e4m3fn":
+        return
+    if fmt in ("vllm", "both"):
+        raise ScalesError(f"vLLM's kv_cache_scales.json holds float8_e4m3fn scales only, not {fp8_format}")
+    if fmt == "compressed-tensors":
+        raise ScalesError(f"compressed-tensors' kv_cache_scheme (num_bits 8, type float) stands for float8_e4m3fn "
+                          f"and cannot say {fp8_format}: a reader would take these scales as e4m3fn ones; write "
+                          f"e4m3fn scales (kvlab's cache=fp8:format={fp8_format} calibrates its own)")
+
+
 def export_scales(out: str | Path, scales: KVScales, *, fmt: str, tp: int, n_heads: int, n_kv_heads: int,
                   model_type: str | None, extra_meta: dict[str, str] | None = None) -> list[Path]:
     """Write `kv_cache_scales.json` (vLLM, one entry per tp rank) and/or the compressed-tensors files."""
@@ -50,11 +67,9 @@ def export_scales(out: str | Path, scales: KVScales, *, fmt: str, tp: int, n_hea
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ScalesError(f"--out {out} exists and is not a folder")
+    check_expressible(fmt, scales.fp8_format)
     written: list[Path] = []
     if fmt in ("vllm", "both"):
-        if scales.fp8_format != "e4m3fn":
-            raise ScalesError(f"vLLM's kv_cache_scales.json holds float8_e4m3fn scales only, not {scales.fp8_format}; "
-                              "use --format compressed-tensors")
         ranks = scales.to_ranks(tp, n_heads, n_kv_heads)
         out.mkdir(parents=True, exist_ok=True)
         written.append(vllm_json.write(out / VLLM_FILE, ranks, model_type))
