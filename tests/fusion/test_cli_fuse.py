@@ -53,10 +53,10 @@ def test_fuse_eval_writes_json_table_and_report(cli, tmp_path):
 
 @pytest.mark.parametrize("args, fragment", [
     (["run", "--chunks-file", "x.txt"], "needs --question"),
-    (["run", "--chunks-file", "missing.txt", "-q", "Q?"], "chunks file missing.txt does not exist"),
-    (["run", "--chunks-file", "x.txt", "-q", "Q?", "--strategy", "magic"], "unknown strategy 'magic'"),
-    (["run", "--chunks-file", "x.txt", "-q", "Q?", "--evict", "dynamic"], "--evict dynamic: not an eviction policy"),
-    (["run", "--chunks-file", "x.txt", "-q", "Q?", "--evict", "snapkv:pool=mean"], "pool=mean is not one of avg, max"),
+    (["run", "--chunks-file", "missing.txt", "--question", "Q?"], "chunks file missing.txt does not exist"),
+    (["run", "--chunks-file", "x.txt", "--question", "Q?", "--strategy", "magic"], "unknown strategy 'magic'"),
+    (["run", "--chunks-file", "x.txt", "--question", "Q?", "--evict", "dynamic"], "--evict dynamic: not an eviction policy"),
+    (["run", "--chunks-file", "x.txt", "--question", "Q?", "--evict", "snapkv:pool=mean"], "pool=mean is not one of avg, max"),
     (["eval", "--task", "nothing", "--n", "1"], "not one of needle, kvqa"),
     (["eval", "--rates", "0.1,abc"], "not a comma-separated list"),
     (["eval", "--strategies", "a3:check_layer=9", "--task", "kvqa", "--n", "1", "--chunks", "1",
@@ -76,7 +76,7 @@ def test_fuse_run_refuses_a_model_whose_rope_does_not_compose(cli, tmp_path):
         loaded.model.save_pretrained(tmp_path / "model")
     tiny("tiny-llama").tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "c.txt").write_text("Some text.\n")
-    code, _, err = cli("fuse", "run", "--model", tmp_path / "model", "--chunks-file", tmp_path / "c.txt", "-q", "Q?")
+    code, _, err = cli("fuse", "run", "--model", tmp_path / "model", "--chunks-file", tmp_path / "c.txt", "--question", "Q?")
     assert code == 2 and "rope_type='dynamic' changes its frequencies with the sequence length" in err
     assert err.count("\n") == 1
 

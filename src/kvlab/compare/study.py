@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kvlab.compare.diff import DiffResult, diff_snapshots
+from kvlab.compare.diff import DiffResult, diff_snapshots, refuse_evicting
 from kvlab.compare.tolerance import ToleranceOverride
 from kvlab.errors import KvlabError
 from kvlab.progress import progress_bar
@@ -96,6 +96,8 @@ def run_study(
     override = ToleranceOverride.parse(tol)
     golden_run = RunSpec.parse(golden)
     runs = resolve_test_runs(golden_run, tests)
+    for run in [golden_run, *runs]:
+        refuse_evicting(run)
     capturers = [capturer(run) for run in [golden_run, *runs]]  # fail before any work
     models = ModelCache(model_spec, progress=progress)
     first = models.get(golden_run)
