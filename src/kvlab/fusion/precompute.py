@@ -99,7 +99,8 @@ def precompute(
     if isinstance(store, str) and store.startswith("memory://"):
         raise KvlabError("a memory:// store lives only as long as this process, so what precompute stores would "
                          "vanish at exit: give a folder or a redis:// store")
-    if workers > 1 and store.url.startswith("memory://"):
+    store_url = store if isinstance(store, str) else store.url
+    if workers > 1 and store_url.startswith("memory://"):
         raise KvlabError("a memory:// store lives in one process: --workers needs a folder or redis:// store")
     task_list = read_task_file(tasks)
     loaded = load_model(model, run)  # a bad model spec fails before a new store folder is made
