@@ -138,6 +138,41 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, fingerprint=fingerprint)
 
 
+def load_tokenizer(model: dict[str, Any]) -> "PreTrainedTokenizerBase | None":
+    """The tokenizer of a snapshot's model (its `model` block), or None when it is not on this
+    machine: a tiny or random model, the default model once converted, or a local folder that is
+    still there. Loads no weights; a vocabulary that does not match the recorded one is not used."""
+    from kvlab.tinymodels import TINY_MODELS
+
+    spec = str(model.get("spec") or "")
+    try:
+        if spec in TINY_MODELS or spec.startswith("random:"):
+            from kvlab.tokenizer_bytes import byte_tokenizer
+
+            tokenizer = byte_tokenizer()
+        else:
+            if spec == DEFAULT_MODEL:
+                from kvlab import embedded
+
+                if not embedded.is_converted():
+                    return None
+                path = embedded.converted_dir()
+            else:
+                path = Path(spec).expanduser()
+            if not (path / "config.json").is_file():
+                return None
+            from transformers import AutoTokenizer
+
+            with quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, KvlabError):
+        return None
+    vocab = model.get("vocab_size")
+    if vocab and len(tokenizer) > vocab:
+        return None
+    return tokenizer
+
+
 def _cast(model, dtype: "torch.dtype", device: str):
     """Cast the weights to `dtype` but keep rotary frequency buffers in float32.
 

@@ -78,6 +78,7 @@ def diff_command(snapshots, model_spec, prompt, prompt_file, chat, golden_spec, 
 
 def print_summary(study) -> None:
     """The terminal summary: per test, first divergence, diagnosis, logits, worst layers and heads."""
+    from rich.markup import escape
     from rich.table import Table
 
     from kvlab.compare.fmt import fmt_num, fmt_pct
@@ -96,7 +97,8 @@ def print_summary(study) -> None:
             con.print("first divergence: [green]none[/green]")
         else:
             error = "NaN/Inf" if first.nonfinite else f"rel-L2 {fmt_num(first.error)}"
-            con.print(f"first divergence: [red]position {first.position}[/red] "
+            token = escape(study.position_token(first.position))
+            con.print(f"first divergence: [red]position {first.position}[/red] {token} "
                       f"({result.describe_position(first.position)}), layer {first.layer}, KV head {first.head}, "
                       f"{first.tensor}, {error}")
         con.print(f"diagnosis: {result.diagnosis.text}", markup=False)

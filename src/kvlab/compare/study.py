@@ -41,6 +41,26 @@ class Study:
     def token_text(self, token: int | None) -> str | None:
         return None if token is None or self.decode is None else self.decode([token])
 
+    def prompt_text(self) -> str | None:
+        return None if self.decode is None else self.decode(self.golden.token_ids[: self.golden.n_prompt])
+
+    def tokens(self) -> list[str] | None:
+        """The text of the token at each position, or None without a tokenizer."""
+        if self.decode is None:
+            return None
+        return [self.decode([t]) for t in self.golden.token_ids]
+
+    def position_token(self, position: int) -> str:
+        """The token at `position` for a line of text: its text quoted, else its id."""
+        ids = self.golden.token_ids
+        if not 0 <= position < len(ids):
+            return ""
+        if self.decode is None:
+            return f"[id {ids[position]}]"
+        from kvlab.compare.plots import short_token
+
+        return repr(short_token(self.decode([ids[position]]), 24))
+
     def to_json(self) -> dict[str, Any]:
         """`kvlab diff --json`: `{"golden": RUN, "tests": [...]}` plus the model and token counts."""
         return {
@@ -61,7 +81,17 @@ def compare_snapshots(golden_path: str | Path, test_path: str | Path, *, tol: st
     golden, test = Snapshot.load(golden_path), Snapshot.load(test_path)
     with progress_bar(golden.n_layers, "diff", enabled=progress) as bar:
         result = diff_snapshots(golden, test, tol=override, on_layer=bar)
-    return Study(golden, [result], golden_path=str(golden_path))
+    return Study(golden, [result], decode=snapshot_decoder(golden), golden_path=str(golden_path))
+
+
+def snapshot_decoder(snapshot: Snapshot) -> Callable[[list[int]], str] | None:
+    """Decode a snapshot's token ids with its model's tokenizer, when that loads from this machine."""
+    from kvlab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(snapshot.model)
+    if tokenizer is None:
+        return None
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def resolve_test_runs(golden: RunSpec, tests: Sequence[str]) -> list[RunSpec]:
