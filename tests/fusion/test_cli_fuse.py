@@ -108,3 +108,23 @@ def test_fuse_run_hits_every_chunk_precompute_stored(cli, tmp_path, extra):
     assert code == 0, err
     got = json.loads(out)["store"]
     assert (got["hits"], got["misses"]) == (stored, 0)
+
+
+def test_fuse_eval_plot_rate_labels_do_not_overlap():
+    import matplotlib.pyplot as plt
+
+    from kvlab.fusion.report import draw_plot
+
+    rows = [{"label": "full", "strategy": "full", "rate": None, "ttft_s": 0.30, "accuracy": 1.0, "metric": "substring"}]
+    for name, shift in (("a3", 0.0), ("cacheblend", 0.0005), ("epic", 0.001)):  # three strategies at one spot
+        for rate in (0.05, 0.1, 0.15, 0.3):
+            rows.append({"label": name, "strategy": name, "rate": rate, "ttft_s": 0.1 + shift + rate * 0.001,
+                         "accuracy": 1.0, "metric": "substring"})
+    figure, labels = draw_plot(rows, "labels")
+    try:
+        renderer = figure.canvas.get_renderer()
+        boxes = [label.get_window_extent(renderer) for label in labels]
+        assert len(boxes) == 12 and sorted(label.get_text() for label in labels)[:3] == ["0.05"] * 3
+        assert not [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    finally:
+        plt.close(figure)
