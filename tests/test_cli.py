@@ -133,3 +133,18 @@ def test_q_is_quiet_in_every_command():
                 assert param.name == "quiet", (path, param.name)
                 seen += 1
     assert seen >= 8
+
+
+def test_models_lists_the_random_specs_and_each_one_loads(cli, tmp_path):
+    from kvlab.models import load_model
+    from kvlab.randommodels import FAMILIES
+
+    code, out, err = cli("models", "--json", tmp_path / "m.json")
+    assert code == 0, err
+    listed = [m["name"] for m in json.loads((tmp_path / "m.json").read_text())["models"] if m["kind"] == "random"]
+    assert listed == [f"random:{family}" for family in FAMILIES]
+    for name in listed:
+        loaded = load_model(f"{name},hidden=128,layers=1")
+        assert loaded.config.num_hidden_layers == 1
+    code, out, _ = cli("models")
+    assert "random:llama-mha" in out

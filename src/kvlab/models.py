@@ -96,6 +96,7 @@ def model_shape(config) -> dict[str, Any]:
 def list_models() -> list[ModelSpec]:
     """The built-in model specs (local folders are accepted too, by path)."""
     from kvlab import embedded
+    from kvlab.randommodels import FAMILIES, PREFIX
     from kvlab.tinymodels import TINY_MODELS
 
     try:
@@ -112,7 +113,14 @@ def list_models() -> list[ModelSpec]:
         )
     ]
     specs += [ModelSpec(t.name, "tiny", t.summary, "built in memory, seeded") for t in TINY_MODELS.values()]
+    specs += [ModelSpec(f"{PREFIX}{family}", "random", f"{_RANDOM_SUMMARY[family]}; random weights for timing, sized by "
+                        "',hidden=1024,layers=8' (also heads, kv_heads, intermediate, max_positions, seed)",
+                        "built in memory, seeded") for family in FAMILIES]
     return specs
+
+
+_RANDOM_SUMMARY = {"llama-mha": "Llama, one KV head per head", "llama": "Llama, GQA (4 heads per KV head)",
+                   "qwen2": "Qwen2, GQA with q/k/v biases", "mistral": "Mistral, GQA, no sliding window"}
 
 
 def load_model(
