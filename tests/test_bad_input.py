@@ -18,7 +18,8 @@ from kvlab.snapshot import Snapshot
 
 @pytest.fixture(scope="module")
 def goldens(tmp_path_factory):
-    """Golden snapshots: tiny-llama, tiny-mha (another model), and tiny-llama with a token id past its vocabulary."""
+    """Golden snapshots: tiny-llama, tiny-mha (another model), tiny-llama with a token id past its vocabulary,
+    a streaming (evicting) run forced on the tiny-llama one; a task file."""
     from kvlab.capture import capture
     from tests.conftest import tiny
 
@@ -26,6 +27,8 @@ def goldens(tmp_path_factory):
     for name in ("tiny-llama", "tiny-mha"):
         model = tiny(name)
         capture(model, model.encode("hello there"), max_new_tokens=3).save(root / name)
+    golden = Snapshot.load(root / "tiny-llama")
+    capture(tiny("tiny-llama"), None, "cache=streaming:sink=1,window=4", force=golden).save(root / "streaming")
     meta = json.loads((root / "tiny-llama" / "meta.json").read_text())
     meta["token_ids"][-1] = 10**6
     far = Snapshot.load(root / "tiny-llama")
@@ -82,6 +85,7 @@ CASES = [
     # evicting caches cannot be diffed position by position
     ("diff streaming", ["diff", "-m", "tiny-llama", "-p", "hi", "--test", "cache=streaming:window=4"], "evicts tokens"),
     ("diff snapkv", ["diff", "-m", "tiny-llama", "-p", "hi", "--test", "cache=snapkv:capacity=4"], "evicts tokens"),
+    ("diff a streaming snapshot", ["diff", "{goldens}/tiny-llama", "{goldens}/streaming"], "evicts tokens"),
     # stores: the commands that look after one never make one; precompute into memory:// would keep nothing
     ("store stats missing", ["fuse", "store", "stats", "{work}/nostore"], "does not exist"),
     ("store ls missing", ["fuse", "store", "ls", "{work}/nostore"], "does not exist"),

@@ -23,7 +23,7 @@ _FLOOR = 1e-12
 
 
 MAX_TOKEN_TICKS = 64  # up to this many positions, the x axis names each position's token
-MAX_HOVER_CELLS = 40000  # cells given a hover text (bins of a long sequence count once)
+MAX_HOVER_CELLS = 12000  # (layer, position) cells of one panel given a hover text (a bin counts once)
 DPI = 90
 
 
@@ -37,6 +37,8 @@ class Cell:
 
 @dataclass
 class Heatmaps:
+    """The heatmap PNG, its size in pixels and its cells, so a page can say what a pointer is on."""
+
     png: bytes
     cells: list[Cell]
     width: int
