@@ -37,3 +37,29 @@ def cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """Make a folder read-only for this process, even as root (who ignores mode bits): mode 0555,
+    and the immutable attribute where the process may set it. Skips where neither holds."""
+    import os
+    import shutil
+    import subprocess
+
+    made: list = []
+
+    def make(path):
+        os.chmod(path, 0o555)
+        if os.geteuid() == 0 and shutil.which("chattr"):
+            subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+        made.append(path)
+        if os.access(path, os.W_OK):
+            pytest.skip("cannot make a folder read-only here")
+        return path
+
+    yield make
+    for path in made:
+        if os.geteuid() == 0 and shutil.which("chattr"):
+            subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+        os.chmod(path, 0o755)

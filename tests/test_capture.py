@@ -57,7 +57,9 @@ def test_teacher_forcing_feeds_golden_tokens_not_the_models_own():
     golden = kvlab.capture(golden_model, golden_model.encode(PROMPT), max_new_tokens=12)
     # a different model makes different choices; forcing still feeds the golden ones
     other = tiny("tiny-mha")
-    forced = kvlab.capture(other, None, force=golden)
+    with pytest.raises(KvlabError, match="golden run of model tiny-llama"):
+        kvlab.capture(other, None, force=golden)  # a snapshot names its model: another one is refused
+    forced = kvlab.capture(other, golden.token_ids[: golden.n_prompt], force=golden.token_ids)
     free = kvlab.capture(other, golden.token_ids[: golden.n_prompt], max_new_tokens=12)
     assert forced.token_ids == golden.token_ids
     assert free.token_ids != golden.token_ids

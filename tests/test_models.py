@@ -102,3 +102,15 @@ def test_low_precision_runs_keep_rotary_frequencies_in_float32():
     assert rotary.inv_freq.dtype == torch.float32
     assert torch.equal(rotary.inv_freq, tiny("tiny-llama").model.model.rotary_emb.inv_freq)
     assert low.model.layers[0].self_attn.k_proj.weight.dtype == torch.bfloat16
+
+
+def test_the_default_model_ships_as_the_4_bit_gguf_the_readme_describes():
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    from kvlab import embedded
+
+    types = Counter(t.tensor_type.name for t in GGUFReader(embedded.gguf_path()).tensors)
+    assert set(types) == {"Q4_1", "Q8_0", "F32"} and types["Q8_0"] == 1
+    assert types["Q4_1"] == 7 * 30  # q, k, v, o, gate, up, down of each of the 30 layers

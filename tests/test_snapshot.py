@@ -161,3 +161,24 @@ def test_layer_out_of_range(tmp_path):
     back = Snapshot.load(_saved(tmp_path))
     with pytest.raises(SnapshotError, match="out of range"):
         back.keys(3)
+
+
+def test_snapshot_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    import torch
+
+    from kvlab.snapshot import Snapshot
+
+    snap = Snapshot.from_layers([(torch.ones(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))],
+                                {"token_ids": [1, 2, 3], "n_prompt": 2, "run": "", "model": {}},
+                                logits=torch.zeros(1, 5))
+    old = os.umask(0o022)
+    try:
+        snap.save(tmp_path / "s")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "s").iterdir()}
+    assert modes == {"kv.safetensors": 0o644, "logits.safetensors": 0o644, "meta.json": 0o644}
+    assert stat.S_IMODE((tmp_path / "s").stat().st_mode) == 0o755

@@ -72,3 +72,21 @@ def test_needle_tasks_are_reproducible_and_distinct():
     assert len({t.answers[0] for t in a}) == 4 and len({t.question for t in a}) == 4
     with pytest.raises(KvlabError, match="depth"):
         needle_task(tok, NeedleSpec(depth=1.5))
+
+
+def test_the_readme_task_and_chunks_file_examples_are_read_as_shown(tmp_path):
+    import re
+    from pathlib import Path
+
+    from kvlab.fusion.prompt import read_chunks_file
+    from kvlab.tasks import read_task_file
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    task_block = re.search(r"```jsonl\n(.*?)```", readme, re.S).group(1)
+    chunks_block = re.search(r"A chunks file .*?```text\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "tasks.jsonl").write_text(task_block)
+    (tmp_path / "chunks.txt").write_text(chunks_block)
+    tasks = read_task_file(tmp_path / "tasks.jsonl")
+    assert [t.id for t in tasks] == ["q7", "q8"] and tasks[0].answers == ["Ada"] and len(tasks[0].chunks) == 2
+    assert read_chunks_file(tmp_path / "chunks.txt") == ["Ada founded Acme in 1999. It began in a garage.",
+                                                         "Acme makes anvils and sells them by mail."]

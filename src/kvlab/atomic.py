@@ -22,6 +22,12 @@ def _umask() -> int:
     return mask
 
 
+def file_mode() -> int:
+    """The permissions a new file gets under the umask (0644 under umask 022): what `open` gives,
+    where `mkstemp` and safetensors' writer give owner-only files."""
+    return 0o666 & ~_umask()
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -42,7 +48,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it normal permissions
+        os.chmod(tmp, file_mode())  # mkstemp makes it private; give it normal permissions
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -73,8 +79,10 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Pat
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it normal permissions
         yield tmp
+        mode = file_mode()
         for child in tmp.iterdir():
             if child.is_file():
+                os.chmod(child, mode)  # some writers (safetensors) make owner-only files; follow the umask
                 with open(child, "rb") as handle:
                     os.fsync(handle.fileno())
         if path.exists():

@@ -50,6 +50,7 @@ def capture(
     if run.tp != 1 and not _in_tp_group(run.tp):
         raise KvlabError("tp > 1 runs on torch.distributed: use `kvlab capture --tp N` (kvlab.distributed.capture_tp)")
     prompt, forced, n_steps = _plan(tokens, force, max_new_tokens)
+    check_forcing_model(force, describe, prompt + (forced or []))
     policy = run.policy
     eos = _eos_ids(hf_model) if stop_at_eos and forced is None else set()
 
@@ -153,6 +154,27 @@ def _plan(tokens, force, max_new_tokens: int) -> tuple[list[int], list[int] | No
     if not forced:
         raise KvlabError("the golden run has no generated tokens to force")
     return prompt, forced, len(forced)
+
+
+def check_forcing_model(force: Snapshot | Sequence[int] | None, model: dict[str, Any], ids: Sequence[int]) -> None:
+    """Refuse teacher forcing from another model's run: its cache positions would mean other tokens.
+
+    `model` is the snapshot `model` block of the model about to run. A golden snapshot must carry
+    the same fingerprint; any forced token must lie inside the model's vocabulary.
+    """
+    if isinstance(force, Snapshot):
+        golden = force.model or {}
+        want, have = golden.get("fingerprint"), model.get("fingerprint")
+        if want and have and want != have:
+            where = f" ({force.path})" if force.path is not None else ""
+            raise KvlabError(f"cannot teacher-force model {model.get('spec', '?')} (fingerprint {have}) on the golden "
+                             f"run{where} of model {golden.get('spec', '?')} (fingerprint {want}): "
+                             "capture the golden run with the same model")
+    vocab = model.get("vocab_size")
+    outside = [t for t in ids if t < 0 or (vocab and t >= vocab)]
+    if outside:
+        raise KvlabError(f"cannot teacher-force model {model.get('spec', '?')}: token id {outside[0]} is outside its "
+                         f"vocabulary of {vocab}")
 
 
 def _eos_ids(model) -> set[int]:

@@ -96,6 +96,7 @@ def model_shape(config) -> dict[str, Any]:
 def list_models() -> list[ModelSpec]:
     """The built-in model specs (local folders are accepted too, by path)."""
     from kvlab import embedded
+    from kvlab.randommodels import FAMILIES, PREFIX
     from kvlab.tinymodels import TINY_MODELS
 
     try:
@@ -112,7 +113,14 @@ def list_models() -> list[ModelSpec]:
         )
     ]
     specs += [ModelSpec(t.name, "tiny", t.summary, "built in memory, seeded") for t in TINY_MODELS.values()]
+    specs += [ModelSpec(f"{PREFIX}{family}", "random", f"{_RANDOM_SUMMARY[family]}; random weights for timing, sized by "
+                        "',hidden=1024,layers=8' (also heads, kv_heads, intermediate, max_positions, seed)",
+                        "built in memory, seeded") for family in FAMILIES]
     return specs
+
+
+_RANDOM_SUMMARY = {"llama-mha": "Llama, one KV head per head", "llama": "Llama, GQA (4 heads per KV head)",
+                   "qwen2": "Qwen2, GQA with q/k/v biases", "mistral": "Mistral, GQA, no sliding window"}
 
 
 def load_model(
@@ -136,6 +144,41 @@ def load_model(
     apply_attention(model, run.attn)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, fingerprint=fingerprint)
+
+
+def load_tokenizer(model: dict[str, Any]) -> "PreTrainedTokenizerBase | None":
+    """The tokenizer of a snapshot's model (its `model` block), or None when it is not on this
+    machine: a tiny or random model, the default model once converted, or a local folder that is
+    still there. Loads no weights; a vocabulary that does not match the recorded one is not used."""
+    from kvlab.tinymodels import TINY_MODELS
+
+    spec = str(model.get("spec") or "")
+    try:
+        if spec in TINY_MODELS or spec.startswith("random:"):
+            from kvlab.tokenizer_bytes import byte_tokenizer
+
+            tokenizer = byte_tokenizer()
+        else:
+            if spec == DEFAULT_MODEL:
+                from kvlab import embedded
+
+                if not embedded.is_converted():
+                    return None
+                path = embedded.converted_dir()
+            else:
+                path = Path(spec).expanduser()
+            if not (path / "config.json").is_file():
+                return None
+            from transformers import AutoTokenizer
+
+            with quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, KvlabError):
+        return None
+    vocab = model.get("vocab_size")
+    if vocab and len(tokenizer) > vocab:
+        return None
+    return tokenizer
 
 
 def _cast(model, dtype: "torch.dtype", device: str):

@@ -51,7 +51,9 @@ class RunSpec:
 
     # ---- parsing -------------------------------------------------------------------------
     @classmethod
-    def parse(cls, text: "str | RunSpec | None") -> "RunSpec":
+    def parse(cls, text: "str | RunSpec | None", *, check_device: bool = True) -> "RunSpec":
+        """Parse and validate a spec; with `check_device`, a device this torch cannot use is refused
+        here, before any model is loaded (a recorded run, read to describe it, is parsed without)."""
         if isinstance(text, RunSpec):
             return text
         if text is None or not text.strip():
@@ -79,7 +81,10 @@ class RunSpec:
                 raise RunSpecError(
                     f"run spec: unknown key {key!r} in {item!r}; allowed: {', '.join(KEYS)}"
                 )
-        return cls._from_strings(values, cache_items)
+        spec = cls._from_strings(values, cache_items)
+        if check_device and spec.device is not None:
+            check_device_available(spec.device)
+        return spec
 
     @classmethod
     def _from_strings(cls, values: dict[str, str], cache_items: list[str]) -> "RunSpec":
@@ -163,6 +168,23 @@ class RunSpec:
             if value is not None:
                 parts.append(f"{key}={value.spec() if key == 'cache' else value}")
         return ",".join(parts)
+
+
+def check_device_available(device: str) -> None:
+    """Refuse a device this torch build or machine does not have (`cuda` on a CPU-only torch)."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch" if torch.version.cuda is None else "no CUDA device is visible"
+            raise RunSpecError(f"run spec: device={device} but this torch ({torch.__version__}) cannot use CUDA: "
+                               f"{build}; use device=cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise RunSpecError(f"run spec: device={device} but only {torch.cuda.device_count()} CUDA device(s) "
+                               "are visible")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise RunSpecError(f"run spec: device={device} but MPS is not available here; use device=cpu")
 
 
 def _same(key: str, want: str, actual: str) -> bool:

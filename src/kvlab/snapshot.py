@@ -181,6 +181,19 @@ class Snapshot:
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys(layer), self.values(layer)
 
+    def cache_nbytes(self) -> int:
+        """Bytes the run's cache held: for a quantized tensor (one with a raw payload `.q`) the payload,
+        its parts and its full-precision window, not the dequantized view; else the tensor itself."""
+        names = set(self.tensor_names())
+        total = 0
+        for layer in range(self.n_layers):
+            for base in (key_name(layer), value_name(layer)):
+                if f"{base}.q" in names:
+                    total += sum(self.tensor(n).nbytes for n in names if n.startswith(f"{base}."))
+                else:
+                    total += self.tensor(base).nbytes
+        return total
+
     def logits(self) -> torch.Tensor | None:
         """Full last-position logits per step, `[steps, vocab]` float32, or None if not recorded."""
         if self._logits is not None:
@@ -214,9 +227,7 @@ class Snapshot:
 
         from kvlab.atomic import atomic_dir
 
-        path = Path(path)
-        if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / META_FILE).is_file())):
-            raise SnapshotError(f"refusing to overwrite {path}: it exists and is not a kvlab snapshot")
+        path = check_snapshot_target(path)
         with atomic_dir(path) as tmp:
             if self._tensors is None and self.path is not None:
                 shutil.copyfile(self.path / KV_FILE, tmp / KV_FILE)
@@ -231,6 +242,14 @@ class Snapshot:
     def __repr__(self) -> str:
         where = f" at {self.path}" if self.path else ""
         return f"Snapshot({self.n_layers} layers, {len(self.token_ids)} tokens, run={self.run!r}{where})"
+
+
+def check_snapshot_target(path: str | Path) -> Path:
+    """`path` may become a snapshot: it is new, an empty folder or a snapshot (which is replaced)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / META_FILE).is_file())):
+        raise SnapshotError(f"refusing to overwrite {path}: it exists and is not a kvlab snapshot")
+    return path
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -103,10 +103,12 @@ def _heads_with_different_ranges(factor: float = 1e-5) -> LoadedModel:
 
 def test_per_head_scales_beat_per_tensor_when_heads_differ(golden):
     loaded = _heads_with_different_ranges()
-    exact = kvlab.capture(loaded, None, force=golden)
+    # another model (same function, other weights): forced with the golden token ids, not its snapshot
+    prompt, ids = golden.token_ids[: golden.n_prompt], golden.token_ids
+    exact = kvlab.capture(loaded, prompt, force=ids)
     torch.testing.assert_close(exact.logits(), golden.logits(), rtol=1e-3, atol=1e-3)  # same function
-    tensor = kvlab.capture(loaded, None, "cache=fp8:granularity=tensor", force=golden)
-    head = kvlab.capture(loaded, None, "cache=fp8:granularity=head", force=golden)
+    tensor = kvlab.capture(loaded, prompt, "cache=fp8:granularity=tensor", force=ids)
+    head = kvlab.capture(loaded, prompt, "cache=fp8:granularity=head", force=ids)
     for i in range(golden.n_layers):
         small = slice(1, 2)  # the scaled-down head
         e_tensor = tensor_errors(exact.values(i)[:, small], tensor.values(i)[:, small]).rel_l2

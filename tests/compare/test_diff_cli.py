@@ -19,12 +19,34 @@ def test_two_snapshots_summary_json_and_report(cli, pair, tmp_path):
     code, out, err = cli("diff", pair / "golden", pair / "test", "--json", tmp_path / "d.json",
                          "--report", tmp_path / "r.html", "-q")
     assert code == 0, err
-    assert "first divergence: position 12 (prompt token 12), layer 2, KV head 1, keys, rel-L2 0.5" in out
+    # two snapshot folders hold token ids and the model: its tokenizer (here built in) gives the text
+    assert "first divergence: position 12 'l' (prompt token 12), layer 2, KV head 1, keys, rel-L2 0.5" in out
     assert "worst layers" in out and "worst KV heads" in out and "top-1 agreement 100.0%" in out
     data = json.loads((tmp_path / "d.json").read_text())
+    assert data["golden_text"] is not None
+    page = (tmp_path / "r.html").read_text()
+    assert "<pre>The cache holds keys and values.</pre>" in page and "tokens by position (32 prompt" in page
     first = data["tests"][0]["first_divergence"]
     assert (first["position"], first["layer"], first["head"], first["tensor"]) == (12, 2, 1, "keys")
     assert (tmp_path / "r.html").stat().st_size > 10_000
+
+
+def test_a_report_without_the_tokenizer_shows_token_ids(cli, pair, tmp_path):
+    import shutil
+
+    from kvlab.snapshot import Snapshot
+
+    for name in ("golden", "test"):
+        shutil.copytree(pair / name, tmp_path / name)
+        meta = json.loads((tmp_path / name / "meta.json").read_text())
+        meta["model"]["spec"] = str(tmp_path / "gone-model")  # a local folder no longer there
+        (tmp_path / name / "meta.json").write_text(json.dumps(meta))
+    code, out, err = cli("diff", tmp_path / "golden", tmp_path / "test", "--report", tmp_path / "r.html", "-q")
+    assert code == 0, err
+    token = Snapshot.load(tmp_path / "golden").token_ids[12]
+    assert f"first divergence: position 12 [id {token}] (prompt token 12)" in out
+    page = (tmp_path / "r.html").read_text()
+    assert "tokens are shown as ids" in page and f">[{token}]<sub>12</sub>" in page
 
 
 def test_json_to_stdout_is_only_json(cli, pair):

@@ -53,10 +53,10 @@ def test_fuse_eval_writes_json_table_and_report(cli, tmp_path):
 
 @pytest.mark.parametrize("args, fragment", [
     (["run", "--chunks-file", "x.txt"], "needs --question"),
-    (["run", "--chunks-file", "missing.txt", "-q", "Q?"], "chunks file missing.txt does not exist"),
-    (["run", "--chunks-file", "x.txt", "-q", "Q?", "--strategy", "magic"], "unknown strategy 'magic'"),
-    (["run", "--chunks-file", "x.txt", "-q", "Q?", "--evict", "dynamic"], "--evict dynamic: not an eviction policy"),
-    (["run", "--chunks-file", "x.txt", "-q", "Q?", "--evict", "snapkv:pool=mean"], "pool=mean is not one of avg, max"),
+    (["run", "--chunks-file", "missing.txt", "--question", "Q?"], "chunks file missing.txt does not exist"),
+    (["run", "--chunks-file", "x.txt", "--question", "Q?", "--strategy", "magic"], "unknown strategy 'magic'"),
+    (["run", "--chunks-file", "x.txt", "--question", "Q?", "--evict", "dynamic"], "--evict dynamic: not an eviction policy"),
+    (["run", "--chunks-file", "x.txt", "--question", "Q?", "--evict", "snapkv:pool=mean"], "pool=mean is not one of avg, max"),
     (["eval", "--task", "nothing", "--n", "1"], "not one of needle, kvqa"),
     (["eval", "--rates", "0.1,abc"], "not a comma-separated list"),
     (["eval", "--strategies", "a3:check_layer=9", "--task", "kvqa", "--n", "1", "--chunks", "1",
@@ -76,7 +76,7 @@ def test_fuse_run_refuses_a_model_whose_rope_does_not_compose(cli, tmp_path):
         loaded.model.save_pretrained(tmp_path / "model")
     tiny("tiny-llama").tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "c.txt").write_text("Some text.\n")
-    code, _, err = cli("fuse", "run", "--model", tmp_path / "model", "--chunks-file", tmp_path / "c.txt", "-q", "Q?")
+    code, _, err = cli("fuse", "run", "--model", tmp_path / "model", "--chunks-file", tmp_path / "c.txt", "--question", "Q?")
     assert code == 2 and "rope_type='dynamic' changes its frequencies with the sequence length" in err
     assert err.count("\n") == 1
 
@@ -108,3 +108,23 @@ def test_fuse_run_hits_every_chunk_precompute_stored(cli, tmp_path, extra):
     assert code == 0, err
     got = json.loads(out)["store"]
     assert (got["hits"], got["misses"]) == (stored, 0)
+
+
+def test_fuse_eval_plot_rate_labels_do_not_overlap():
+    import matplotlib.pyplot as plt
+
+    from kvlab.fusion.report import draw_plot
+
+    rows = [{"label": "full", "strategy": "full", "rate": None, "ttft_s": 0.30, "accuracy": 1.0, "metric": "substring"}]
+    for name, shift in (("a3", 0.0), ("cacheblend", 0.0005), ("epic", 0.001)):  # three strategies at one spot
+        for rate in (0.05, 0.1, 0.15, 0.3):
+            rows.append({"label": name, "strategy": name, "rate": rate, "ttft_s": 0.1 + shift + rate * 0.001,
+                         "accuracy": 1.0, "metric": "substring"})
+    figure, labels = draw_plot(rows, "labels")
+    try:
+        renderer = figure.canvas.get_renderer()
+        boxes = [label.get_window_extent(renderer) for label in labels]
+        assert len(boxes) == 12 and sorted(label.get_text() for label in labels)[:3] == ["0.05"] * 3
+        assert not [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    finally:
+        plt.close(figure)

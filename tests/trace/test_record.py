@@ -288,7 +288,7 @@ def test_smollm2_trace_checks(smollm2, tmp_path):
     (["trace", "record", "-m", "tiny-llama", "--layers", "a,b", "-o", "{tmp}/x.gguf"], "layer numbers like 0,5"),
     (["trace", "check", "{tmp}/missing.gguf"], "no such file"),
     (["trace", "check", "{tmp}"], "is not a file"),
-    (["trace", "record", "-m", "tiny-llama", "-o", "{tmp}"], "it is a folder"),
+    (["trace", "record", "-m", "tiny-llama", "-o", "{tmp}"], "is a folder"),
 ])
 def test_cli_bad_input_is_one_line(cli, tmp_path, args, message):
     code, _, err = cli(*[a.format(tmp=tmp_path) for a in args])

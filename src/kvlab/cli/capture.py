@@ -6,7 +6,7 @@ import time
 
 import click
 
-from kvlab.cli.common import console, json_option, quiet_option, read_prompt, write_json
+from kvlab.cli.common import console, json_option, output_dir, quiet_option, read_prompt, snapshot_dir, write_json
 
 
 @click.command("capture")
@@ -25,9 +25,10 @@ from kvlab.cli.common import console, json_option, quiet_option, read_prompt, wr
 @click.option("--tp", type=click.IntRange(min=1), default=None,
               help="Tensor-parallel ranks (same as tp=N in --run): N processes on torch.distributed, "
                    "model sharded by transformers' tp_plan; also what torchrun --nproc-per-node N gives.")
-@click.option("--shards", default=None, metavar="DIR",
+@click.option("--shards", default=None, metavar="DIR", callback=output_dir,
               help="With --tp: folder for the per-rank shard snapshots (default OUT.shards).")
-@click.option("--out", "-o", required=True, metavar="DIR", help="Snapshot folder to write (replaced if it is one).")
+@click.option("--out", "-o", required=True, metavar="DIR", callback=snapshot_dir,
+              help="Snapshot folder to write (replaced if it is one).")
 @json_option
 @quiet_option
 def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_text, force_tokens, top_k,
@@ -76,7 +77,7 @@ def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_t
 
     generated = snap.token_ids[snap.n_prompt:]
     k0 = snap.keys(0)
-    cache_bytes = sum(snap.keys(i).nbytes + snap.values(i).nbytes for i in range(snap.n_layers))
+    cache_bytes = snap.cache_nbytes()
     summary = {
         "out": out,
         "model": snap.model,
@@ -98,7 +99,10 @@ def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_t
         con.print(f"prompt: {snap.n_prompt} tokens  generated: {len(generated)} tokens "
                   f"in {elapsed:.2f}s ({summary['tokens_per_s']:.1f} tok/s)"
                   + ("  (teacher-forced)" if golden is not None else ""))
-        con.print(f"cache: {snap.n_layers} layers x {tuple(k0.shape)} {k0.dtype}, {cache_bytes / 2**20:.2f} MiB")
+        view = sum(snap.keys(i).nbytes + snap.values(i).nbytes for i in range(snap.n_layers))
+        stored = f" held (dequantized view {view / 2**20:.2f} MiB)" if view != cache_bytes else ""
+        con.print(f"cache: {snap.n_layers} layers x {tuple(k0.shape)} {k0.dtype}, {cache_bytes / 2**20:.2f} MiB"
+                  + stored)
         if tp_result is not None:
             _print_tp(con, tp_result)
         con.rule("generated text")

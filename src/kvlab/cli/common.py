@@ -70,7 +70,40 @@ def read_prompt(prompt: str | None, prompt_file: str | None, required: bool = Tr
     return prompt
 
 
+def output_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Option callback: an output file is checked when the command line is read, before any work."""
+    if value is not None and value != "-":
+        from kvlab.outputs import check_output_file
+
+        check_output_file(value, _option_name(param))
+    return value
+
+
+def output_dir(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Option callback: an output folder is checked when the command line is read, before any work."""
+    if value is not None:
+        from kvlab.outputs import check_output_dir
+
+        check_output_dir(value, _option_name(param))
+    return value
+
+
+def snapshot_dir(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Option callback: a snapshot folder to write, checked before any work (see Snapshot.save)."""
+    if value is not None:
+        from kvlab.snapshot import check_snapshot_target
+
+        output_dir(ctx, param, value)
+        check_snapshot_target(value)
+    return value
+
+
+def _option_name(param: click.Parameter) -> str:
+    return max(param.opts, key=len) if param.opts else str(param.name)
+
+
 json_option = click.option(
-    "--json", "json_path", metavar="FILE", default=None, help="Also write the figures as JSON to FILE ('-' for stdout)."
+    "--json", "json_path", metavar="FILE", default=None, callback=output_file,
+    help="Also write the figures as JSON to FILE ('-' for stdout)."
 )
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")

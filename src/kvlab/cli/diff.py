@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, quiet_option, read_prompt, write_json
+from kvlab.cli.common import console, json_option, output_dir, output_file, quiet_option, read_prompt, write_json
 
 
 @click.command("diff")
@@ -22,9 +22,9 @@ from kvlab.cli.common import console, json_option, quiet_option, read_prompt, wr
 @click.option("--tol", default=None, metavar="X|KEY=X,...",
               help="Divergence threshold on per-row rel-L2: one number, or per precision "
                    "(float32=,float16=,bfloat16=,float8_e4m3fn=,float8_e5m2=,lossy=). Default follows the dtype.")
-@click.option("--out", "-o", default=None, metavar="DIR",
+@click.option("--out", "-o", default=None, metavar="DIR", callback=output_dir,
               help="Capture mode: write the snapshots (and, unless --report says otherwise, report.html) to DIR.")
-@click.option("--report", "report_path", default=None, metavar="FILE", help="Write the HTML report to FILE.")
+@click.option("--report", "report_path", default=None, metavar="FILE", callback=output_file, help="Write the HTML report to FILE.")
 @json_option
 @quiet_option
 def diff_command(snapshots, model_spec, prompt, prompt_file, chat, golden_spec, test_specs, max_new_tokens, tol,
@@ -78,6 +78,7 @@ def diff_command(snapshots, model_spec, prompt, prompt_file, chat, golden_spec, 
 
 def print_summary(study) -> None:
     """The terminal summary: per test, first divergence, diagnosis, logits, worst layers and heads."""
+    from rich.markup import escape
     from rich.table import Table
 
     from kvlab.compare.fmt import fmt_num, fmt_pct
@@ -96,7 +97,8 @@ def print_summary(study) -> None:
             con.print("first divergence: [green]none[/green]")
         else:
             error = "NaN/Inf" if first.nonfinite else f"rel-L2 {fmt_num(first.error)}"
-            con.print(f"first divergence: [red]position {first.position}[/red] "
+            token = escape(study.position_token(first.position))
+            con.print(f"first divergence: [red]position {first.position}[/red] {token} "
                       f"({result.describe_position(first.position)}), layer {first.layer}, KV head {first.head}, "
                       f"{first.tensor}, {error}")
         con.print(f"diagnosis: {result.diagnosis.text}", markup=False)

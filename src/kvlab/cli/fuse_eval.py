@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, quiet_option, write_json
+from kvlab.cli.common import console, json_option, output_file, quiet_option, write_json
 from kvlab.errors import KvlabError
 
 _STORE_HELP = "Chunk store URL: a folder, redis://host:port/db, or memory:// (this process only)."
@@ -69,7 +69,7 @@ _max_new = click.option("--max-new-tokens", "-n", "max_new_tokens", type=click.I
 @click.option("--id", "task_id", default=None, help="The task's id in --task-file.")
 @click.option("--chunks-file", default=None, metavar="FILE",
               help="Chunks: a JSON list of strings, or text with chunks separated by blank lines.")
-@click.option("--question", "-q", default=None, help="The question (with --chunks-file).")
+@click.option("--question", default=None, help="The question (with --chunks-file).")
 @click.option("--strategy", "-s", default="a3", show_default=True, metavar="NAME[:p=v,...]",
               help="full, reuse, last, cacheblend, a3, epic or surprisal, with parameters (a3:check_layer=2).")
 @click.option("--rate", "-r", type=float, default=0.15, show_default=True,
@@ -81,8 +81,9 @@ _max_new = click.option("--max-new-tokens", "-n", "max_new_tokens", type=click.I
 @_run
 @_max_new
 @json_option
+@quiet_option
 def run_command(model_spec, store_url, task_file, task_id, chunks_file, question, strategy, rate, evict_spec,
-                chunk_tokens, prefix, chat, run_text, max_new_tokens, json_path) -> None:
+                chunk_tokens, prefix, chat, run_text, max_new_tokens, json_path, quiet) -> None:
     """Answer one question from stored chunk caches and print the time to first token.
 
     Chunks missing from the store are computed and stored (their time counts in TTFT).
@@ -108,7 +109,7 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
     elif not question:
         raise click.UsageError("--chunks-file needs --question")
     docs = read_chunks_file(chunks_file) if chunks_file else None
-    loaded = load_model(model_spec, run_text)
+    loaded = load_model(model_spec, run_text, progress=not quiet)
     if task is not None:
         prompt = task_prompt(loaded, task, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
     else:
@@ -166,7 +167,7 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
 @_chunk_tokens
 @click.option("--metric", type=click.Choice(["substring", "exact", "f1"]), default="substring", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated tasks.")
-@click.option("--report", default=None, metavar="PATH", help="Write an HTML report (and PNG) of accuracy against TTFT.")
+@click.option("--report", default=None, metavar="PATH", callback=output_file, help="Write an HTML report (and PNG) of accuracy against TTFT.")
 @_prefix
 @_chat
 @_run

@@ -13,9 +13,10 @@ def store_group() -> None:
 
 
 def _open(url: str):
+    """An existing store: these commands look after one, they never make one."""
     from kvlab.fusion.store import open_store
 
-    return open_store(url)
+    return open_store(url, create=False)
 
 
 def _size(n: int | None) -> str:

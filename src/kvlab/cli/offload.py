@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, quiet_option, write_json
+from kvlab.cli.common import console, json_option, output_dir, quiet_option, write_json
 
 MIB = 2**20
 
@@ -16,7 +16,7 @@ MIB = 2**20
               help="Bytes per transfer and size of the disk file, in MiB.")
 @click.option("--gemm-n", type=click.IntRange(min=16), default=None,
               help="Square GEMM size (default 4096 on CUDA, 1024 on CPU).")
-@click.option("--disk-dir", default=None, metavar="DIR",
+@click.option("--disk-dir", default=None, metavar="DIR", callback=output_dir,
               help="Folder on the disk to measure (default: the temp folder, where tier=disk files go).")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @json_option

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, quiet_option, write_json
+from kvlab.cli.common import console, json_option, quiet_option, snapshot_dir, write_json
 
 MAX_PROBLEMS_SHOWN = 20
 
@@ -40,7 +40,7 @@ def _rank_order(text: str | None) -> list[int] | None:
 @click.option("--transposed-keys", is_flag=True, help="Keys are stored [batch, heads, head_dim, seq].")
 @click.option("--replica-atol", type=float, default=0.0, show_default=True,
               help="Largest replica disagreement that is not reported.")
-@click.option("--out", "-o", default=None, metavar="SNAPSHOT", help="Write the full cache as a snapshot folder.")
+@click.option("--out", "-o", default=None, metavar="SNAPSHOT", callback=snapshot_dir, help="Write the full cache as a snapshot folder.")
 @json_option
 @quiet_option
 def reconstruct_command(shard_dir, layout_name, heads, kv_heads, tp, dp, seq_split, seq_len, rank_order, pattern,

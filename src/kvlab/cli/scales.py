@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, quiet_option, write_json
+from kvlab.cli.common import console, json_option, output_dir, output_file, quiet_option, write_json
 
 
 @click.group("scales")
@@ -32,7 +32,7 @@ def scales_group() -> None:
 @click.option("--format", "out_format", type=click.Choice(["vllm", "compressed-tensors", "both"]), default="both",
               show_default=True, help="What to write into --out.")
 @click.option("--chat/--no-chat", default=None, help="Wrap each window in the chat template (default: if the model has one).")
-@click.option("--out", "-o", required=True, metavar="DIR", help="Folder for the files.")
+@click.option("--out", "-o", required=True, metavar="DIR", callback=output_dir, help="Folder for the files.")
 @json_option
 @quiet_option
 def calibrate_command(model_spec, run_text, data, samples, seq_len, granularity, fp8_format, tp, out_format, chat,
@@ -88,7 +88,7 @@ def calibrate_command(model_spec, run_text, data, samples, seq_len, granularity,
 @click.option("--load-format", type=click.Choice(["auto", "safetensors", "npz", "pt"]), default="auto", show_default=True)
 @click.option("--model-type", default=None,
               help="The model's type (e.g. llama), for a checkpoint that does not name it.")
-@click.option("--out", "-o", default=None, metavar="FILE", help="Output file (default: CHECKPOINT_DIR/kv_cache_scales.json).")
+@click.option("--out", "-o", default=None, metavar="FILE", callback=output_file, help="Output file (default: CHECKPOINT_DIR/kv_cache_scales.json).")
 @json_option
 def extract_command(checkpoint, tp_size, load_format, model_type, out, json_path) -> None:
     """Extract KV scales from a quantized checkpoint into vLLM's kv_cache_scales.json.

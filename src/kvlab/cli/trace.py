@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, quiet_option, read_prompt, write_json
+from kvlab.cli.common import console, json_option, output_file, quiet_option, read_prompt, write_json
 
 DEFAULT_PROMPT = "The key-value cache of a transformer keeps, for every layer,"
 
@@ -40,7 +40,7 @@ def trace_group() -> None:
 @click.option("--prompt-file", default=None, metavar="FILE", help="Read the prompt from FILE ('-' for stdin).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as one user turn in the model's chat template.")
 @click.option("--prefill", is_flag=True, help="Also record the prompt's forward pass, as step 0.")
-@click.option("--out", "-o", required=True, metavar="FILE", help="Trace file to write (.gguf).")
+@click.option("--out", "-o", required=True, metavar="FILE", callback=output_file, help="Trace file to write (.gguf).")
 @json_option
 @quiet_option
 def record_command(model_spec, layers_text, steps, run_text, prompt, prompt_file, chat, prefill, out, json_path,
@@ -86,7 +86,7 @@ def record_command(model_spec, layers_text, steps, run_text, prompt, prompt_file
               help="How tensors without kvlab metadata are laid out.")
 @click.option("--deinterleave-qk", is_flag=True, help="q and k use LLaMA GGUF's interleaved RoPE channel order.")
 @click.option("--per-head", is_flag=True, help="One table row per head instead of per layer and step.")
-@click.option("--plot", "plot_path", default=None, metavar="PNG", help="Also draw the errors per layer, step and head.")
+@click.option("--plot", "plot_path", default=None, metavar="PNG", callback=output_file, help="Also draw the errors per layer, step and head.")
 @json_option
 @quiet_option
 def check_command(trace_path, tol, max_abs, scale, layout, deinterleave_qk, per_head, plot_path, json_path,

@@ -136,6 +136,8 @@ def diff_snapshots(
 
 def check_comparable(golden: Snapshot, test: Snapshot, g_src: SnapshotSource, t_src: SnapshotSource) -> None:
     """One DiffError line if the two snapshots are of different models, tokens or cache shapes."""
+    for run in (golden.run, test.run):
+        refuse_evicting(_parse_run(run))
     g_model, t_model = golden.model, test.model
     g_fp, t_fp = g_model.get("fingerprint"), t_model.get("fingerprint")
     if g_fp and t_fp and g_fp != t_fp:
@@ -184,6 +186,18 @@ def _shard_hint(golden: Snapshot, test: Snapshot) -> str:
     return ""
 
 
+def refuse_evicting(run: RunSpec | None) -> None:
+    """A diff compares every position of two caches; an evicting cache (streaming, snapkv) holds only
+    some positions, chosen per KV head and step, so it is refused before any run or read."""
+    from kvlab.caches.eviction import EvictionPolicy
+
+    policy = run.cache if run is not None else None
+    if isinstance(policy, EvictionPolicy):
+        raise DiffError(f"cache={policy.spec()} evicts tokens: its cache keeps only some positions (per KV head), "
+                        "so kvlab diff cannot compare it position by position with the golden one; measure its "
+                        "accuracy with `kvlab fuse eval --evict` instead")
+
+
 def _parse_run(text: str) -> RunSpec | None:
     """The run spec a snapshot records, or None when it cannot be read.
 
@@ -198,7 +212,7 @@ def _parse_run(text: str) -> RunSpec | None:
         else:
             kept.append(item)
     try:
-        spec = RunSpec.parse(",".join(kept))
+        spec = RunSpec.parse(",".join(kept), check_device=False)
     except KvlabError:
         return None
     return replace(spec, attn=attn) if attn else spec

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kvlab.compare.diff import DiffResult, diff_snapshots
+from kvlab.compare.diff import DiffResult, diff_snapshots, refuse_evicting
 from kvlab.compare.tolerance import ToleranceOverride
 from kvlab.errors import KvlabError
 from kvlab.progress import progress_bar
@@ -41,6 +41,26 @@ class Study:
     def token_text(self, token: int | None) -> str | None:
         return None if token is None or self.decode is None else self.decode([token])
 
+    def prompt_text(self) -> str | None:
+        return None if self.decode is None else self.decode(self.golden.token_ids[: self.golden.n_prompt])
+
+    def tokens(self) -> list[str] | None:
+        """The text of the token at each position, or None without a tokenizer."""
+        if self.decode is None:
+            return None
+        return [self.decode([t]) for t in self.golden.token_ids]
+
+    def position_token(self, position: int) -> str:
+        """The token at `position` for a line of text: its text quoted, else its id."""
+        ids = self.golden.token_ids
+        if not 0 <= position < len(ids):
+            return ""
+        if self.decode is None:
+            return f"[id {ids[position]}]"
+        from kvlab.compare.plots import short_token
+
+        return repr(short_token(self.decode([ids[position]]), 24))
+
     def to_json(self) -> dict[str, Any]:
         """`kvlab diff --json`: `{"golden": RUN, "tests": [...]}` plus the model and token counts."""
         return {
@@ -61,7 +81,17 @@ def compare_snapshots(golden_path: str | Path, test_path: str | Path, *, tol: st
     golden, test = Snapshot.load(golden_path), Snapshot.load(test_path)
     with progress_bar(golden.n_layers, "diff", enabled=progress) as bar:
         result = diff_snapshots(golden, test, tol=override, on_layer=bar)
-    return Study(golden, [result], golden_path=str(golden_path))
+    return Study(golden, [result], decode=snapshot_decoder(golden), golden_path=str(golden_path))
+
+
+def snapshot_decoder(snapshot: Snapshot) -> Callable[[list[int]], str] | None:
+    """Decode a snapshot's token ids with its model's tokenizer, when that loads from this machine."""
+    from kvlab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(snapshot.model)
+    if tokenizer is None:
+        return None
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def resolve_test_runs(golden: RunSpec, tests: Sequence[str]) -> list[RunSpec]:
@@ -96,6 +126,8 @@ def run_study(
     override = ToleranceOverride.parse(tol)
     golden_run = RunSpec.parse(golden)
     runs = resolve_test_runs(golden_run, tests)
+    for run in [golden_run, *runs]:
+        refuse_evicting(run)
     capturers = [capturer(run) for run in [golden_run, *runs]]  # fail before any work
     models = ModelCache(model_spec, progress=progress)
     first = models.get(golden_run)

@@ -96,6 +96,9 @@ def precompute(
 
     if workers < 1:
         raise KvlabError(f"--workers must be at least 1, not {workers}")
+    if isinstance(store, str) and store.startswith("memory://"):
+        raise KvlabError("a memory:// store lives only as long as this process, so what precompute stores would "
+                         "vanish at exit: give a folder or a redis:// store")
     store_url = store if isinstance(store, str) else store.url
     if workers > 1 and store_url.startswith("memory://"):
         raise KvlabError("a memory:// store lives in one process: --workers needs a folder or redis:// store")

@@ -14,39 +14,73 @@ from kvlab.atomic import atomic_file, write_text_atomic
 
 def plot_png(rows: Sequence[dict[str, Any]], title: str) -> bytes:
     """PNG bytes: x = mean TTFT (s), y = accuracy; each strategy's rates joined in rate order and labelled."""
+    import matplotlib.pyplot as plt
+
+    figure, _ = draw_plot(rows, title)
+    try:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        return buffer.getvalue()
+    finally:
+        plt.close(figure)
+
+
+def draw_plot(rows: Sequence[dict[str, Any]], title: str):
+    """The figure and its rate labels, each moved off the points' other labels (rates of nearby
+    points, or of several strategies at one spot, would otherwise print on top of each other)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7.5, 4.8), dpi=110)
-    try:
-        by_strategy: dict[str, list[dict[str, Any]]] = {}
-        for row in rows:
-            by_strategy.setdefault(row["label"], []).append(row)
-        for spec, group in by_strategy.items():
-            group = sorted(group, key=lambda r: (r["rate"] is None, r["rate"] or 0.0))
-            xs, ys = [r["ttft_s"] for r in group], [r["accuracy"] for r in group]
-            if group[0]["strategy"] == "full":
-                axes.scatter(xs, ys, marker="*", s=180, color="black", zorder=3, label="full prefill")
+    labels = []
+    by_strategy: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_strategy.setdefault(row["label"], []).append(row)
+    for spec, group in by_strategy.items():
+        group = sorted(group, key=lambda r: (r["rate"] is None, r["rate"] or 0.0))
+        xs, ys = [r["ttft_s"] for r in group], [r["accuracy"] for r in group]
+        if group[0]["strategy"] == "full":
+            axes.scatter(xs, ys, marker="*", s=180, color="black", zorder=3, label="full prefill")
+            continue
+        line, = axes.plot(xs, ys, marker="o", label=spec)
+        for r in group:
+            if r["rate"] is not None:
+                labels.append(axes.annotate(f"{r['rate']:g}", (r["ttft_s"], r["accuracy"]), textcoords="offset points",
+                                            xytext=(4, 4), fontsize=7, color=line.get_color()))
+    axes.set_xlabel("mean time to first token (s), store reads included")
+    axes.set_ylabel(f"accuracy ({rows[0]['metric']})" if rows else "accuracy")
+    axes.set_ylim(-0.05, 1.05)
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    _separate(figure, labels)
+    return figure, labels
+
+
+# Offsets (points) tried in turn for a label, nearest first: right-above, right-below, left, above, below, ...
+_OFFSETS = [(4, 4), (4, -10), (-14, 4), (-14, -10), (-5, 10), (-5, -16)]
+
+
+def _separate(figure, labels) -> None:
+    """Give each label the first offset around its point (rings further out when all are taken)
+    where it overlaps no label placed before it."""
+    renderer = figure.canvas.get_renderer()
+    placed = []
+    for label in labels:
+        for ring in range(12):
+            scale = 1 + ring
+            for dx, dy in _OFFSETS:
+                label.xyann = (dx * scale, dy * scale)
+                box = label.get_window_extent(renderer)
+                if not any(box.overlaps(other) for other in placed):
+                    break
+            else:
                 continue
-            axes.plot(xs, ys, marker="o", label=spec)
-            for r in group:
-                if r["rate"] is not None:
-                    axes.annotate(f"{r['rate']:g}", (r["ttft_s"], r["accuracy"]), textcoords="offset points",
-                                  xytext=(4, 4), fontsize=7)
-        axes.set_xlabel("mean time to first token (s), store reads included")
-        axes.set_ylabel(f"accuracy ({rows[0]['metric']})" if rows else "accuracy")
-        axes.set_ylim(-0.05, 1.05)
-        axes.set_title(title, fontsize=10)
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8, loc="best")
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        return buffer.getvalue()
-    finally:
-        plt.close(figure)
+            break
+        placed.append(label.get_window_extent(renderer))
 
 
 def write_report(path: str | Path, rows: Sequence[dict[str, Any]], title: str) -> list[Path]:

@@ -159,3 +159,41 @@ def test_a_damaged_index_is_one_clear_error(tmp_path):
     (tmp_path / "s" / "index.sqlite").write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match="index of store .*: file is not a database"):
         LocalStore(tmp_path / "s")
+
+
+def test_a_store_in_a_read_only_folder_is_read_and_a_missing_one_is_not_made(tmp_path, read_only_dir, cli):
+    keys = [make_key(n) for n in range(3)]
+    with LocalStore(tmp_path / "s") as store:
+        for key in keys:
+            store.put(key, make_chunk(key))
+        entries = list(store.entries())
+    for folder in [*sorted((tmp_path / "s").rglob("*")), tmp_path / "s"]:
+        if folder.is_dir():
+            read_only_dir(folder)
+    with open_store(str(tmp_path / "s"), create=False) as store:
+        assert store.read_only and list(store.entries()) == entries
+        assert all(same_chunk(store.get(k), make_chunk(k)) for k in keys)
+    code, out, err = cli("fuse", "store", "stats", tmp_path / "s")
+    assert code == 0 and "3 chunks" in out, err
+    code, out, err = cli("fuse", "store", "verify", tmp_path / "s", "--quiet")
+    assert code == 0 and "3 chunks checked, 0 damaged" in out, err
+
+    with pytest.raises(StoreError, match="does not exist"):
+        open_store(str(tmp_path / "typo"), create=False)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_chunk_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        with LocalStore(tmp_path / "s") as store:
+            key = make_key(1)
+            store.put(key, make_chunk(key))
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "s" / "chunks").rglob("*.safetensors")]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files)
+    assert stat.S_IMODE((tmp_path / "s" / "kvlab-store.json").stat().st_mode) == 0o644

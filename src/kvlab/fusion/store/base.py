@@ -227,11 +227,12 @@ def _model_counts(infos: list[EntryInfo]) -> list[dict[str, Any]]:
     return [{"model": m, "dtype": d, "entries": n, "bytes": b} for (m, d), (n, b) in sorted(groups.items())]
 
 
-def open_store(url: str) -> ChunkStore:
+def open_store(url: str, *, create: bool = True) -> ChunkStore:
     """A store from its URL: a folder path (LocalStore), `redis://host:port/db`, or `memory://`.
 
     `file://PATH?capacity=SIZE` bounds a LocalStore (e.g. `capacity=20GB`);
     `redis://host:port/db?ttl=SECONDS&prefix=NAME` sets a RedisStore's expiry and key prefix.
+    With `create=False` a folder must already be a store (see LocalStore).
     """
     if url.startswith("memory://"):
         return MemoryStore(url)
@@ -255,7 +256,7 @@ def open_store(url: str) -> ChunkStore:
         if "capacity" in query:
             capacity = parse_size(query["capacity"][-1])
         url = parts.netloc + parts.path
-    return LocalStore(url, capacity=capacity)
+    return LocalStore(url, capacity=capacity, create=create)
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

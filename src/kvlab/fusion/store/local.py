@@ -24,7 +24,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+from kvlab.atomic import file_mode
 from kvlab.fusion.chunks import ChunkKey, ChunkKV
 from kvlab.fusion.store import codec
 from kvlab.fusion.store.base import (
@@ -62,10 +64,16 @@ class LocalStore(ChunkStore):
     one; passing `capacity` sets it, None keeps what the folder has (unbounded at first).
     """
 
-    def __init__(self, path: str | os.PathLike, capacity: int | None = None, *, durable: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, capacity: int | None = None, *, durable: bool = True,
+                 create: bool = True) -> None:
+        """`create=False` opens an existing store only (what commands that look after a store want:
+        a mistyped path is an error, not a new empty store); one in a folder this process cannot
+        write is then opened read-only."""
         self.root = Path(path).expanduser().absolute()
         self.url = str(self.root)
         self.durable = durable
+        self.create = create
+        self.read_only = False
         self._owner = new_owner()
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
@@ -81,6 +89,12 @@ class LocalStore(ChunkStore):
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store {self.url} is a file, not a folder")
         marker = self.root / MARKER
+        if not self.create:
+            if not self.root.is_dir():
+                raise StoreError(f"store {self.url} does not exist")
+            if not marker.is_file():
+                raise StoreError(f"{self.url} is not a kvlab chunk store (no {MARKER})")
+            self.read_only = not os.access(self.root, os.W_OK | os.X_OK)
         if self.root.is_dir() and not marker.is_file():
             foreign = [p.name for p in self.root.iterdir()
                        if p.name not in _OWN_NAMES and not p.name.startswith(f".{MARKER}.")]
@@ -100,6 +114,10 @@ class LocalStore(ChunkStore):
             found = None
         if found != STORE_FORMAT:
             raise StoreError(f"{self.url} is not a {STORE_FORMAT} store (marker says {found!r})")
+        if self.read_only:
+            if not (self.root / INDEX).is_file():
+                raise StoreError(f"store {self.url} has no index ({INDEX})")
+            return
         try:
             (self.root / CHUNKS).mkdir(exist_ok=True)
         except OSError as err:
@@ -112,11 +130,15 @@ class LocalStore(ChunkStore):
         """This process's connection (a forked child opens its own)."""
         if self._db is None or self._db_pid != os.getpid():
             try:
-                db = sqlite3.connect(self.root / INDEX, timeout=60.0, isolation_level=None,
-                                     check_same_thread=False)
-                db.execute("PRAGMA busy_timeout = 60000")
-                db.execute("PRAGMA journal_mode = WAL")
-                db.execute("PRAGMA synchronous = NORMAL")
+                if self.read_only:  # no -shm / -wal can be made beside it: read the file as it is
+                    uri = f"file:{quote(str(self.root / INDEX))}?mode=ro&immutable=1"
+                    db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+                else:
+                    db = sqlite3.connect(self.root / INDEX, timeout=60.0, isolation_level=None,
+                                         check_same_thread=False)
+                    db.execute("PRAGMA busy_timeout = 60000")
+                    db.execute("PRAGMA journal_mode = WAL")
+                    db.execute("PRAGMA synchronous = NORMAL")
             except sqlite3.Error as err:
                 raise StoreError(f"cannot open the index of store {self.url}: {err}") from None
             self._db, self._db_pid = db, os.getpid()
@@ -211,6 +233,7 @@ class LocalStore(ChunkStore):
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{digest}.", suffix=".tmp", dir=final.parent)
+            os.chmod(tmp, file_mode())  # mkstemp makes it owner-only: a shared store follows the umask
         except OSError as err:
             raise StoreError(f"cannot write to store {self.url}: {err.strerror or err}") from None
         try:
