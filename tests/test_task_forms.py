@@ -73,7 +73,8 @@ def test_haystacks_come_from_anywhere_in_the_essays():
 
 def test_several_needles_per_prompt_with_a_distractor_of_the_asked_form():
     task = multi_needle_task(tok(), "magic5", n_needles=4, n_docs=6, chunk_tokens=300, index=2, seed=0)
-    facts, docs = task.meta["facts"], task.meta["documents"]
+    facts = task.meta["facts"] + task.meta["distractors"]
+    docs = task.meta["documents"] + task.meta["distractor_documents"]
     assert len(facts) == 4 and len(set(docs)) == 4  # one needle per document while there are enough
     for fact, doc in zip(facts, docs):
         assert fact in task.chunks[doc] and occurrences(task.chunks, fact) == 1

@@ -4,7 +4,7 @@
   question asks for its value.
 - `needles`: several facts per prompt, two of the asked form (a distractor of the same form
   about another subject) and the rest of other forms, each in a different document where
-  there are enough.
+  there are enough. `facts` / `documents` name the asked one, `distractors` the others.
 - `twohop`: "<subject> is run by <person>." in one document and "<person> <second fact>." in
   another; the question names the subject and asks for the second fact, so the answer needs
   both documents. A distractor pair about another subject and person sits in two further
@@ -95,8 +95,9 @@ def multi_needle_task(tokenizer, form: Form | str, n_needles: int = 4, n_docs: i
         chunks=planted.chunks,
         question=form.ask(chosen["names"][0]),
         answers=[chosen["values"][0]],
-        meta={"kind": "needles", "form": form.name, "verbatim": form.verbatim, "documents": planted.documents,
-              "depth": round(planted.depths[0], 3), "facts": chosen["facts"]},
+        meta={"kind": "needles", "form": form.name, "verbatim": form.verbatim, "documents": planted.documents[:1],
+              "depth": round(planted.depths[0], 3), "facts": chosen["facts"][:1], "distractors": chosen["facts"][1:],
+              "distractor_documents": planted.documents[1:]},
     )
 
 
