@@ -64,3 +64,18 @@ def test_fuse_eval_on_the_mixed_suite_reports_every_kind(cli, tmp_path):
         assert rows[0]["accuracy_low"] is not None and rows[1]["agree_tokens"] == 2
     assert "95% CI" in out and "twohop: 1 tasks" in out
     assert "twohop" in (tmp_path / "r.html").read_text()
+
+
+def test_fuse_tasks_writes_what_fuse_eval_generates(cli, tmp_path):
+    from kvlab.fusion.evaluate import make_tasks
+    from kvlab.tasks import read_task_file
+    from tests.conftest import tiny
+
+    out = tmp_path / "tasks.jsonl"
+    code, _, err = cli("fuse", "tasks", "--model", "tiny-llama", "--n", "5", "--chunks", "3", "--chunk-tokens", "200",
+                       "--seed", "4", "--out", out)
+    assert code == 0, err
+    made = make_tasks(tiny("tiny-llama"), "mixed", 5, n_chunks=3, chunk_tokens=200, seed=4)
+    assert [t.to_json() for t in read_task_file(out)] == [t.to_json() for t in made]
+    code, _, err = cli("fuse", "tasks", "--model", "tiny-llama", "--task", "other", "--out", out)
+    assert code == 2 and "not one of mixed" in err

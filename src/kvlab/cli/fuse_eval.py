@@ -215,6 +215,32 @@ def eval_command(model_spec, task_source, n_tasks, strategies, rates, store_url,
     write_json(json_path, result.to_json(model=model_spec, task=task_source, evict=str(policy) if policy else None))
 
 
+@click.command("tasks")
+@_model
+@click.option("--task", "task_source", default="mixed", show_default=True, metavar="mixed|needle|needles|twohop|kvqa",
+              help="Which generated tasks.")
+@click.option("--n", "n_tasks", type=click.IntRange(min=1), default=48, show_default=True, help="Number of tasks.")
+@click.option("--chunks", "n_chunks", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Documents per task.")
+@_chunk_tokens
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "-o", required=True, metavar="FILE", help="The task file to write (JSON lines).")
+def tasks_command(model_spec, task_source, n_tasks, n_chunks, chunk_tokens, seed, out) -> None:
+    """Write generated tasks to a task file: what `fuse eval --task` generates with the same options,
+    for `fuse precompute`, `fuse run` and `fuse explain`. Documents are sized with the model's tokenizer."""
+    from kvlab.fusion.evaluate import make_tasks
+    from kvlab.models import load_model
+    from kvlab.tasks import write_task_file
+    from kvlab.tasks.suite import SOURCES
+
+    if task_source not in SOURCES:
+        raise KvlabError(f"--task {task_source!r}: not one of {', '.join(SOURCES)}")
+    loaded = load_model(model_spec, "", progress=False)
+    tasks = make_tasks(loaded, task_source, n_tasks, n_chunks=n_chunks, chunk_tokens=chunk_tokens, seed=seed)
+    write_task_file(out, tasks)
+    console().print(f"{len(tasks)} {task_source} tasks written to {out}")
+
+
 def _table(title: str, rows: list[dict], metric: str, agree_tokens: int):
     """One table of `fuse eval` rows: accuracy and its 95% interval, agreement with full prefill (same
     answer, same first tokens), TTFT and speedup; the recomputed share and time per output token are in
@@ -235,4 +261,4 @@ def _table(title: str, rows: list[dict], metric: str, agree_tokens: int):
     return table
 
 
-FUSE_COMMANDS = [run_command, eval_command]
+FUSE_COMMANDS = [run_command, eval_command, tasks_command]
