@@ -26,20 +26,19 @@ from kvlab.fusion.fused import answer, load_chunks
 from kvlab.fusion.prompt import DEFAULT_CHUNK_TOKENS, FusionPrompt, task_prompt
 from kvlab.fusion.store.base import ChunkStore
 from kvlab.fusion.strategies import Strategy, make_strategy
-from kvlab.tasks.records import Task, read_task_file
 from kvlab.tasks.intervals import score_interval
+from kvlab.tasks.records import Task, read_task_file
 from kvlab.tasks.scoring import SCORERS, normalize, score
-from kvlab.tasks.suite import task_kind
+from kvlab.tasks.suite import SOURCES, generated_tasks, task_kind
 
 if TYPE_CHECKING:
     from kvlab.models import LoadedModel
+
 
 def make_tasks(loaded: "LoadedModel", source: str, n: int, *, n_chunks: int = 8,
                chunk_tokens: int = DEFAULT_CHUNK_TOKENS, seed: int = 0) -> list[Task]:
     """Generated tasks (`mixed`, `needle`, `needles`, `twohop`, `kvqa`: n_chunks documents of about
     chunk_tokens each) or a task file's first n (kvlab or LongBench records)."""
-    from kvlab.tasks.suite import SOURCES, generated_tasks
-
     if n < 1:
         raise KvlabError(f"--n must be at least 1, got {n}")
     if source in SOURCES:
