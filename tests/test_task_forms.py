@@ -114,6 +114,9 @@ def test_the_mixed_suite_holds_every_kind_and_form_and_is_seeded():
     assert [t.to_json() for t in again] == [t.to_json() for t in tasks[:8]]
     for task in tasks:
         assert occurrences(task.chunks, task.answers[0]) == 1, task.id
+        assert {"kind", "form", "documents", "facts", "verbatim"} <= set(task.meta), task.id
+        for fact, doc in zip(task.meta["facts"], task.meta["documents"]):
+            assert fact in task.chunks[doc], task.id
 
 
 def test_longbench_records_keep_their_dataset_as_kind(tmp_path):
