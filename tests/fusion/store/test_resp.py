@@ -93,3 +93,42 @@ def test_a_server_gone_between_reads_is_one_store_error(tmp_path):
     with pytest.raises(StoreError, match=f"Redis store redis://127.0.0.1:{port}/0"):
         store.get(key)
     store.close()
+
+
+def test_threads_share_one_reader_and_a_forked_child_opens_its_own(fresh_redis):
+    import multiprocessing
+    import threading
+
+    client = redis.Redis.from_url(fresh_redis)
+    values = {f"t{i}": os.urandom(1_000_000 + i) for i in range(4)}
+    client.mset(values)
+    reader = reader_for(fresh_redis)
+    failures = []
+
+    def read(name):
+        for _ in range(10):
+            (got,) = reader.mget(name)
+            if got.numpy().tobytes() != values[name]:
+                failures.append(name)
+
+    threads = [threading.Thread(target=read, args=(name,)) for name in values]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    parent_socket = reader._sock
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_read_in_child, args=(reader, queue, parent_socket.fileno()))
+    child.start()
+    child.join(30)
+    assert queue.get(timeout=5) == (True, True)
+    assert reader.mget("t0")[0].numpy().tobytes() == values["t0"] and reader._sock is parent_socket
+    reader.close()
+    client.close()
+
+
+def _read_in_child(reader, queue, parent_fd):
+    (got,) = reader.mget("t1")
+    queue.put((len(got) == 1_000_001, reader._sock.fileno() != parent_fd))

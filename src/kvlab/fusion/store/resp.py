@@ -8,11 +8,14 @@ value with `recv_into` right into a uint8 tensor: one pass over the bytes, no co
 It speaks the small part of RESP2 it needs (arrays of bulk strings, nil, errors), after `AUTH`
 and `SELECT` as the URL says. Any protocol surprise closes the connection and raises
 `RespError`; the next read opens a new one. Plain TCP only (a `rediss://` store uses redis-py).
+Reads are serialised by a lock (threads share one connection) and a forked child opens its own.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
 
 import torch
 
@@ -31,6 +34,8 @@ class BulkReader:
         self._address = (host, port)
         self._db, self._username, self._password, self._timeout = db, username, password, timeout
         self._sock: socket.socket | None = None
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
         self._pending = bytearray()  # bytes received past the reply being parsed
 
     def close(self) -> None:
@@ -41,16 +46,20 @@ class BulkReader:
 
     def mget(self, *names: str) -> list[torch.Tensor | None]:
         """The values of `names` as uint8 tensors (None for a missing key)."""
-        try:
-            self._connect()
-            self._send("MGET", *names)
-            count = self._header("*")
-            if count != len(names):
-                raise RespError(f"MGET of {len(names)} keys answered {count} values")
-            return [self._bulk() for _ in range(count)]
-        except BaseException:
-            self.close()  # a reply half read leaves the connection in an unknown state
-            raise
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child: the parent's connection is not ours to use
+                self._sock, self._pid = None, os.getpid()
+                self._pending.clear()
+            try:
+                self._connect()
+                self._send("MGET", *names)
+                count = self._header("*")
+                if count != len(names):
+                    raise RespError(f"MGET of {len(names)} keys answered {count} values")
+                return [self._bulk() for _ in range(count)]
+            except BaseException:
+                self.close()  # a reply half read leaves the connection in an unknown state
+                raise
 
     # -- protocol ------------------------------------------------------------------------------
 
