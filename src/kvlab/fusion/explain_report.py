@@ -44,7 +44,7 @@ def render(e: Explanation) -> str:
                  else f"{first['part']}, token {first['offset']}")
         parts.append(f"<p><b>First divergence</b> (rel-L2 &gt; {e.tol:g}): position {first['position']} ({where}), "
                      f"layer {first['layer']}, KV head {first['head']}, {first['tensor']}, rel-L2 "
-                     f"{first['error'] if first['error'] is not None else 'non-finite'}</p>")
+                     f"{format(first['error'], '.3g') if first['error'] is not None else 'non-finite'}</p>")
     parts.append("<table><tr><th>chunk</th><th>positions</th><th>max rel-L2 K</th><th>max rel-L2 V</th>"
                  "<th>recomputed</th><th>evidence</th></tr>")
     selected = set(e.selected_positions())
