@@ -57,7 +57,7 @@ def test_fuse_eval_writes_json_table_and_report(cli, tmp_path):
     (["run", "--chunks-file", "x.txt", "-q", "Q?", "--strategy", "magic"], "unknown strategy 'magic'"),
     (["run", "--chunks-file", "x.txt", "-q", "Q?", "--evict", "dynamic"], "--evict dynamic: not an eviction policy"),
     (["run", "--chunks-file", "x.txt", "-q", "Q?", "--evict", "snapkv:pool=mean"], "pool=mean is not one of avg, max"),
-    (["eval", "--task", "nothing", "--n", "1"], "not one of mixed, needle, needles, twohop, kvqa"),
+    (["eval", "--task", "nothing", "--n", "1"], "not one of needle, kvqa"),
     (["eval", "--rates", "0.1,abc"], "not a comma-separated list"),
     (["eval", "--strategies", "a3:check_layer=9", "--task", "kvqa", "--n", "1", "--chunks", "1",
       "--chunk-tokens", "32"], "check_layer=9 but the model has 4 layers"),

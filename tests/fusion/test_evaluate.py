@@ -78,4 +78,4 @@ def test_fuse_tasks_writes_what_fuse_eval_generates(cli, tmp_path):
     made = make_tasks(tiny("tiny-llama"), "mixed", 5, n_chunks=3, chunk_tokens=200, seed=4)
     assert [t.to_json() for t in read_task_file(out)] == [t.to_json() for t in made]
     code, _, err = cli("fuse", "tasks", "--model", "tiny-llama", "--task", "other", "--out", out)
-    assert code == 2 and "not one of mixed" in err
+    assert code == 2 and "not one of needle, kvqa, needles, twohop, mixed" in err

@@ -200,7 +200,7 @@ def eval_command(model_spec, task_source, n_tasks, strategies, rates, store_url,
     if report:
         from kvlab.fusion.report import write_report
 
-        written = write_report(report, rows, title, by_kind)
+        written = write_report(report, rows + [r for kind_rows in by_kind.values() for r in kind_rows], title)
     if json_path != "-":
         con = console()
         con.print(_table(title, rows, metric, agree_tokens))

@@ -1,5 +1,6 @@
-"""The picture of a `fuse eval`: accuracy (with its 95% interval) against time to first token, one line
-per strategy, and the tables over all tasks and per task kind."""
+"""The picture of a `fuse eval`: accuracy against time to first token, one line per strategy, and
+the tables (accuracy with its 95% interval, agreement with full prefill) over all tasks and per
+task kind."""
 
 from __future__ import annotations
 
@@ -28,15 +29,10 @@ def plot_png(rows: Sequence[dict[str, Any]], title: str) -> bytes:
         for spec, group in by_strategy.items():
             group = sorted(group, key=lambda r: (r["rate"] is None, r["rate"] or 0.0))
             xs, ys = [r["ttft_s"] for r in group], [r["accuracy"] for r in group]
-            errors = [[r["accuracy"] - (r.get("accuracy_low") if r.get("accuracy_low") is not None else r["accuracy"])
-                       for r in group],
-                      [(r.get("accuracy_high") if r.get("accuracy_high") is not None else r["accuracy"]) - r["accuracy"]
-                       for r in group]]
             if group[0]["strategy"] == "full":
-                axes.errorbar(xs, ys, yerr=errors, fmt="*", markersize=14, color="black", zorder=3, capsize=3,
-                              label="full prefill")
+                axes.scatter(xs, ys, marker="*", s=180, color="black", zorder=3, label="full prefill")
                 continue
-            axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=spec)
+            axes.plot(xs, ys, marker="o", label=spec)
             for r in group:
                 if r["rate"] is not None:
                     axes.annotate(f"{r['rate']:g}", (r["ttft_s"], r["accuracy"]), textcoords="offset points",
@@ -55,10 +51,10 @@ def plot_png(rows: Sequence[dict[str, Any]], title: str) -> bytes:
         plt.close(figure)
 
 
-def write_report(path: str | Path, rows: Sequence[dict[str, Any]], title: str,
-                 by_kind: dict[str, Sequence[dict[str, Any]]] | None = None) -> list[Path]:
+def write_report(path: str | Path, rows: Sequence[dict[str, Any]], title: str) -> list[Path]:
     """`R.png` writes the plot; any other name writes `R` as HTML (plot and table) and the PNG beside it."""
     path = Path(path)
+    rows, by_kind = _split_by_kind(rows)  # the plot and first table: all tasks; then a table per kind
     png = plot_png(rows, title)
     png_path = path if path.suffix.lower() == ".png" else path.with_suffix(".png")
     with atomic_file(png_path, "wb") as handle:
@@ -66,8 +62,20 @@ def write_report(path: str | Path, rows: Sequence[dict[str, Any]], title: str,
     if path.suffix.lower() == ".png":
         return [png_path]
     html_path = path if path.suffix else path.with_suffix(".html")
-    write_text_atomic(html_path, _html(rows, title, png, by_kind or {}))
+    write_text_atomic(html_path, _html(rows, title, png, by_kind))
     return [html_path, png_path]
+
+
+def _split_by_kind(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Rows over all tasks (no `kind`, or "all"), and the rows of each task kind in order."""
+    overall, by_kind = [], {}
+    for row in rows:
+        kind = row.get("kind", "all")
+        if kind == "all":
+            overall.append(row)
+        else:
+            by_kind.setdefault(kind, []).append(row)
+    return overall, by_kind
 
 
 def _html(rows: Sequence[dict[str, Any]], title: str, png: bytes,

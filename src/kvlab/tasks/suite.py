@@ -15,7 +15,7 @@ from kvlab.tasks.needles import SECOND_HOPS, multi_needle_task, needle_form_task
 from kvlab.tasks.records import Task
 
 KINDS = ("needle", "needles", "twohop", "kvqa")
-SOURCES = ("mixed", *KINDS)
+SOURCES = ("needle", "kvqa", "needles", "twohop", "mixed")  # as error messages list them
 
 
 def generated_task(tokenizer, kind: str, index: int, *, n_docs: int = 8, chunk_tokens: int = 512,
