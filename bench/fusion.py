@@ -1,6 +1,7 @@
 """Fused prefill vs full prefill on the default model, side by side in one process.
 
-Needle and kvqa tasks of 8 chunks of 512 tokens plus a question (about 4.1k tokens), answered
+Tasks of 8 chunks of 512 tokens plus a question (about 4.1k tokens; by default the mixed suite:
+needles of ten forms, several needles per prompt, two-hop questions and kvqa, in turn), answered
 by full prefill (the baseline), a3 and cacheblend at rate 0.15, task by task so that drift hits
 all alike. The store is filled first; TTFT then covers the store reads, moving the chunks, the
 fused prefill and the first token (wall clock; the CPU time this process spent up to the first
@@ -8,7 +9,8 @@ token is shown too, a steadier figure on a shared machine). Goals for a3 at rate
 prefill; needle accuracy equal to full prefill's; kvqa accuracy at least 95% of full
 prefill's and at least cacheblend's.
 
-    python bench/fusion.py [--n 4] [--rate 0.15] [--store memory://] [--threads N] [--model smollm2] [--profile]
+    python bench/fusion.py [--n 16] [--kinds mixed|needle,kvqa,...] [--rate 0.15] [--store memory://]
+                           [--threads N] [--model smollm2] [--profile]
 """
 
 from __future__ import annotations
@@ -28,14 +30,15 @@ from kvlab.fusion.store import open_store
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--n", type=int, default=4, help="tasks of each kind")
+    parser.add_argument("--n", type=int, default=16, help="tasks of each source in --kinds")
     parser.add_argument("--rate", type=float, default=0.15)
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--chunk-tokens", type=int, default=512)
     parser.add_argument("--strategies", default="a3,cacheblend")
     parser.add_argument("--store", default="memory://")
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--kinds", default="needle,kvqa", help="task kinds to run")
+    parser.add_argument("--kinds", default="mixed", help="task sources to run (mixed, needle, needles, twohop, "
+                        "kvqa or a task file), comma-separated")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--profile", action="store_true",
@@ -56,16 +59,21 @@ def main() -> None:
             started = time.perf_counter()
             result = evaluate(loaded, tasks, runs, store, max_new_tokens=args.max_new_tokens,
                               chunk_tokens=args.chunk_tokens)
-            rows = {row["strategy"]: row for row in result.rows()}
-            report[kind] = list(rows.values())
             print(f"\n{kind}: {len(tasks)} tasks, {result.prompt_tokens} prompt tokens on average, "
                   f"{time.perf_counter() - started:.0f} s")
-            print(f"{'':12}{'accuracy':>10}{'TTFT s':>10}{'speedup':>10}{'CPU s':>8}{'CPU ratio':>10}"
-                  f"{'TPOT ms':>10}{'recomputed':>12}")
-            for name, row in rows.items():
-                tpot = f"{row['tpot_s'] * 1000:.1f}" if row["tpot_s"] else "-"
-                print(f"{name:12}{row['accuracy']:10.3f}{row['ttft_s']:10.2f}{row['speedup']:9.2f}x"
-                      f"{row['ttft_cpu_s']:8.2f}{row['speedup_cpu']:9.2f}x{tpot:>10}{row['recomputed_fraction']:12.1%}")
+            groups = [(kind, None)] + ([(k, k) for k in result.kinds()] if len(result.kinds()) > 1 else [])
+            for title, group in groups:
+                rows = {row["strategy"]: row for row in result.rows(group)}
+                report[title] = list(rows.values())
+                print(f"{title} ({next(iter(rows.values()))['n']} tasks)")
+                print(f"{'':12}{'accuracy':>10}{'95% CI':>12}{'=full':>7}{'TTFT s':>8}{'speedup':>9}{'CPU s':>8}"
+                      f"{'CPU ratio':>10}{'TPOT ms':>9}{'recomp':>8}")
+                for name, row in rows.items():
+                    tpot = f"{row['tpot_s'] * 1000:.1f}" if row["tpot_s"] else "-"
+                    ci = f"{row['accuracy_low']:.2f}-{row['accuracy_high']:.2f}" if row["accuracy_low"] is not None else "-"
+                    print(f"{name:12}{row['accuracy']:10.3f}{ci:>12}{row['agreement_with_full']:7.2f}"
+                          f"{row['ttft_s']:8.2f}{row['speedup']:8.2f}x{row['ttft_cpu_s']:8.2f}{row['speedup_cpu']:9.2f}x"
+                          f"{tpot:>9}{row['recomputed_fraction']:8.1%}")
     needle, kvqa = ({r["strategy"]: r for r in report.get(k, [])} for k in ("needle", "kvqa"))
     if "a3" in needle and "a3" in kvqa:
         speedups = [needle["a3"]["speedup"], kvqa["a3"]["speedup"]]

@@ -10,7 +10,7 @@ import importlib
 
 import click
 
-_FUSE_MODULES = ("kvlab.cli.fuse_store", "kvlab.cli.fuse_eval")
+_FUSE_MODULES = ("kvlab.cli.fuse_store", "kvlab.cli.fuse_eval", "kvlab.cli.fuse_explain")
 
 
 @click.group("fuse")

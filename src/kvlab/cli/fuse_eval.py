@@ -154,9 +154,10 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
 
 @click.command("eval")
 @_model
-@click.option("--task", "task_source", default="needle", show_default=True, metavar="needle|kvqa|FILE",
-              help="Generated needle or kvqa tasks, or a task file.")
-@click.option("--n", "n_tasks", type=click.IntRange(min=1), default=8, show_default=True, help="Number of tasks.")
+@click.option("--task", "task_source", default="mixed", show_default=True,
+              metavar="mixed|needle|needles|twohop|kvqa|FILE",
+              help="Generated tasks (mixed: every kind in turn), or a task file (kvlab or LongBench JSON lines).")
+@click.option("--n", "n_tasks", type=click.IntRange(min=1), default=48, show_default=True, help="Number of tasks.")
 @click.option("--strategies", default="reuse,cacheblend,a3,epic,surprisal", show_default=True,
               help="Comma-separated strategies (full prefill is always run as the baseline).")
 @click.option("--rates", default="0.05,0.15,0.3", show_default=True, help="Comma-separated recompute rates.")
@@ -172,13 +173,14 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
 @_chat
 @_run
 @click.option("--max-new-tokens", "-N", "max_new_tokens", type=click.IntRange(min=1), default=24, show_default=True)
+@click.option("--agree-tokens", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Besides the same answer, count answers whose first N generated tokens are full prefill's.")
 @json_option
 @quiet_option
 def eval_command(model_spec, task_source, n_tasks, strategies, rates, store_url, evict_spec, n_chunks, chunk_tokens,
-                 metric, seed, report, prefix, chat, run_text, max_new_tokens, json_path, quiet) -> None:
-    """Accuracy, TTFT, time per output token and speedup of each strategy and rate, against full prefill."""
-    from rich.table import Table
-
+                 metric, seed, report, prefix, chat, run_text, max_new_tokens, agree_tokens, json_path, quiet) -> None:
+    """Accuracy (with its 95% interval), agreement with full prefill, TTFT and speedup of each strategy and
+    rate, over all tasks and per task kind."""
     from kvlab.fusion.evaluate import evaluate, expand, make_tasks
     from kvlab.models import load_model
     from kvlab.progress import progress_bar
@@ -190,24 +192,23 @@ def eval_command(model_spec, task_source, n_tasks, strategies, rates, store_url,
     tasks = make_tasks(loaded, task_source, n_tasks, n_chunks=n_chunks, chunk_tokens=chunk_tokens, seed=seed)
     with _store(store_url) as store, progress_bar(len(tasks) * len(runs), "fuse eval", enabled=not quiet) as bar:
         result = evaluate(loaded, tasks, runs, store, evict=policy, metric=metric, max_new_tokens=max_new_tokens,
-                          chunk_tokens=chunk_tokens, chat=chat, prefix=prefix, on_step=bar)
+                          chunk_tokens=chunk_tokens, chat=chat, prefix=prefix, agree_tokens=agree_tokens, on_step=bar)
     rows = result.rows()
+    kinds = result.kinds()
+    by_kind = {kind: result.rows(kind) for kind in kinds} if len(kinds) > 1 else {}
     title = f"{model_spec}: {task_source}, {len(tasks)} tasks" + (f", evict {policy}" if policy else "")
     written = []
     if report:
         from kvlab.fusion.report import write_report
 
-        written = write_report(report, rows, title)
+        written = write_report(report, rows + [r for kind_rows in by_kind.values() for r in kind_rows], title)
     if json_path != "-":
-        table = Table(title=title, title_justify="left")
-        for column in ("strategy", "rate", metric, "TTFT s", "speedup", "TPOT ms", "recomputed", "n"):
-            table.add_column(column, justify="right" if column not in ("strategy",) else "left")
-        for r in rows:
-            table.add_row(r["label"], "-" if r["rate"] is None else f"{r['rate']:g}", f"{r['accuracy']:.3f}",
-                          f"{r['ttft_s']:.3f}", f"{r['speedup']:.2f}x", f"{r['tpot_s'] * 1000:.1f}" if r["tpot_s"] else "-",
-                          f"{r['recomputed_fraction']:.1%}", str(r["n"]))
         con = console()
-        con.print(table)
+        con.print(_table(title, rows, metric, agree_tokens))
+        for kind, kind_rows in by_kind.items():
+            con.print(_table(f"{kind}: {kind_rows[0]['n']} tasks", kind_rows, metric, agree_tokens))
+        con.print(f"acc: accuracy with its 95% Wilson interval; =full: same answer as full prefill; "
+                  f"={agree_tokens}tok: same first {agree_tokens} tokens")
         if result.precomputed:
             con.print(f"{result.precomputed} chunks computed into {store_url} before timing")
         for path in written:
@@ -215,4 +216,50 @@ def eval_command(model_spec, task_source, n_tasks, strategies, rates, store_url,
     write_json(json_path, result.to_json(model=model_spec, task=task_source, evict=str(policy) if policy else None))
 
 
-FUSE_COMMANDS = [run_command, eval_command]
+@click.command("tasks")
+@_model
+@click.option("--task", "task_source", default="mixed", show_default=True, metavar="mixed|needle|needles|twohop|kvqa",
+              help="Which generated tasks.")
+@click.option("--n", "n_tasks", type=click.IntRange(min=1), default=48, show_default=True, help="Number of tasks.")
+@click.option("--chunks", "n_chunks", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Documents per task.")
+@_chunk_tokens
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "-o", required=True, metavar="FILE", help="The task file to write (JSON lines).")
+def tasks_command(model_spec, task_source, n_tasks, n_chunks, chunk_tokens, seed, out) -> None:
+    """Write generated tasks to a task file: what `fuse eval --task` generates with the same options,
+    for `fuse precompute`, `fuse run` and `fuse explain`. Documents are sized with the model's tokenizer."""
+    from kvlab.fusion.evaluate import make_tasks
+    from kvlab.models import load_model
+    from kvlab.tasks import write_task_file
+    from kvlab.tasks.suite import SOURCES
+
+    if task_source not in SOURCES:
+        raise KvlabError(f"--task {task_source!r}: not one of {', '.join(SOURCES)}")
+    loaded = load_model(model_spec, "", progress=False)
+    tasks = make_tasks(loaded, task_source, n_tasks, n_chunks=n_chunks, chunk_tokens=chunk_tokens, seed=seed)
+    write_task_file(out, tasks)
+    console().print(f"{len(tasks)} {task_source} tasks written to {out}")
+
+
+def _table(title: str, rows: list[dict], metric: str, agree_tokens: int):
+    """One table of `fuse eval` rows: accuracy and its 95% interval, agreement with full prefill (same
+    answer, same first tokens), TTFT and speedup; the recomputed share and time per output token are in
+    the JSON and the report."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=f"{title} ({metric})", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    columns = ["strategy", "acc", "95% CI", "=full", f"={agree_tokens}tok", "TTFT s", "speedup", "n"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
+    for r in rows:
+        label = r["label"] + ("" if r["rate"] is None else f"@{r['rate']:g}")
+        interval = "-" if r["accuracy_low"] is None else f"{r['accuracy_low']:.2f}-{r['accuracy_high']:.2f}"
+        cells = [label, f"{r['accuracy']:.3f}", interval, f"{r['agreement_with_full']:.2f}",
+                 f"{r['same_first_tokens']:.2f}", f"{r['ttft_s']:.3f}", f"{r['speedup']:.2f}x" if r["speedup"] else "-"]
+        table.add_row(*cells, str(r["n"]))
+    return table
+
+
+FUSE_COMMANDS = [run_command, eval_command, tasks_command]

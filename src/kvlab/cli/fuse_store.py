@@ -95,6 +95,9 @@ def verify_command(url, repair, json_path, quiet) -> None:
         con = console()
         con.print(f"[bold]{report.url}[/bold]: {report.checked} chunks checked, {len(report.problems)} damaged"
                   + (f", {report.removed} removed" if repair else "")
+                  + (f", {report.legacy} with the older SHA-256 checksum"
+                     + (f" ({report.migrated} rewritten with xxh3)" if repair else
+                        " (read as they are; --repair rewrites them)") if report.legacy else "")
                   + (f", {report.stray} leftovers of interrupted writes (`kvlab fuse store gc` removes them)"
                      if report.stray else ""))
         for problem in report.problems:

@@ -1,10 +1,15 @@
-"""`kvlab fuse eval`: accuracy against time to first token, per strategy and rate.
+"""`kvlab fuse eval`: accuracy against time to first token, per strategy and rate, per task kind.
 
 Every task is answered by full prefill (the baseline, always run) and by each strategy at each
 rate, interleaved task by task so that a noisy machine slows all of them alike. The store is
 filled before timing starts (misses are precompute, not fusion), so TTFT covers reading the
 chunks from the store, moving them, the fused prefill and the first token. Speedup is the mean
 full-prefill TTFT over the strategy's mean TTFT, both from this run.
+
+Accuracy comes with its 95% Wilson interval (`kvlab.tasks.intervals`), and every strategy is
+compared with full prefill task by task: the same answer (the first line of the two answers,
+normalised) and the same first `agree_tokens` generated tokens. Every figure is given for all
+tasks and for each task kind (`kvlab.tasks.suite.task_kind`).
 """
 
 from __future__ import annotations
@@ -21,32 +26,25 @@ from kvlab.fusion.fused import answer, load_chunks
 from kvlab.fusion.prompt import DEFAULT_CHUNK_TOKENS, FusionPrompt, task_prompt
 from kvlab.fusion.store.base import ChunkStore
 from kvlab.fusion.strategies import Strategy, make_strategy
+from kvlab.tasks.intervals import score_interval
 from kvlab.tasks.records import Task, read_task_file
-from kvlab.tasks.scoring import SCORERS
+from kvlab.tasks.scoring import SCORERS, normalize, score
+from kvlab.tasks.suite import SOURCES, generated_tasks, task_kind
 
 if TYPE_CHECKING:
     from kvlab.models import LoadedModel
 
-BUILTIN_TASKS = ("needle", "kvqa")
-
 
 def make_tasks(loaded: "LoadedModel", source: str, n: int, *, n_chunks: int = 8,
                chunk_tokens: int = DEFAULT_CHUNK_TOKENS, seed: int = 0) -> list[Task]:
-    """`needle`, `kvqa` (generated: n_chunks documents of about chunk_tokens) or a task file's first n."""
+    """Generated tasks (`mixed`, `needle`, `needles`, `twohop`, `kvqa`: n_chunks documents of about
+    chunk_tokens each) or a task file's first n (kvlab or LongBench records)."""
     if n < 1:
         raise KvlabError(f"--n must be at least 1, got {n}")
-    if source == "needle":
-        from kvlab.tasks.needle import needle_tasks
-
-        depths = tuple(round(0.1 + 0.8 * i / max(1, min(n, 5) - 1), 2) for i in range(min(n, 5)))
-        return needle_tasks(loaded.tokenizer, n, context_tokens=n_chunks * chunk_tokens, depths=depths,
-                            chunk_tokens=chunk_tokens, seed=seed)
-    if source == "kvqa":
-        from kvlab.tasks.kvqa import kvqa_tasks
-
-        return kvqa_tasks(loaded.tokenizer, n, n_chunks=n_chunks, chunk_tokens=chunk_tokens, seed=seed)
+    if source in SOURCES:
+        return generated_tasks(loaded.tokenizer, source, n, n_docs=n_chunks, chunk_tokens=chunk_tokens, seed=seed)
     if not Path(source).exists():
-        raise KvlabError(f"--task {source!r}: not one of {', '.join(BUILTIN_TASKS)} and no such task file")
+        raise KvlabError(f"--task {source!r}: not one of {', '.join(SOURCES)} and no such task file")
     return read_task_file(source)[:n]
 
 
@@ -71,9 +69,10 @@ class Outcome:
     scores: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in SCORERS})
     ttft: list[float] = field(default_factory=list)
     ttft_cpu: list[float] = field(default_factory=list)
-    tpot: list[float] = field(default_factory=list)
+    tpot: list[float | None] = field(default_factory=list)
     fractions: list[float] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -88,31 +87,51 @@ class EvalResult:
     metric: str
     precomputed: int  # chunks computed to fill the store before timing
     prompt_tokens: float  # mean prompt length
+    agree_tokens: int = 8  # how many first generated tokens must match full prefill's
 
-    def rows(self) -> list[dict[str, Any]]:
-        """The DESIGN `fuse eval` JSON rows (plus the other scores and agreement with full prefill)."""
+    def kinds(self) -> list[str]:
+        """The task kinds in order of first appearance."""
+        return list(dict.fromkeys(task_kind(task) for task in self.tasks))
+
+    def rows(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """The DESIGN `fuse eval` JSON rows over all tasks, or those of one kind (plus the other scores,
+        the accuracy's 95% interval and agreement with full prefill)."""
+        picked = [i for i, task in enumerate(self.tasks) if kind is None or task_kind(task) == kind]
+        if not picked:
+            raise KvlabError(f"no tasks of kind {kind!r}")
         full = self.outcomes[0]
-        base_ttft = statistics.fmean(full.ttft)
-        base_cpu = statistics.fmean(full.ttft_cpu)
+        base_ttft = statistics.fmean(full.ttft[i] for i in picked)
+        base_cpu = statistics.fmean(full.ttft_cpu[i] for i in picked)
+        full_right = [i for i in picked if full.scores[self.metric][i] == 1.0]
         rows = []
         for outcome in self.outcomes:
-            ttft = statistics.fmean(outcome.ttft)
-            cpu = statistics.fmean(outcome.ttft_cpu)
-            agree = [a.strip() == b.strip() for a, b in zip(outcome.texts, full.texts)]
+            ttft = statistics.fmean(outcome.ttft[i] for i in picked)
+            cpu = statistics.fmean(outcome.ttft_cpu[i] for i in picked)
+            same = [same_answer(outcome.texts[i], full.texts[i]) for i in picked]
+            same_tokens = [outcome.tokens[i][:self.agree_tokens] == full.tokens[i][:self.agree_tokens] for i in picked]
+            interval = score_interval([outcome.scores[self.metric][i] for i in picked])
             rows.append({
                 "strategy": outcome.strategy.name,
                 "spec": outcome.strategy.spec(),
                 "label": outcome.strategy.label(),
                 "rate": outcome.strategy.rate_value,
-                "accuracy": statistics.fmean(outcome.scores[self.metric]),
+                "kind": kind or "all",
+                "accuracy": statistics.fmean(outcome.scores[self.metric][i] for i in picked),
+                "accuracy_low": interval[0] if interval else None,
+                "accuracy_high": interval[1] if interval else None,
                 "ttft_s": ttft,
-                "tpot_s": statistics.fmean(outcome.tpot) if outcome.tpot else None,
+                "tpot_s": _mean([outcome.tpot[i] for i in picked if outcome.tpot[i] is not None]),
                 "speedup": base_ttft / ttft if ttft > 0 else None,
-                "recomputed_fraction": statistics.fmean(outcome.fractions),
-                "n": len(outcome.ttft),
+                "recomputed_fraction": statistics.fmean(outcome.fractions[i] for i in picked),
+                "n": len(picked),
                 "metric": self.metric,
-                **{f"{name}": statistics.fmean(values) for name, values in outcome.scores.items()},
-                "agreement_with_full": statistics.fmean(agree) if agree else None,
+                **{name: statistics.fmean(values[i] for i in picked) for name, values in outcome.scores.items()},
+                "agreement_with_full": statistics.fmean(same),
+                "same_first_tokens": statistics.fmean(same_tokens),
+                "agree_tokens": self.agree_tokens,
+                "agreement_where_full_right": (statistics.fmean(same_answer(outcome.texts[i], full.texts[i])
+                                                                for i in full_right) if full_right else None),
+                "n_full_right": len(full_right),
                 "ttft_cpu_s": cpu,
                 "speedup_cpu": base_cpu / cpu if cpu > 0 else None,
             })
@@ -120,18 +139,19 @@ class EvalResult:
 
     def to_json(self, **extra: Any) -> dict[str, Any]:
         details = [
-            {"task": task.id, "answers": task.answers,
-             "runs": [{"label": o.label, "text": o.texts[i], "ttft_s": o.ttft[i]} for o in self.outcomes]}
+            {"task": task.id, "kind": task_kind(task), "answers": task.answers,
+             "runs": [{"label": o.label, "text": o.texts[i], "ttft_s": o.ttft[i],
+                       self.metric: o.scores[self.metric][i]} for o in self.outcomes]}
             for i, task in enumerate(self.tasks)
         ]
-        return {"results": self.rows(), **extra, "precomputed_chunks": self.precomputed,
-                "prompt_tokens": self.prompt_tokens, "tasks": details}
+        return {"results": self.rows(), **extra, "by_kind": {kind: self.rows(kind) for kind in self.kinds()},
+                "precomputed_chunks": self.precomputed, "prompt_tokens": self.prompt_tokens, "tasks": details}
 
 
 def evaluate(loaded: "LoadedModel", tasks: Sequence[Task], strategies: Sequence[Strategy], store: ChunkStore, *,
              evict: EvictionPolicy | None = None, metric: str = "substring", max_new_tokens: int = 24,
              chunk_tokens: int = DEFAULT_CHUNK_TOKENS, chat: bool | None = None, prefix: str | None = None,
-             on_step: Callable[[int], None] | None = None) -> EvalResult:
+             agree_tokens: int = 8, on_step: Callable[[int], None] | None = None) -> EvalResult:
     """Answer every task with every strategy; `strategies[0]` must be full prefill (the baseline)."""
     if metric not in SCORERS:
         raise KvlabError(f"--metric {metric}: not one of {', '.join(SCORERS)}")
@@ -139,6 +159,8 @@ def evaluate(loaded: "LoadedModel", tasks: Sequence[Task], strategies: Sequence[
         raise KvlabError("the first strategy must be full prefill: it is the baseline of the speedups")
     if not tasks:
         raise KvlabError("no tasks to evaluate")
+    if agree_tokens < 1:
+        raise KvlabError(f"agreement needs at least 1 token, got {agree_tokens}")
     prompts: list[FusionPrompt] = [task_prompt(loaded, task, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
                                    for task in tasks]
     precomputed = 0
@@ -152,14 +174,28 @@ def evaluate(loaded: "LoadedModel", tasks: Sequence[Task], strategies: Sequence[
     for task, prompt in zip(tasks, prompts):
         for outcome in outcomes:
             got = answer(loaded, prompt, outcome.strategy, store, evict=evict, max_new_tokens=max_new_tokens)
-            for name, scorer in SCORERS.items():
-                outcome.scores[name].append(scorer(got.text, task.answers))
+            for name, value in score(got.text, task.answers, verbatim=bool(task.meta.get("verbatim"))).items():
+                outcome.scores[name].append(value)
             outcome.ttft.append(got.ttft_s)
             outcome.ttft_cpu.append(got.ttft_cpu_s)
-            if got.tpot_s is not None:
-                outcome.tpot.append(got.tpot_s)
+            outcome.tpot.append(got.tpot_s)
             outcome.fractions.append(got.prefill.recomputed_fraction)
             outcome.texts.append(got.text)
+            outcome.tokens.append(list(got.tokens))
             if on_step is not None:
                 on_step(1)
-    return EvalResult(list(tasks), outcomes, metric, precomputed, statistics.fmean(p.n_tokens for p in prompts))
+    return EvalResult(list(tasks), outcomes, metric, precomputed, statistics.fmean(p.n_tokens for p in prompts),
+                      agree_tokens)
+
+
+def same_answer(text: str, reference: str) -> bool:
+    """Whether two generated answers say the same: their first non-empty lines, normalised, are equal."""
+    return normalize(_first_line(text)) == normalize(_first_line(reference))
+
+
+def _first_line(text: str) -> str:
+    return next((line for line in text.splitlines() if line.strip()), "")
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return statistics.fmean(values) if values else None

@@ -1,4 +1,6 @@
-"""The picture of a `fuse eval`: accuracy against time to first token, one line per strategy."""
+"""The picture of a `fuse eval`: accuracy against time to first token, one line per strategy, and
+the tables (accuracy with its 95% interval, agreement with full prefill) over all tasks and per
+task kind."""
 
 from __future__ import annotations
 
@@ -86,6 +88,7 @@ def _separate(figure, labels) -> None:
 def write_report(path: str | Path, rows: Sequence[dict[str, Any]], title: str) -> list[Path]:
     """`R.png` writes the plot; any other name writes `R` as HTML (plot and table) and the PNG beside it."""
     path = Path(path)
+    rows, by_kind = _split_by_kind(rows)  # the plot and first table: all tasks; then a table per kind
     png = plot_png(rows, title)
     png_path = path if path.suffix.lower() == ".png" else path.with_suffix(".png")
     with atomic_file(png_path, "wb") as handle:
@@ -93,24 +96,49 @@ def write_report(path: str | Path, rows: Sequence[dict[str, Any]], title: str) -
     if path.suffix.lower() == ".png":
         return [png_path]
     html_path = path if path.suffix else path.with_suffix(".html")
-    write_text_atomic(html_path, _html(rows, title, png))
+    write_text_atomic(html_path, _html(rows, title, png, by_kind))
     return [html_path, png_path]
 
 
-def _html(rows: Sequence[dict[str, Any]], title: str, png: bytes) -> str:
-    header = ["strategy", "rate", "accuracy", "TTFT s", "speedup", "TPOT s", "recomputed", "n"]
-    body = []
-    for r in rows:
-        cells = [r["label"], "-" if r["rate"] is None else f"{r['rate']:g}", f"{r['accuracy']:.3f}",
-                 f"{r['ttft_s']:.3f}", f"{r['speedup']:.2f}x" if r["speedup"] else "-",
-                 f"{r['tpot_s']:.4f}" if r["tpot_s"] else "-", f"{r['recomputed_fraction']:.1%}", str(r["n"])]
-        body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+def _split_by_kind(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Rows over all tasks (no `kind`, or "all"), and the rows of each task kind in order."""
+    overall, by_kind = [], {}
+    for row in rows:
+        kind = row.get("kind", "all")
+        if kind == "all":
+            overall.append(row)
+        else:
+            by_kind.setdefault(kind, []).append(row)
+    return overall, by_kind
+
+
+def _html(rows: Sequence[dict[str, Any]], title: str, png: bytes,
+          by_kind: dict[str, Sequence[dict[str, Any]]]) -> str:
     image = base64.b64encode(png).decode()
+    tables = _table(rows) + "".join(f"<h2>{html.escape(kind)}: {group[0]['n']} tasks</h2>" + _table(group)
+                                    for kind, group in by_kind.items() if group)
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><img alt='accuracy against TTFT' src='data:image/png;base64,{image}'>"
-        "<table><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>" + "".join(body) + "</table>"
-        "</body></html>\n"
+        "<p>Accuracy with its 95% Wilson interval; <em>same answer</em>: the share of tasks answered as full "
+        "prefill answered them (first line, normalised); <em>same tokens</em>: the share whose first generated "
+        "tokens are full prefill's.</p>" + tables + "</body></html>\n"
     )
+
+
+def _table(rows: Sequence[dict[str, Any]]) -> str:
+    header = ["strategy", "rate", "accuracy", "95% interval", "same answer", "same tokens", "TTFT s", "speedup",
+              "TPOT s", "recomputed", "n"]
+    body = []
+    for r in rows:
+        low, high = r.get("accuracy_low"), r.get("accuracy_high")
+        same, tokens = r.get("agreement_with_full"), r.get("same_first_tokens")
+        cells = [r["label"], "-" if r["rate"] is None else f"{r['rate']:g}", f"{r['accuracy']:.3f}",
+                 "-" if low is None else f"{low:.2f}-{high:.2f}", "-" if same is None else f"{same:.2f}",
+                 "-" if tokens is None else f"{tokens:.2f}", f"{r['ttft_s']:.3f}",
+                 f"{r['speedup']:.2f}x" if r["speedup"] else "-", f"{r['tpot_s']:.4f}" if r["tpot_s"] else "-",
+                 f"{r['recomputed_fraction']:.1%}", str(r["n"])]
+        body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return "<table><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>" + "".join(body) + "</table>"

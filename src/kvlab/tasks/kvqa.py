@@ -70,7 +70,9 @@ def kvqa_task(tokenizer, spec: KVQASpec = KVQASpec(), index: int = 0, seed: int 
         chunks=chunks,
         question=QUESTION.format(key=key),
         answers=[value],
-        meta={"kind": "kvqa", "document": target // spec.facts_per_document, "key": key, "fact": facts[target]},
+        meta={"kind": "kvqa", "document": target // spec.facts_per_document,
+              "documents": [target // spec.facts_per_document], "key": key, "fact": facts[target],
+              "facts": [facts[target]], "form": "kvqa", "verbatim": False},
     )
 
 

@@ -1,4 +1,8 @@
-"""Answer scoring: exact match, substring and token F1 over normalised text (SQuAD rules)."""
+"""Answer scoring: exact match, substring and token F1 over normalised text (SQuAD rules).
+
+A verbatim answer (a password: case and punctuation are the answer) is matched on its exact
+characters by `exact` and `substring`; `f1` stays on normalised tokens.
+"""
 
 from __future__ import annotations
 
@@ -49,5 +53,20 @@ def token_f1(prediction: str, answers: Sequence[str]) -> float:
 SCORERS = {"exact": exact_match, "substring": substring_match, "f1": token_f1}
 
 
-def score(prediction: str, answers: Sequence[str]) -> dict[str, float]:
-    return {name: fn(prediction, answers) for name, fn in SCORERS.items()}
+def verbatim_exact(prediction: str, answers: Sequence[str]) -> float:
+    """1 when the prediction, less surrounding space, quotes and a closing period, is an answer."""
+    pred = prediction.strip().strip("'\"").removesuffix(".").strip("'\"")
+    return float(any(pred == a for a in answers))
+
+
+def verbatim_substring(prediction: str, answers: Sequence[str]) -> float:
+    """1 when some answer appears in the prediction character for character."""
+    return float(any(a and a in prediction for a in answers))
+
+
+VERBATIM = {"exact": verbatim_exact, "substring": verbatim_substring, "f1": token_f1}
+
+
+def score(prediction: str, answers: Sequence[str], verbatim: bool = False) -> dict[str, float]:
+    scorers = VERBATIM if verbatim else SCORERS
+    return {name: fn(prediction, answers) for name, fn in scorers.items()}

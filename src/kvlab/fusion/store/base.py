@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvlab.errors import KvlabError
-from kvlab.fusion.chunks import ChunkKey, ChunkKV
+from kvlab.fusion.chunks import ChunkKey, ChunkKV, is_legacy_checksum
 
 
 class StoreError(KvlabError):
@@ -63,6 +63,8 @@ class VerifyReport:
     checked: int = 0
     problems: list[dict[str, str]] = field(default_factory=list)  # {"digest", "error"}
     removed: int = 0  # damaged entries deleted (with repair)
+    legacy: int = 0  # sound entries with the SHA-256 checksum of older stores
+    migrated: int = 0  # of those, rewritten with the current checksum (with repair)
     stray: int = 0  # leftovers of interrupted writes: not damage, `gc` removes them
 
     @property
@@ -130,16 +132,27 @@ class ChunkStore(ABC):
         for info in list(self.entries()):
             report.checked += 1
             try:
-                self.read_entry(info.digest)
+                key, chunk = self.read_entry(info.digest)
             except KeyError:
                 report.checked -= 1  # removed meanwhile (evicted or expired): not damage
             except CorruptChunkError as err:
                 report.problems.append({"digest": info.digest, "error": str(err)})
                 if repair and self.delete_digest(info.digest):
                     report.removed += 1
+            else:
+                if is_legacy_checksum(chunk.meta.get("checksum")):
+                    report.legacy += 1
+                    if repair and self.rewrite(key, chunk):
+                        report.migrated += 1
             if on_entry is not None:
                 on_entry()
         return report
+
+    def rewrite(self, key: ChunkKey, chunk: ChunkKV) -> bool:
+        """Store a verified entry again in the current format (its checksum resealed). The old entry
+        is deleted first: a crash in between loses one cache entry, which the next use recomputes."""
+        self.delete(key)
+        return self.put(key, chunk)
 
     def gc(self, capacity: int | None = None, min_age_s: float = 3600.0) -> dict[str, Any]:
         """Remove leftovers older than `min_age_s` and evict least recently used entries down to
@@ -159,7 +172,7 @@ class ChunkStore(ABC):
 def check_entry(key: ChunkKey, chunk: ChunkKV, where: str) -> ChunkKV:
     """Verify a chunk read back for `key`: checksum and identity. Raise CorruptChunkError."""
     expected = chunk.meta.get("checksum")
-    if expected is None or chunk.checksum() != expected:
+    if expected is None or not chunk.checksum_matches(expected):
         raise CorruptChunkError(f"chunk {key.digest()[:12]} in {where} fails its checksum")
     identity = [("fingerprint", key.fingerprint), ("dtype", key.dtype),
                 ("position_base", key.position_base), ("n_tokens", len(key.token_ids))]

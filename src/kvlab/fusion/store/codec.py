@@ -69,14 +69,15 @@ def identity(key: ChunkKey) -> tuple[str, str, int, int, str]:
 def sealed_meta(chunk: ChunkKV) -> dict[str, Any]:
     """The chunk's metadata with a checksum that matches its tensors.
 
-    A chunk that already carries a checksum must match it: a damaged chunk is refused before it
-    reaches a store, not discovered by the first reader.
+    A chunk that already carries a checksum (of either scheme) must match it: a damaged chunk is
+    refused before it reaches a store, not discovered by the first reader. The sealed checksum is
+    always of the current scheme.
     """
     from kvlab.fusion.store.base import CorruptChunkError
 
     actual = chunk.checksum()
     stated = chunk.meta.get("checksum")
-    if stated is not None and stated != actual:
+    if stated is not None and stated != actual and not chunk.checksum_matches(stated):
         raise CorruptChunkError("refusing to store a chunk whose tensors no longer match its checksum")
     return {**chunk.meta, "checksum": actual}
 

@@ -10,6 +10,10 @@ the same chunk store it once), with the same optional expiry:
 URL: `redis://[user:password@]host:port/db[?ttl=SECONDS&prefix=NAME]` (prefix defaults to
 `kvlab:chunk`). A reader that finds one key of the pair without the other treats the chunk as
 absent; `verify` counts such halves, `gc` removes them.
+
+Reads of chunks go through `kvlab.fusion.store.resp.BulkReader` (a connection of its own that
+receives the bytes straight into the tensor buffer) on plain `redis://host:port/db` URLs; a
+`rediss://` URL or one with other server options reads through redis-py.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import contextlib
 import json
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
+import torch
 
 from kvlab.fusion.chunks import ChunkKey, ChunkKV
 from kvlab.fusion.store import codec
@@ -34,6 +39,7 @@ from kvlab.fusion.store.base import (
     store_errors,
 )
 from kvlab.fusion.store.claims import new_owner, owner_is_dead
+from kvlab.fusion.store.resp import BulkReader, RespError
 
 DEFAULT_PREFIX = "kvlab:chunk"
 _OPTIONS = {"ttl", "prefix"}
@@ -74,6 +80,7 @@ class RedisStore(ChunkStore):
             self._r = redis.Redis.from_url(server_url, socket_connect_timeout=5, socket_timeout=60,
                                            socket_read_size=1 << 20)  # chunks are megabytes: read big pieces
             self._r.ping()
+        self._reader = _bulk_reader(parts, kept)
         self._swap_claim = self._r.register_script(_SWAP_CLAIM)
         self._release_claim = self._r.register_script(_RELEASE_CLAIM)
 
@@ -89,6 +96,8 @@ class RedisStore(ChunkStore):
     def close(self) -> None:
         with contextlib.suppress(redis.RedisError):
             self._r.close()
+        if self._reader is not None:
+            self._reader.close()
 
     # -- the contract ---------------------------------------------------------------------
 
@@ -134,17 +143,23 @@ class RedisStore(ChunkStore):
         return check_entry(key, chunk, self.url)
 
     def _load(self, digest: str) -> tuple[dict[str, Any], ChunkKey, ChunkKV] | None:
-        with self._errors():
-            meta_raw, data = self._r.mget(self._name(digest, "meta"), self._name(digest, "data"))
+        names = self._name(digest, "meta"), self._name(digest, "data")
+        if self._reader is not None:
+            with store_errors((RespError, OSError), f"Redis store {self.url}"):
+                meta_raw, data = self._reader.mget(*names)  # data: a writable uint8 tensor, read once
+        else:
+            with self._errors():
+                meta_raw, data = self._r.mget(*names)
+            data = None if data is None else bytearray(data)  # writable: the tensors are views of it
         if meta_raw is None or data is None:
             return None
         where = f"chunk {digest[:12]} in {self.url}"
         try:
-            row = json.loads(meta_raw)
+            row = json.loads(meta_raw.numpy().tobytes() if isinstance(meta_raw, torch.Tensor) else meta_raw)
             _identity(row)
         except (ValueError, KeyError, TypeError):
             raise CorruptChunkError(f"{where} has unreadable metadata") from None
-        stored_key, chunk = codec.decode(bytearray(data), where)  # writable: the tensors are views of it
+        stored_key, chunk = codec.decode(data, where)
         return row, stored_key, chunk
 
     def delete(self, key: ChunkKey) -> bool:
@@ -262,6 +277,17 @@ class RedisStore(ChunkStore):
             return float(self._r.object("idletime", self._name(digest, "data")) or 0)
         except redis.ResponseError:  # an LFU eviction policy has no idle clock
             return 0.0
+
+
+def _bulk_reader(parts, server_options: dict) -> BulkReader | None:
+    """The raw reader for a plain `redis://host:port/db` URL; None where redis-py must read (TLS,
+    other server options, a database path that is not a number)."""
+    db_text = parts.path.strip("/") or "0"
+    if parts.scheme != "redis" or server_options or not db_text.isdigit():
+        return None
+    return BulkReader(parts.hostname or "localhost", parts.port or 6379, int(db_text),
+                      unquote(parts.username) if parts.username else None,
+                      unquote(parts.password) if parts.password is not None else None, timeout=60.0)
 
 
 def _identity(row: dict[str, Any]) -> tuple:
