@@ -71,6 +71,10 @@ CASES = [
     ("models --json folder", ["models", "--json", "{dir}"], "is a folder"),
     ("models --json unwritable", ["models", "--json", "{ro}/m.json"], "cannot write --json"),
     ("fuse eval --report folder", ["fuse", "eval", "-m", "tiny-llama", "--report", "{dir}"], "is a folder"),
+    ("fuse explain --report folder", ["fuse", "explain", "-m", "tiny-llama", "--task-file", "{goldens}/tasks.jsonl",
+                                      "--id", "a", "--report", "{dir}"], "is a folder"),
+    ("fuse tasks --out unwritable", ["fuse", "tasks", "-m", "tiny-llama", "--out", "{ro}/t.jsonl"],
+     "cannot write --out"),
     ("hw --disk-dir file", ["hw", "--disk-dir", "{file}"], "is a file"),
     # a device this torch cannot use, refused when the run spec is read
     ("capture device=cuda", ["capture", "-m", "tiny-llama", "-p", "hi", "--run", "device=cuda", "--out", "{work}/s"],

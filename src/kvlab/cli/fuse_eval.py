@@ -225,7 +225,8 @@ def eval_command(model_spec, task_source, n_tasks, strategies, rates, store_url,
               help="Documents per task.")
 @_chunk_tokens
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", "-o", required=True, metavar="FILE", help="The task file to write (JSON lines).")
+@click.option("--out", "-o", required=True, metavar="FILE", callback=output_file,
+              help="The task file to write (JSON lines).")
 def tasks_command(model_spec, task_source, n_tasks, n_chunks, chunk_tokens, seed, out) -> None:
     """Write generated tasks to a task file: what `fuse eval --task` generates with the same options,
     for `fuse precompute`, `fuse run` and `fuse explain`. Documents are sized with the model's tokenizer."""

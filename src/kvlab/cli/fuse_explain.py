@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, quiet_option, write_json
+from kvlab.cli.common import console, json_option, output_file, quiet_option, write_json
 from kvlab.cli.fuse_eval import _STORE_HELP, _chat, _chunk_tokens, _model, _prefix, _run, _store
 from kvlab.errors import KvlabError
 
@@ -23,7 +23,7 @@ from kvlab.errors import KvlabError
 @click.option("--store", "store_url", default="memory://", show_default=True, help=_STORE_HELP)
 @click.option("--tol", type=click.FloatRange(min=0.0, min_open=True), default=None,
               help="rel-L2 per cache row past which the caches diverge (default 1e-3).")
-@click.option("--report", default=None, metavar="PATH", help="Write an HTML page: the prompt with the recomputed "
+@click.option("--report", default=None, metavar="PATH", callback=output_file, help="Write an HTML page: the prompt with the recomputed "
               "tokens and the evidence marked, the divergence and the attention on the evidence.")
 @_chunk_tokens
 @_prefix
