@@ -19,6 +19,8 @@ from kvlab.cli.common import console, json_option, quiet_option, read_prompt, wr
               help="Capture mode: a test run spec; keys it leaves out come from --golden. Repeat for a study.")
 @click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=32, show_default=True,
               help="Capture mode: tokens the golden run generates.")
+@click.option("--ignore-eos", is_flag=True,
+              help="Capture mode: the golden run keeps generating past the end-of-sequence token.")
 @click.option("--tol", default=None, metavar="X|KEY=X,...",
               help="Divergence threshold on per-row rel-L2: one number, or per precision "
                    "(float32=,float16=,bfloat16=,float8_e4m3fn=,float8_e5m2=,lossy=). Default follows the dtype.")
@@ -27,8 +29,8 @@ from kvlab.cli.common import console, json_option, quiet_option, read_prompt, wr
 @click.option("--report", "report_path", default=None, metavar="FILE", help="Write the HTML report to FILE.")
 @json_option
 @quiet_option
-def diff_command(snapshots, model_spec, prompt, prompt_file, chat, golden_spec, test_specs, max_new_tokens, tol,
-                 out, report_path, json_path, quiet) -> None:
+def diff_command(snapshots, model_spec, prompt, prompt_file, chat, golden_spec, test_specs, max_new_tokens,
+                 ignore_eos, tol, out, report_path, json_path, quiet) -> None:
     """Diff two snapshots, or capture a golden run and teacher-forced test runs and diff those.
 
     \b
@@ -58,7 +60,8 @@ def diff_command(snapshots, model_spec, prompt, prompt_file, chat, golden_spec, 
             raise click.UsageError("give GOLDEN TEST snapshots, or --model M --prompt TEXT --test SPEC")
         text = read_prompt(prompt, prompt_file)
         study = run_study(model_spec or "smollm2", text, golden=golden_spec or "", tests=test_specs, chat=chat,
-                          max_new_tokens=max_new_tokens, out=out, tol=tol, progress=not quiet)
+                          max_new_tokens=max_new_tokens, out=out, tol=tol, progress=not quiet,
+                          ignore_eos=ignore_eos)
         if report_path is None and out is not None:
             report_path = str(Path(out) / "report.html")
 
@@ -86,6 +89,9 @@ def print_summary(study) -> None:
     golden = study.golden
     con.print(f"[bold]golden[/bold] {study.golden_run}   model {golden.model.get('spec', '?')}, "
               f"{golden.n_prompt} prompt + {len(golden.token_ids) - golden.n_prompt} generated tokens")
+    note = study.stop_note() if hasattr(study, "stop_note") else None
+    if note:
+        con.print(f"[yellow]note:[/yellow] {note}")
     for i, result in enumerate(study.results, start=1):
         con.rule(f"test {i}: {result.label}")
         con.print(f"run: {result.test_run}")
