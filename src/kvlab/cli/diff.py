@@ -23,7 +23,7 @@ from kvlab.cli.common import console, json_option, quiet_option, read_prompt, wr
               help="Capture mode: the golden run keeps generating past the end-of-sequence token.")
 @click.option("--tol", default=None, metavar="X|KEY=X,...",
               help="Divergence threshold on per-row rel-L2: one number, or per precision "
-                   "(float32=,float16=,bfloat16=,float8_e4m3fn=,float8_e5m2=,lossy=). Default follows the dtype.")
+                   "(float32=,float16=,bfloat16=,float8_e4m3fn=,float8_e5m2=,lossy=,engine=). Default follows the dtype.")
 @click.option("--out", "-o", default=None, metavar="DIR",
               help="Capture mode: write the snapshots (and, unless --report says otherwise, report.html) to DIR.")
 @click.option("--report", "report_path", default=None, metavar="FILE", help="Write the HTML report to FILE.")
@@ -105,6 +105,10 @@ def print_summary(study) -> None:
             con.print(f"first divergence: [red]position {first.position}[/red] "
                       f"({result.describe_position(first.position)}), layer {first.layer}, KV head {first.head}, "
                       f"{first.tensor}, {error}")
+            worst = getattr(first, "worst", None)
+            if worst is not None and (worst.layer, worst.head, worst.tensor) != (first.layer, first.head, first.tensor):
+                shown = "NaN/Inf" if worst.nonfinite else f"rel-L2 {fmt_num(worst.error)}"
+                con.print(f"  worst at that position: layer {worst.layer}, KV head {worst.head}, {worst.tensor}, {shown}")
         con.print(f"diagnosis: {result.diagnosis.text}", markup=False)
         logits = result.logits
         mismatch = "n/a" if logits.top1 is None else "none"

@@ -113,13 +113,14 @@ def diff_snapshots(
     g_run, t_run = _parse_run(golden.run), _parse_run(test.run)
     precisions = [_precision(run, src) for run, src in ((g_run, g_src), (t_run, t_src))]
     lossy = t_run is not None and not getattr(t_run.policy, "lossless", True)
-    tolerance = tolerance_for(precisions, lossy, override)
+    across = g_run is not None and t_run is not None and g_run.engine_name != t_run.engine_name
+    tolerance = tolerance_for(precisions, lossy, override, across_engines=across)
     first = cache.first_divergence(tolerance.rel_l2)
     where = ""
     if first is not None:
         where = f"first at position {first.position}, layer {first.layer}, KV head {first.head}, {first.tensor}"
     evidence = None
-    if g_run is not None and t_run is not None and g_run.engine_name != t_run.engine_name:
+    if across:
         evidence = EngineEvidence.from_cache(cache, tolerance.rel_l2, None if first is None else first.layer)
     return DiffResult(
         golden_run=golden.run,
