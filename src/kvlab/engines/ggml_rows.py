@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from kvlab.errors import KvlabError
+from kvlab.trace.ggml import deinterleave_channels as deinterleave  # noqa: F401 - GGUF -> HF channel order
+from kvlab.trace.ggml import interleave_channels as interleave  # noqa: F401 - HF -> GGUF channel order
 
 GGML_TYPE_NAMES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 30: "bf16"}
 ROTATION_SIZE = 64
@@ -65,18 +67,6 @@ def unrotate(x: np.ndarray, n: int = ROTATION_SIZE) -> np.ndarray:
         raise KvlabError(f"rows of {d} channels cannot hold {n}-channel Hadamard chunks")
     chunks = x.reshape(*x.shape[:-1], d // n, n).astype(np.float64)
     return (chunks @ hadamard(n)).reshape(x.shape).astype(np.float32)
-
-
-def deinterleave(x: torch.Tensor) -> torch.Tensor:
-    """GGUF LLaMA Q/K channel order -> HF order on the last (head_dim) dimension."""
-    d = x.shape[-1]
-    return x.reshape(*x.shape[:-1], d // 2, 2).transpose(-1, -2).reshape(x.shape)
-
-
-def interleave(x: torch.Tensor) -> torch.Tensor:
-    """HF Q/K channel order -> GGUF LLaMA order (inverse of `deinterleave`)."""
-    d = x.shape[-1]
-    return x.reshape(*x.shape[:-1], 2, d // 2).transpose(-1, -2).reshape(x.shape)
 
 
 def to_heads(rows: np.ndarray, n_kv_heads: int, head_dim: int) -> torch.Tensor:
