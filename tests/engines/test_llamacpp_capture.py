@@ -141,3 +141,30 @@ def test_cli_capture_and_diff_take_the_engine(runs, cli, tmp_path):
                          "--out", tmp_path / "bad", "-q")
     assert code == 2 and "dtype= does not apply to engine=llama.cpp" in err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("run", ["cache=q8_0", "cache=q4_0", "cache=f16,fa=off"])
+def test_traces_recorded_from_llama_cpp_pass_the_check(run, cli, tmp_path):
+    need_llama_cpp()
+    path = tmp_path / "t.gguf"
+    code, out, err = cli("trace", "record", "--engine", "llama.cpp", "--model", "smollm2", "--layers", "0,5",
+                         "--steps", "2", "--prefill", "--run", run, "--out", path, "-q")
+    assert code == 0, err
+    code, out, err = cli("trace", "check", path, "--json", tmp_path / "c.json", "-q")
+    assert code == 0, out + err
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data["ok"] and data["rounding"] == "ggml-cpu" and len(data["entries"]) == 2 * 3 * 9
+    assert max(e["rel_l2"] for e in data["entries"]) < 1e-4
+
+
+def test_diff_captures_engine_test_runs_teacher_forced_on_the_golden(cli, tmp_path):
+    need_llama_cpp()
+    code, out, err = cli("diff", "--model", "smollm2", "--prompt", "The capital of France is", "-n", "4",
+                         "--ignore-eos", "--test", "engine=llama.cpp,cache=q8_0", "--test", "dtype=float16",
+                         "--json", tmp_path / "d.json", "-q")
+    assert code == 0, err
+    data = json.loads((tmp_path / "d.json").read_text())
+    engine, half = data["tests"]
+    assert engine["run"] == "engine=llama.cpp,cache=q8_0,fa=on" and engine["diagnosis"]["kind"] == "engine:precision"
+    assert engine["tolerance"]["rel_l2"] == 0.5 and half["run"].startswith("dtype=float16")
+    assert data["n_tokens"] == data["n_prompt"] + 4
