@@ -57,9 +57,10 @@ test: install system-deps install-engines
 test-fast: install system-deps
 	$(PY) -m pytest -m "not slow and not engine" $(PYTEST_ARGS)
 
-bench: install
+bench: install install-engines
 	$(PY) bench/capture_overhead.py
 	$(PY) bench/diff_throughput.py
+	$(PY) bench/engines.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

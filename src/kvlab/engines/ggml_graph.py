@@ -140,11 +140,12 @@ class GraphCallback:
     def __init__(self, want: Callable[[Node], bool], seen: Callable[[Node, int], None]) -> None:
         check_layout()
         self.want, self.seen = want, seen
+        self.enabled = True  # False: every node is passed over at once (no struct read, no Python work)
         self.error: BaseException | None = None
         self.c_function = EVAL_CALLBACK(self._call)
 
     def _call(self, ptr, ask, _user) -> bool:
-        if self.error is not None:
+        if not self.enabled or self.error is not None:
             return False
         try:
             node = describe(ptr)

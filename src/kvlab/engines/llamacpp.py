@@ -269,11 +269,10 @@ class RotationWatch:
         from kvlab.engines.ggml_graph import GraphCallback
 
         self.sources: set[str] = set()
-        self.active = True
         self.callback = GraphCallback(self._want, lambda node, ptr: None)
 
     def _want(self, node) -> bool:
-        if self.active and node.op == "MUL_MAT":
+        if node.op == "MUL_MAT":
             self.sources.update(node.src)
         return False
 
@@ -342,7 +341,7 @@ def capture(
         feed = list(prompt)
         for step in range(n_steps):
             logits = session.decode(feed)
-            watch.active = False
+            watch.callback.enabled = False  # the first decode's graph told all there is
             last = torch.from_numpy(logits)
             own = int(torch.argmax(last))
             values, indices = torch.topk(last, min(top_k, last.numel()))

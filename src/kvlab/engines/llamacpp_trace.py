@@ -227,6 +227,7 @@ def record_trace(
         feed = list(tokens)
         for step in range(steps + 1):
             recorder.step = step if (step > 0 or prefill) else None
+            recorder.callback.enabled = recorder.step is not None
             logits = session.decode(feed)
             if recorder.step is not None:
                 positions[step] = (len(ids) - len(feed), len(feed))
