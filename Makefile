@@ -1,17 +1,18 @@
 # kvlab: two commands do all set-up on a fresh machine.
 #   make demo   create .venv, install everything, run the main job (kvlab diff float32 vs bfloat16) on the default model
-#   make test   create .venv, install everything, run the test suite (what CI runs)
+#   make test   create .venv, install everything (llama-cpp-python too), run the test suite (what CI runs)
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 KVLAB  := $(VENV)/bin/kvlab
 STAMP  := $(VENV)/.kvlab-installed
+ENGINE_STAMP := $(VENV)/.kvlab-engines-installed
 PYTEST_ARGS ?=
 
 DEMO_PROMPT := Explain in two sentences what the KV cache of a transformer stores and why it makes generation faster.
 
-.PHONY: install system-deps demo test test-fast bench clean
+.PHONY: install install-engines system-deps demo test test-fast bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +25,19 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
-# Tests use two Debian packages: redis-server (the shared chunk store) and chromium (the HTML
-# report is opened in a headless browser). Install them only where they are missing.
+# llama.cpp as a test engine: pip builds llama-cpp-python from its sdist (cmake, 15-25 minutes
+# the first time on 2 cores; pip keeps the built wheel, so a reinstall takes seconds)
+$(ENGINE_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[llamacpp]'
+	touch $(ENGINE_STAMP)
+
+install-engines: $(ENGINE_STAMP)
+
+# Tests use Debian packages: redis-server (the shared chunk store), chromium (the HTML report is
+# opened in a headless browser), gcc (the compiled attention kernel) and g++ (llama.cpp's build).
+# Install them only where they are missing.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
-SYSTEM_BINARIES := redis-server chromium gcc
+SYSTEM_BINARIES := redis-server chromium gcc g++
 system-deps:
 	@missing=""; for b in $(SYSTEM_BINARIES); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \
@@ -40,15 +50,17 @@ demo: install
 	$(KVLAB) diff --model smollm2 --chat --prompt "$(DEMO_PROMPT)" --golden dtype=float32 --test dtype=bfloat16 \
 	  --max-new-tokens 64 --out runs/demo --json runs/demo/diff.json
 
-test: install system-deps
+test: install system-deps install-engines
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# no default model, no engines (llama.cpp needs its long first build)
 test-fast: install system-deps
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not engine" $(PYTEST_ARGS)
 
-bench: install
+bench: install install-engines
 	$(PY) bench/capture_overhead.py
 	$(PY) bench/diff_throughput.py
+	$(PY) bench/engines.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -92,3 +92,27 @@ def test_resolve_takes_unset_keys_from_the_model_and_rejects_contradictions():
     assert resolved.dtype == "float32" and resolved.device == "cpu" and resolved.attn == "sdpa"
     with pytest.raises(RunSpecError, match="dtype=bfloat16"):
         RunSpec.parse("dtype=bfloat16").resolve(model)
+
+
+def test_engine_run_specs_take_their_own_keys_only():
+    spec = RunSpec.parse("engine=llama.cpp,cache=q8_0,fa=off,rope_base=20000")
+    assert spec.is_engine and spec.policy.spec() == "q8_0" and spec.fa is False and spec.rope_base == 20000
+    assert str(spec) == "engine=llama.cpp,cache=q8_0,fa=off,rope_base=20000"
+    assert str(RunSpec.parse("engine=llama.cpp").with_defaults()) == "engine=llama.cpp,cache=f16,fa=on"
+    assert str(RunSpec.parse("engine=transformers,dtype=float16")) == "dtype=float16"  # the default engine
+    assert not RunSpec.parse("engine=llama.cpp,cache=q4_0").policy.lossless
+    assert RunSpec.parse("engine=llama.cpp,cache=f16").policy.lossless
+
+
+@pytest.mark.parametrize("text,message", [
+    ("engine=llama.cpp,dtype=float16", "dtype= does not apply to engine=llama.cpp"),
+    ("engine=llama.cpp,cache=mixed", "not a llama.cpp cache type"),
+    ("engine=llama.cpp,cache=q8_0:bits=4", "take no parameters"),
+    ("engine=llama.cpp,fa=maybe", "fa=maybe is not on or off"),
+    ("engine=llama.cpp,rope_base=-1", "not a positive number"),
+    ("engine=vllm", "not one of transformers, llama.cpp"),
+    ("dtype=float16,fa=on", "engine setting"),
+])
+def test_bad_engine_specs_are_one_line(text, message):
+    with pytest.raises(RunSpecError, match=message):
+        RunSpec.parse(text)

@@ -120,12 +120,50 @@ def test_foreign_meta_is_an_error(tmp_path):
         Snapshot.load(path)
 
 
-def test_foreign_tensor_file_is_an_error(tmp_path):
+def test_a_tensor_file_written_by_another_tool_loads_when_its_tensors_check_out(tmp_path):
+    # safetensors' own writer, transformers-style header ("format": "pt"), kvlab's tensor names
     from safetensors.torch import save_file
 
     path = _saved(tmp_path)
-    save_file({"layers.0.keys": torch.zeros(1)}, str(path / KV_FILE))
-    with pytest.raises(SnapshotError, match="not written by kvlab"):
+    snap, layers, _ = _snapshot()
+    tensors = {f"layers.{i}.{w}": t for i, (k, v) in enumerate(layers) for w, t in (("keys", k), ("values", v))}
+    save_file(tensors, str(path / KV_FILE), metadata={"format": "pt"})
+    back = Snapshot.load(path)
+    assert torch.equal(back.keys(2), layers[2][0]) and torch.equal(back.values(0), layers[0][1])
+    save_file(tensors, str(path / KV_FILE))  # no header at all
+    assert torch.equal(Snapshot.load(path).keys(1), layers[1][0])
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: t.pop("layers.1.values"), "no tensor layers.1.values"),
+    (lambda t: t.update({"layers.0.keys": torch.zeros(1)}), r"shape \[1\]"),
+    (lambda t: t.update({"layers.2.keys": torch.zeros(1, 2, 7, 4, dtype=torch.int32)}), "is I32"),
+    (lambda t: t.update({"layers.2.values": torch.zeros(1, 2, 6, 4)}), "one batch, heads, positions"),
+    (lambda t: t.update({"layers.1.keys": torch.zeros(1, 2, 7, 4, dtype=torch.float16)}), "F16"),
+])
+def test_a_foreign_tensor_file_with_wrong_names_shapes_or_dtypes_is_refused(tmp_path, change, message):
+    from safetensors.torch import save_file
+
+    path = _saved(tmp_path)
+    _, layers, _ = _snapshot()
+    tensors = {f"layers.{i}.{w}": t for i, (k, v) in enumerate(layers) for w, t in (("keys", k), ("values", v))}
+    change(tensors)
+    save_file(tensors, str(path / KV_FILE))
+    with pytest.raises(SnapshotError, match=message):
+        Snapshot.load(path)
+
+
+def test_a_foreign_tensor_file_must_match_the_model_in_meta(tmp_path):
+    from safetensors.torch import save_file
+
+    path = _saved(tmp_path)
+    _, layers, _ = _snapshot()
+    meta = json.loads((path / META_FILE).read_text())
+    meta["model"]["n_kv_heads"] = 3
+    (path / META_FILE).write_text(json.dumps(meta))
+    tensors = {f"layers.{i}.{w}": t for i, (k, v) in enumerate(layers) for w, t in (("keys", k), ("values", v))}
+    save_file(tensors, str(path / KV_FILE))
+    with pytest.raises(SnapshotError, match="n_kv_heads axis"):
         Snapshot.load(path)
 
 

@@ -1,10 +1,16 @@
 """RunSpec: how a model runs, as one short string shared by the CLI and the Python API.
 
 `dtype=bfloat16,attn=sdpa,cache=mixed:bits=4,hot=128,tp=2,device=cpu`
+`engine=llama.cpp,cache=q8_0,fa=on`
 
 The cache policy's own parameters follow its name after a colon; a comma-separated item
 belongs to the cache policy until the next top-level key. Keys left out mean "as the model
 is loaded" (`resolve`) or the defaults (`with_defaults`).
+
+`engine` names who runs the model: transformers (the default, left out of the string) or
+another implementation of the same model (`kvlab.engines`). An engine run takes its own keys:
+`cache` is then the engine's cache type (`f16`, `q8_0`, ...), `fa` and `rope_base` are its
+settings, and transformers' keys (`dtype`, `attn`, `tp`, `device`) do not apply.
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ if TYPE_CHECKING:
 
     from kvlab.caches.registry import CachePolicy
 
-KEYS = ("dtype", "attn", "cache", "tp", "device")
+KEYS = ("engine", "dtype", "attn", "cache", "tp", "device", "fa", "rope_base")
+TRANSFORMERS_KEYS = ("dtype", "attn", "cache", "tp", "device")
+ENGINE_KEYS = ("cache", "fa", "rope_base")  # the keys an engine run (engine=llama.cpp) takes
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULTS = {"dtype": "float32", "attn": "sdpa", "cache": "dynamic", "tp": 1, "device": "cpu"}
+TRANSFORMERS = "transformers"
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 _PREFERRED_ATTN = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
@@ -48,6 +57,9 @@ class RunSpec:
     cache: "CachePolicy | None" = None
     tp: int | None = None
     device: str | None = None
+    engine: str | None = None  # None: transformers
+    fa: bool | None = None  # engine runs: flash attention
+    rope_base: float | None = None  # engine runs: RoPE base override (llama.cpp's rope_freq_base)
 
     # ---- parsing -------------------------------------------------------------------------
     @classmethod
@@ -88,6 +100,12 @@ class RunSpec:
 
     @classmethod
     def _from_strings(cls, values: dict[str, str], cache_items: list[str]) -> "RunSpec":
+        engine = values.get("engine")
+        if engine is not None and engine != TRANSFORMERS:
+            return cls._engine_from_strings(engine, values, cache_items)
+        for key in ENGINE_KEYS[1:]:
+            if key in values:
+                raise RunSpecError(f"run spec: {key}= is an engine setting; use it with engine=llama.cpp")
         dtype = values.get("dtype")
         if dtype is not None and dtype not in DTYPES:
             raise RunSpecError(f"run spec: dtype={dtype} is not one of {', '.join(DTYPES)}")
@@ -113,13 +131,58 @@ class RunSpec:
                 cache = make_policy(values["cache"], cache_items)
             except ParamError as err:
                 raise RunSpecError(f"run spec: {err}") from None
-        return cls(dtype=dtype, attn=attn, cache=cache, tp=tp_value, device=device)
+        return cls(dtype=dtype, attn=attn, cache=cache, tp=tp_value, device=device,
+                   engine=None if engine is None else TRANSFORMERS)
+
+    @classmethod
+    def _engine_from_strings(cls, engine: str, values: dict[str, str], cache_items: list[str]) -> "RunSpec":
+        from kvlab.engines import engine_cache, engine_names
+
+        if engine not in engine_names():
+            raise RunSpecError(f"run spec: engine={engine} is not one of {', '.join(engine_names())}")
+        foreign = [k for k in values if k not in ("engine", *ENGINE_KEYS)]
+        if foreign:
+            raise RunSpecError(f"run spec: {foreign[0]}= does not apply to engine={engine}; "
+                               f"it takes {', '.join(ENGINE_KEYS)}")
+        if cache_items:
+            raise RunSpecError(f"run spec: engine={engine} cache types take no parameters ({', '.join(cache_items)})")
+        cache = engine_cache(engine, values["cache"]) if "cache" in values else None
+        fa = None
+        if "fa" in values:
+            if values["fa"] not in ("on", "off"):
+                raise RunSpecError(f"run spec: fa={values['fa']} is not on or off")
+            fa = values["fa"] == "on"
+        rope_base = None
+        if "rope_base" in values:
+            try:
+                rope_base = float(values["rope_base"])
+            except ValueError:
+                rope_base = -1.0
+            if not 0 < rope_base < float("inf"):
+                raise RunSpecError(f"run spec: rope_base={values['rope_base']} is not a positive number")
+        return cls(cache=cache, engine=engine, fa=fa, rope_base=rope_base)
+
+    @property
+    def engine_name(self) -> str:
+        """Who runs the model: `transformers` or an engine of `kvlab.engines`."""
+        return self.engine or TRANSFORMERS
+
+    @property
+    def is_engine(self) -> bool:
+        return self.engine_name != TRANSFORMERS
 
     # ---- completing ----------------------------------------------------------------------
     def with_defaults(self) -> "RunSpec":
-        """Every unset key at kvlab's default (float32, sdpa, dynamic, tp=1, cpu)."""
+        """Every unset key at kvlab's default (float32, sdpa, dynamic, tp=1, cpu; an engine's own)."""
+        if self.is_engine:
+            from kvlab.engines import engine_cache
+
+            return replace(self, cache=self.cache or engine_cache(self.engine_name, None),
+                           fa=True if self.fa is None else self.fa)
         changes = {}
         for f in fields(self):
+            if f.name not in DEFAULTS:
+                continue
             if getattr(self, f.name) is None:
                 default = DEFAULTS[f.name]
                 if f.name == "cache":
@@ -131,6 +194,9 @@ class RunSpec:
 
     def resolve(self, model) -> "RunSpec":
         """Fill unset keys from a loaded model; raise if a set key contradicts it."""
+        if self.is_engine:
+            raise RunSpecError(f"engine={self.engine} runs outside transformers: capture it with "
+                               "kvlab capture --engine (kvlab.engines)")
         actual = {
             "dtype": str(model.dtype).removeprefix("torch."),
             "device": str(model.device),
@@ -165,8 +231,8 @@ class RunSpec:
         parts = []
         for key in KEYS:
             value = getattr(self, key)
-            if value is not None:
-                parts.append(f"{key}={value.spec() if key == 'cache' else value}")
+            if value is not None and not (key == "engine" and value == TRANSFORMERS):
+                parts.append(f"{key}={value_text(key, value)}")
         return ",".join(parts)
 
 
@@ -185,6 +251,17 @@ def check_device_available(device: str) -> None:
                                "are visible")
     elif kind == "mps" and not torch.backends.mps.is_available():
         raise RunSpecError(f"run spec: device={device} but MPS is not available here; use device=cpu")
+
+
+def value_text(key: str, value) -> str:
+    """How a key's value reads in a run spec string."""
+    if key == "cache":
+        return value.spec()
+    if key == "fa":
+        return "on" if value else "off"
+    if key == "rope_base":
+        return f"{value:g}"
+    return str(value)
 
 
 def _same(key: str, want: str, actual: str) -> bool:

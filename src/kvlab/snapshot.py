@@ -106,8 +106,9 @@ class Snapshot:
         except (SafetensorError, OSError) as err:
             raise SnapshotError(f"{kv_path} is truncated or corrupt ({_first_line(err)})") from None
         header = reader.metadata() or {}
-        if header.get("format") != FORMAT:
-            raise SnapshotError(f"{kv_path} was not written by kvlab (format {header.get('format')!r})")
+        fmt = str(header.get("format", ""))
+        if fmt.startswith(FORMAT_NAME + "/") and fmt != FORMAT:
+            raise SnapshotError(f"{kv_path} was written by a newer kvlab ({fmt}); this kvlab reads {FORMAT}")
         names = set(reader.keys())
         n_layers = meta.get("n_layers")
         if not isinstance(n_layers, int) or n_layers < 0:
@@ -116,6 +117,9 @@ class Snapshot:
             for name in (key_name(i), value_name(i)):
                 if name not in names:
                     raise SnapshotError(f"{kv_path} has no tensor {name} (meta.json says {n_layers} layers)")
+        if fmt != FORMAT:  # written by another tool: trust the tensors only after checking them
+            check_cache_tensors(kv_path, n_layers, lambda name: tuple(reader.get_slice(name).get_shape()),
+                                lambda name: reader.get_slice(name).get_dtype(), meta.get("model") or {})
         return cls(meta, path=path, reader=reader)
 
     # ---- reading ---------------------------------------------------------------------------
@@ -250,6 +254,41 @@ def check_snapshot_target(path: str | Path) -> Path:
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / META_FILE).is_file())):
         raise SnapshotError(f"refusing to overwrite {path}: it exists and is not a kvlab snapshot")
     return path
+
+
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def check_cache_tensors(kv_path: Path, n_layers: int, shape_of, dtype_of, model: dict[str, Any]) -> None:
+    """The K/V tensors of a file another tool wrote, checked by name, shape and dtype.
+
+    Every `layers.{i}.keys` / `.values` must be a 4-D float tensor `[batch, kv_heads, seq,
+    head_dim]`; keys and values of a layer share batch, heads and positions; all layers share
+    one shape and dtype; and where meta.json's `model` gives `n_kv_heads` / `head_dim`, they match.
+    """
+    first: tuple[tuple[int, ...], str] | None = None
+    for i in range(n_layers):
+        shapes = {}
+        for name in (key_name(i), value_name(i)):
+            shape, dtype = shape_of(name), str(dtype_of(name))
+            if len(shape) != 4:
+                raise SnapshotError(f"{kv_path}: {name} has shape {list(shape)}; kvlab reads "
+                                    "[batch, kv_heads, seq, head_dim]")
+            if dtype not in _FLOAT_DTYPES:
+                raise SnapshotError(f"{kv_path}: {name} is {dtype}; a cache tensor is a float "
+                                    f"({', '.join(sorted(_FLOAT_DTYPES))})")
+            if first is None:
+                first = (tuple(shape), dtype)
+            elif (tuple(shape[:3]), dtype) != (first[0][:3], first[1]):
+                raise SnapshotError(f"{kv_path}: {name} is {dtype} {list(shape)}, layers.0.keys {first[1]} "
+                                    f"{list(first[0])}: every layer of a cache has one batch, heads, positions and dtype")
+            shapes[name] = tuple(shape)
+        for field, axis in (("n_kv_heads", 1), ("head_dim", 3)):
+            want = model.get(field)
+            have = shapes[key_name(i)][axis]
+            if isinstance(want, int) and have != want:
+                raise SnapshotError(f"{kv_path}: {key_name(i)} has {have} on its {field} axis, meta.json's model "
+                                    f"{want}")
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -51,14 +51,19 @@ def test_an_earlier_row_below_tolerance_does_not_count(golden_dir):
     assert diff_snapshots(golden, test, tol="1e-7").first_divergence.position == 3
 
 
-def test_at_the_first_position_the_worst_layer_and_head_are_named(golden_dir):
+def test_at_the_first_position_the_first_layer_in_computation_order_is_named_and_the_worst_beside_it(golden_dir):
     golden = Snapshot.load(golden_dir)
-    edits = [(0, "keys", (0, 0, 10), golden.keys(0)[0, 0, 10] * 1.2),  # rel 0.2
-             (2, "values", (0, 1, 10), golden.values(2)[0, 1, 10] * 1.7),  # rel 0.7: the worst at 10
+    edits = [(2, "values", (0, 1, 10), golden.values(2)[0, 1, 10] * 1.7),  # rel 0.7: the worst at 10
+             (1, "values", (0, 0, 10), golden.values(1)[0, 0, 10] * 1.2),  # rel 0.2: the lowest layer at 10
+             (1, "keys", (0, 1, 10), golden.keys(1)[0, 1, 10] * 1.1),  # rel 0.1: same layer, keys first
              (3, "keys", (0, 1, 11), golden.keys(3)[0, 1, 11] * 9)]  # later, though larger
     first = diff_snapshots(golden, edited_copy(golden, edits)).first_divergence
-    assert (first.position, first.layer, first.head, first.tensor) == (10, 2, 1, "values")
-    assert first.error == pytest.approx(0.7, rel=1e-5)
+    assert (first.position, first.layer, first.head, first.tensor) == (10, 1, 1, "keys")
+    assert first.error == pytest.approx(0.1, rel=1e-5)
+    worst = first.worst
+    assert (worst.position, worst.layer, worst.head, worst.tensor) == (10, 2, 1, "values")
+    assert worst.error == pytest.approx(0.7, rel=1e-5)
+    assert first.as_dict()["worst"]["layer"] == 2
 
 
 def test_streamed_figures_equal_whole_tensor_metrics(golden_dir, monkeypatch):

@@ -85,3 +85,32 @@ def test_mismatched_models_are_one_error_line(cli, pair, tmp_path):
     golden_run("tiny-qwen2").save(tmp_path / "other")
     code, _, err = cli("diff", pair / "golden", tmp_path / "other")
     assert code == 2 and "different models" in err and err.count("\n") == 1
+
+
+def test_capture_mode_says_when_the_golden_run_stopped_early_and_ignore_eos_goes_on(cli, tmp_path, monkeypatch):
+    import sys
+
+    capture_module = sys.modules["kvlab.capture"]
+    code, out, err = cli("diff", "--model", "tiny-llama", "--prompt", "abc abc abc", "--test", "dtype=bfloat16",
+                         "-n", "4", "--json", tmp_path / "free.json", "-q")
+    assert code == 0, err
+    free = json.loads((tmp_path / "free.json").read_text())
+    generated = free["golden_text"]
+    assert free["golden_stopped_early"] is None and "stopped early" not in out
+    n_prompt, n_tokens = free["n_prompt"], free["n_tokens"]
+
+    class EveryToken:  # every token ends the sequence: the golden run stops after its first
+        def __contains__(self, token):
+            return True
+
+    monkeypatch.setattr(capture_module, "_eos_ids", lambda model: EveryToken())
+    code, out, err = cli("diff", "--model", "tiny-llama", "--prompt", "abc abc abc", "--test", "dtype=bfloat16",
+                         "-n", "4", "--json", tmp_path / "early.json", "-q")
+    assert code == 0, err
+    assert "the golden run stopped early at step 0" in out and "--ignore-eos" in out
+    assert json.loads((tmp_path / "early.json").read_text())["n_tokens"] == n_prompt + 1
+    code, out, err = cli("diff", "--model", "tiny-llama", "--prompt", "abc abc abc", "--test", "dtype=bfloat16",
+                         "-n", "4", "--ignore-eos", "--json", tmp_path / "kept.json", "-q")
+    assert code == 0, err
+    kept = json.loads((tmp_path / "kept.json").read_text())
+    assert "stopped early" not in out and kept["n_tokens"] == n_tokens and kept["golden_text"] == generated

@@ -80,3 +80,31 @@ def test_a_tensor_parallel_test_run_is_captured_on_its_ranks_and_diffed():
     assert entry["logits"]["top1_agreement"] == 1.0
     # all-reduce order is the only difference from tp=1
     assert max(layer["keys"]["max_abs"] for layer in entry["layers"]) < 1e-5
+
+
+def test_a_golden_run_that_stops_early_says_at_which_step_and_ignore_eos_keeps_going(monkeypatch):
+    import sys
+
+    capture_module = sys.modules["kvlab.capture"]  # `kvlab.capture` the attribute is the function
+    free = run_study("tiny-llama", PROMPT, tests=["dtype=bfloat16"], max_new_tokens=6)
+    generated = free.golden.token_ids[free.golden.n_prompt:]
+    stop = next(i for i, t in enumerate(generated) if t not in generated[:i] and i >= 1)
+    monkeypatch.setattr(capture_module, "_eos_ids", lambda model: {generated[stop]})
+
+    early = run_study("tiny-llama", PROMPT, tests=["dtype=bfloat16"], max_new_tokens=6)
+    assert early.golden.token_ids == free.golden.token_ids[:free.golden.n_prompt + stop + 1]
+    assert early.golden_stop == {"step": stop, "steps": stop + 1, "asked": 6, "token": generated[stop]}
+    assert f"stopped early at step {stop}" in early.stop_note() and "--ignore-eos" in early.stop_note()
+    assert early.to_json()["golden_stopped_early"]["step"] == stop
+
+    kept = run_study("tiny-llama", PROMPT, tests=["dtype=bfloat16"], max_new_tokens=6, ignore_eos=True)
+    assert kept.golden.token_ids == free.golden.token_ids and kept.golden_stop is None
+    assert kept.stop_note() is None and kept.to_json()["golden_stopped_early"] is None
+
+
+def test_engine_test_specs_take_no_transformers_keys_from_the_golden():
+    golden = RunSpec.parse("dtype=float32,attn=eager")
+    runs = resolve_test_runs(golden, ["engine=llama.cpp,cache=q8_0", "engine=llama.cpp", "dtype=float16"])
+    assert [str(r) for r in runs] == ["engine=llama.cpp,cache=q8_0", "engine=llama.cpp", "dtype=float16,attn=eager"]
+    on_engine = resolve_test_runs(RunSpec.parse("engine=llama.cpp,cache=f16,fa=off"), ["cache=f32", "fa=on"])
+    assert [str(r) for r in on_engine] == ["engine=llama.cpp,cache=f32,fa=off", "engine=llama.cpp,cache=f16,fa=on"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import click
 
@@ -16,7 +17,11 @@ from kvlab.cli.common import console, json_option, output_dir, quiet_option, rea
 @click.option("--chat", is_flag=True, help="Wrap the prompt as one user turn in the model's chat template.")
 @click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--run", "run_text", default="", metavar="SPEC",
-              help="Run spec, e.g. 'dtype=bfloat16,attn=eager,cache=dynamic'.")
+              help="Run spec, e.g. 'dtype=bfloat16,attn=eager,cache=dynamic'; with --engine llama.cpp "
+                   "'cache=f16|f32|q8_0|q4_0,fa=on|off,rope_base=X'.")
+@click.option("--engine", default=None, type=click.Choice(["transformers", "llama.cpp"]),
+              help="Who runs the model (same as engine= in --run): transformers (default) or llama.cpp "
+                   "(the model's GGUF through llama-cpp-python).")
 @click.option("--force-tokens", default=None, metavar="GOLDEN",
               help="Teacher-force: feed the token ids of this golden snapshot instead of the model's own.")
 @click.option("--top-k", type=click.IntRange(min=1), default=20, show_default=True,
@@ -31,7 +36,7 @@ from kvlab.cli.common import console, json_option, output_dir, quiet_option, rea
               help="Snapshot folder to write (replaced if it is one).")
 @json_option
 @quiet_option
-def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_text, force_tokens, top_k,
+def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_text, engine, force_tokens, top_k,
                     ignore_eos, tp, shards, out, json_path, quiet) -> None:
     """Greedy generation that records the final KV cache, the token ids and per-step logits.
 
@@ -49,7 +54,13 @@ def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_t
     from kvlab.runspec import RunSpec
     from kvlab.snapshot import Snapshot
 
-    run = RunSpec.parse(run_text)
+    run = RunSpec.parse(with_engine(run_text, engine))
+    if run.is_engine:
+        if tp is not None:
+            raise click.UsageError(f"--tp is for transformers runs, not engine={run.engine}")
+        _capture_engine(model_spec, prompt, prompt_file, chat, max_new_tokens, run, force_tokens, top_k, ignore_eos,
+                        out, json_path, quiet)
+        return
     degree = tp_degree(run, tp)
     run = replace(run, tp=degree) if degree > 1 else run
     golden = Snapshot.load(force_tokens) if force_tokens else None
@@ -108,6 +119,73 @@ def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_t
         con.rule("generated text")
         con.print(summary["text"], markup=False)
         con.rule()
+        con.print(f"snapshot written to {out}")
+    write_json(json_path, summary)
+
+
+def with_engine(run_text: str, engine: str | None) -> str:
+    """The run spec text with --engine folded in (one clear error when they disagree)."""
+    if engine is None:
+        return run_text
+    given = [item.partition("=")[2].strip() for item in run_text.split(",") if item.strip().startswith("engine=")]
+    if given and given[0] != engine:
+        raise click.UsageError(f"--engine {engine} and engine={given[0]} in --run disagree")
+    return run_text if given else f"engine={engine}" + ("," + run_text if run_text.strip() else "")
+
+
+def _capture_engine(model_spec, prompt, prompt_file, chat, max_new_tokens, run, force_tokens, top_k, ignore_eos,
+                    out, json_path, quiet) -> None:
+    """`kvlab capture --engine llama.cpp`: the engine's run, recorded as a normal snapshot."""
+    from kvlab.engines import capture_engine
+    from kvlab.engines.llamacpp import resolve_model
+    from kvlab.progress import progress_bar
+    from kvlab.snapshot import Snapshot
+
+    golden = Snapshot.load(force_tokens) if force_tokens else None
+    text = read_prompt(prompt, prompt_file, required=golden is None)
+    model = resolve_model(model_spec)
+    tokens = model.encode(text, chat=chat) if text is not None else None
+    steps = len(golden.token_ids) - golden.n_prompt if golden is not None else max_new_tokens
+    started = time.perf_counter()
+    with progress_bar(steps, "capture", enabled=not quiet) as advance:
+        snap = capture_engine(model, tokens, run, force=golden, max_new_tokens=max_new_tokens, top_k=top_k,
+                              stop_at_eos=not ignore_eos, on_step=advance,
+                              prompt_text=text if tokens is None else None)
+    elapsed = time.perf_counter() - started
+    snap.save(out)
+    generated = snap.token_ids[snap.n_prompt:]
+    k0 = snap.keys(0)
+    cache_bytes = sum(snap.keys(i).nbytes + snap.values(i).nbytes for i in range(snap.n_layers))
+    decoded = model.tokenizer.decode(generated, skip_special_tokens=False) if model.tokenizer is not None else None
+    summary = {
+        "out": out,
+        "model": snap.model,
+        "run": snap.run,
+        "engine": snap.meta.get("engine"),
+        "n_prompt": snap.n_prompt,
+        "n_generated": len(generated),
+        "teacher_forced": golden is not None,
+        "seconds": elapsed,
+        "tokens_per_s": len(generated) / elapsed if elapsed > 0 else None,
+        "cache_shape": list(k0.shape),
+        "cache_bytes": cache_bytes,
+        "text": decoded,
+    }
+    if json_path != "-":
+        con = console()
+        engine = snap.meta["engine"]
+        con.print(f"[bold]{model_spec}[/bold]  run: {snap.run}  ({engine['package']} {engine['version']}, "
+                  f"{Path(engine['gguf']).name})")
+        con.print(f"prompt: {snap.n_prompt} tokens  generated: {len(generated)} tokens "
+                  f"in {elapsed:.2f}s ({summary['tokens_per_s']:.1f} tok/s)"
+                  + ("  (teacher-forced)" if golden is not None else ""))
+        cache = engine["cache"]
+        con.print(f"cache: {snap.n_layers} layers x {tuple(k0.shape)} {k0.dtype} (llama.cpp K {cache['k_type']}, "
+                  f"V {cache['v_type']}), {cache_bytes / 2**20:.2f} MiB")
+        if decoded is not None:
+            con.rule("generated text")
+            con.print(decoded, markup=False)
+            con.rule()
         con.print(f"snapshot written to {out}")
     write_json(json_path, summary)
 

@@ -19,16 +19,18 @@ from kvlab.cli.common import console, json_option, output_dir, output_file, quie
               help="Capture mode: a test run spec; keys it leaves out come from --golden. Repeat for a study.")
 @click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=32, show_default=True,
               help="Capture mode: tokens the golden run generates.")
+@click.option("--ignore-eos", is_flag=True,
+              help="Capture mode: the golden run keeps generating past the end-of-sequence token.")
 @click.option("--tol", default=None, metavar="X|KEY=X,...",
               help="Divergence threshold on per-row rel-L2: one number, or per precision "
-                   "(float32=,float16=,bfloat16=,float8_e4m3fn=,float8_e5m2=,lossy=). Default follows the dtype.")
+                   "(float32=,float16=,bfloat16=,float8_e4m3fn=,float8_e5m2=,lossy=,engine=). Default follows the dtype.")
 @click.option("--out", "-o", default=None, metavar="DIR", callback=output_dir,
               help="Capture mode: write the snapshots (and, unless --report says otherwise, report.html) to DIR.")
 @click.option("--report", "report_path", default=None, metavar="FILE", callback=output_file, help="Write the HTML report to FILE.")
 @json_option
 @quiet_option
-def diff_command(snapshots, model_spec, prompt, prompt_file, chat, golden_spec, test_specs, max_new_tokens, tol,
-                 out, report_path, json_path, quiet) -> None:
+def diff_command(snapshots, model_spec, prompt, prompt_file, chat, golden_spec, test_specs, max_new_tokens,
+                 ignore_eos, tol, out, report_path, json_path, quiet) -> None:
     """Diff two snapshots, or capture a golden run and teacher-forced test runs and diff those.
 
     \b
@@ -58,7 +60,8 @@ def diff_command(snapshots, model_spec, prompt, prompt_file, chat, golden_spec, 
             raise click.UsageError("give GOLDEN TEST snapshots, or --model M --prompt TEXT --test SPEC")
         text = read_prompt(prompt, prompt_file)
         study = run_study(model_spec or "smollm2", text, golden=golden_spec or "", tests=test_specs, chat=chat,
-                          max_new_tokens=max_new_tokens, out=out, tol=tol, progress=not quiet)
+                          max_new_tokens=max_new_tokens, out=out, tol=tol, progress=not quiet,
+                          ignore_eos=ignore_eos)
         if report_path is None and out is not None:
             report_path = str(Path(out) / "report.html")
 
@@ -87,6 +90,9 @@ def print_summary(study) -> None:
     golden = study.golden
     con.print(f"[bold]golden[/bold] {study.golden_run}   model {golden.model.get('spec', '?')}, "
               f"{golden.n_prompt} prompt + {len(golden.token_ids) - golden.n_prompt} generated tokens")
+    note = study.stop_note() if hasattr(study, "stop_note") else None
+    if note:
+        con.print(f"[yellow]note:[/yellow] {note}")
     for i, result in enumerate(study.results, start=1):
         con.rule(f"test {i}: {result.label}")
         con.print(f"run: {result.test_run}")
@@ -101,6 +107,10 @@ def print_summary(study) -> None:
             con.print(f"first divergence: [red]position {first.position}[/red] {token} "
                       f"({result.describe_position(first.position)}), layer {first.layer}, KV head {first.head}, "
                       f"{first.tensor}, {error}")
+            worst = getattr(first, "worst", None)
+            if worst is not None and (worst.layer, worst.head, worst.tensor) != (first.layer, first.head, first.tensor):
+                shown = "NaN/Inf" if worst.nonfinite else f"rel-L2 {fmt_num(worst.error)}"
+                con.print(f"  worst at that position: layer {worst.layer}, KV head {worst.head}, {worst.tensor}, {shown}")
         con.print(f"diagnosis: {result.diagnosis.text}", markup=False)
         logits = result.logits
         mismatch = "n/a" if logits.top1 is None else "none"

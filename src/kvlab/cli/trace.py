@@ -36,6 +36,8 @@ def trace_group() -> None:
               help="Layers to record: 0,5 or 0-3 or all.")
 @click.option("--steps", "-n", type=click.IntRange(min=1), default=8, show_default=True, help="Decode steps to record.")
 @click.option("--run", "run_text", default="", metavar="SPEC", help="Run spec, e.g. 'dtype=float16,cache=mixed:bits=4'.")
+@click.option("--engine", default=None, type=click.Choice(["transformers", "llama.cpp"]),
+              help="Who runs the model (same as engine= in --run); llama.cpp records its own graph's tensors.")
 @click.option("--prompt", "-p", default=None, help="Prompt text (default: a short sentence).")
 @click.option("--prompt-file", default=None, metavar="FILE", help="Read the prompt from FILE ('-' for stdin).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as one user turn in the model's chat template.")
@@ -43,8 +45,8 @@ def trace_group() -> None:
 @click.option("--out", "-o", required=True, metavar="FILE", callback=output_file, help="Trace file to write (.gguf).")
 @json_option
 @quiet_option
-def record_command(model_spec, layers_text, steps, run_text, prompt, prompt_file, chat, prefill, out, json_path,
-                   quiet) -> None:
+def record_command(model_spec, layers_text, steps, run_text, engine, prompt, prompt_file, chat, prefill, out,
+                   json_path, quiet) -> None:
     """Record q, k, v, mask and attention output of LAYERS at each decode step into a GGUF trace.
 
     Tensors are named blk.{layer}.step.{n}.{q|k|v|mask|out} (plus k_quant / v_quant when the
@@ -57,15 +59,44 @@ def record_command(model_spec, layers_text, steps, run_text, prompt, prompt_file
     from kvlab.runspec import RunSpec
     from kvlab.trace import record_trace
 
+    from kvlab.cli.capture import with_engine
+
     layers = _parse_layers(layers_text)
-    run = RunSpec.parse(run_text)
+    run = RunSpec.parse(with_engine(run_text, engine))
     text = read_prompt(prompt, prompt_file, required=False) or DEFAULT_PROMPT
+    if run.is_engine:
+        _record_engine(model_spec, layers, steps, run, text, chat, prefill, out, json_path, quiet)
+        return
     loaded = load_model(model_spec, run, progress=not quiet)
     if layers is None:
         layers = list(range(model_shape(loaded.config)["n_layers"]))
     with progress_bar(steps + 1, "record", enabled=not quiet) as advance:
         summary = record_trace(loaded, loaded.encode(text, chat=chat), run, layers=layers, steps=steps, out=out,
                                prefill=prefill, on_step=advance)
+    if json_path != "-":
+        con = console()
+        con.print(f"[bold]{model_spec}[/bold]  run: {summary.run}")
+        con.print(f"layers {', '.join(map(str, summary.layers))}  steps {summary.steps[0]}..{summary.steps[-1]}  "
+                  f"{len(summary.tensors)} tensors, {summary.bytes / 2**20:.2f} MiB in {summary.seconds:.2f}s")
+        con.print(f"trace written to {summary.path}")
+    write_json(json_path, summary.as_dict())
+
+
+def _record_engine(model_spec, layers, steps, run, text, chat, prefill, out, json_path, quiet) -> None:
+    """`kvlab trace record --engine llama.cpp`: the engine's own attention tensors, in ggml's layout."""
+    from kvlab.engines.llamacpp import resolve_model
+    from kvlab.engines.llamacpp_trace import record_trace
+    from kvlab.progress import progress_bar
+
+    model = resolve_model(model_spec)
+    tokens = model.encode(text, chat=chat)
+    if layers is None:
+        if model.describe.get("n_layers") is None:
+            raise click.UsageError("--layers all needs the layer count: give the layers (e.g. 0-29)")
+        layers = list(range(model.describe["n_layers"]))
+    with progress_bar(steps + 1, "record", enabled=not quiet) as advance:
+        summary = record_trace(model, tokens, run, layers=layers, steps=steps, out=out, prefill=prefill,
+                               prompt_text=text, on_step=advance)
     if json_path != "-":
         con = console()
         con.print(f"[bold]{model_spec}[/bold]  run: {summary.run}")
@@ -82,15 +113,19 @@ def record_command(model_spec, layers_text, steps, run_text, prompt, prompt_file
 @click.option("--max-abs", type=click.FloatRange(min=0), default=None, help="Also require max abs error <= this.")
 @click.option("--scale", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Softmax scale when the trace records none (default head_dim ** -0.5).")
-@click.option("--layout", type=click.Choice(["kvlab", "llama.cpp", "llama.cpp-views"]), default="kvlab", show_default=True,
-              help="How tensors without kvlab metadata are laid out.")
+@click.option("--layout", type=click.Choice(["kvlab", "llama.cpp", "llama.cpp-views", "llama.cpp-noflash"]),
+              default=None, help="How tensors without kvlab metadata are laid out (default: what the file's "
+                                 "kvlab.layout says, else kvlab).")
 @click.option("--deinterleave-qk", is_flag=True, help="q and k use LLaMA GGUF's interleaved RoPE channel order.")
+@click.option("--rounding", type=click.Choice(["auto", "ggml-cpu", "none"]), default="auto", show_default=True,
+              help="Replay the roundings of ggml's CPU flash-attention kernel in the reference (auto: for traces "
+                   "kvlab recorded from llama.cpp with flash attention).")
 @click.option("--per-head", is_flag=True, help="One table row per head instead of per layer and step.")
 @click.option("--plot", "plot_path", default=None, metavar="PNG", callback=output_file, help="Also draw the errors per layer, step and head.")
 @json_option
 @quiet_option
-def check_command(trace_path, tol, max_abs, scale, layout, deinterleave_qk, per_head, plot_path, json_path,
-                  quiet) -> int:
+def check_command(trace_path, tol, max_abs, scale, layout, deinterleave_qk, rounding, per_head, plot_path,
+                  json_path, quiet) -> int:
     """Recompute each recorded attention in float64 and compare element-wise with the recorded output.
 
     Per layer, step and query head: max abs error, relative L2 error and cosine similarity
@@ -104,7 +139,7 @@ def check_command(trace_path, tol, max_abs, scale, layout, deinterleave_qk, per_
     if not pairs:
         raise TraceError(f"{trace_path} holds no attention tensors (blk.{{layer}}.step.{{n}}.q, k, v, out)")
     with progress_bar(len(pairs), "check", enabled=not quiet) as advance:
-        report = check_trace(trace, tol=tol, max_abs=max_abs, scale=scale, on_step=advance)
+        report = check_trace(trace, tol=tol, max_abs=max_abs, scale=scale, rounding=rounding, on_step=advance)
     if plot_path is not None:
         from kvlab.trace.plot import plot_check
 

@@ -43,7 +43,10 @@ class NonFinite:
 
 @dataclass(frozen=True)
 class Divergence:
-    """Where a test cache first leaves the tolerance: the position, then its worst layer/head."""
+    """Where a test cache first leaves the tolerance, in the order the model computes it: the
+    earliest position, then the lowest layer over the tolerance there (keys before values), its
+    worst KV head. `worst` is the largest row at that position, often a deeper layer the error
+    has grown into by then."""
 
     position: int
     layer: int
@@ -51,12 +54,16 @@ class Divergence:
     tensor: str
     error: float  # rel-L2 of that row; inf for a non-finite row
     nonfinite: bool = False
+    worst: "Divergence | None" = None
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "position": self.position, "layer": self.layer, "head": self.head, "tensor": self.tensor,
             "error": self.error if not self.nonfinite else None, "nonfinite": self.nonfinite,
         }
+        if self.worst is not None:
+            out["worst"] = self.worst.as_dict()
+        return out
 
 
 @dataclass
@@ -97,26 +104,39 @@ class CacheDiff:
         return self.maps[tensor]["rel_l2"].amax(dim=(0, 1))
 
     def first_divergence(self, tol: float) -> Divergence | None:
-        """Earliest position where any layer/head has rel-L2 > tol (or is non-finite), then its worst place.
+        """Earliest position where any layer/head has rel-L2 > tol (or is non-finite), then the first
+        layer over the tolerance there in computation order (lower layers first, keys before
+        values) and its worst head; `worst` names the largest row at that position.
 
-        At that position the layer and head with the largest rel-L2 are named, keys before values
-        and the lower layer first on a tie (a NaN spreads to every later layer at its position).
+        Errors flow upwards through the layers at a position, so the lowest layer that leaves the
+        tolerance is where it starts (a wrong RoPE shows in layer 0's keys even when deeper
+        layers have grown larger errors from it by then).
         """
         exceeding = [self._exceeds(t, tol).any(dim=(0, 1)) for t in TENSORS]
         hits = torch.nonzero(exceeding[0] | exceeding[1])
         if not len(hits):
             return None
         position = int(hits[0])
-        best: Divergence | None = None
+        columns = {}
+        worst: Divergence | None = None
         for tensor in TENSORS:
             column = self.maps[tensor]["rel_l2"][:, :, position].to(torch.float64)
             column = torch.where(column.isnan(), float("inf"), column)
+            columns[tensor] = column
             flat = int(torch.argmax(column))
             layer, head = divmod(flat, column.shape[1])
             value = float(column[layer, head])
-            if best is None or value > best.error:
-                best = Divergence(position, layer, head, tensor, value, nonfinite=value == float("inf"))
-        return best
+            if worst is None or value > worst.error:
+                worst = Divergence(position, layer, head, tensor, value, nonfinite=value == float("inf"))
+        for layer in range(self.n_layers):
+            for tensor in TENSORS:
+                row = columns[tensor][layer]
+                if bool((row > tol).any()):
+                    head = int(torch.argmax(row))
+                    value = float(row[head])
+                    return Divergence(position, layer, head, tensor, value, nonfinite=value == float("inf"),
+                                      worst=worst)
+        return worst
 
     def _exceeds(self, tensor: str, tol: float) -> torch.Tensor:
         rel = self.maps[tensor]["rel_l2"]

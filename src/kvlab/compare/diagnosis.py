@@ -4,16 +4,42 @@ This is NxDI's accuracy-debugging decision table (reference model on CPU vs the 
 deviates -> the model code is wrong; those agree but CPU vs device deviates -> lowering,
 compiler, runtime or collectives) applied to kvlab's run-spec keys: a diff isolates a cause
 only when the two runs differ in exactly one key.
+
+Between transformers and another engine (llama.cpp) everything may differ at once, so the
+verdict reads the cache itself, layer 0 first (`EngineEvidence`): layer 0's values depend only
+on the embedding, a norm and W_v (no positions, no attention), its keys add RoPE, and every
+later layer adds the attention of the layer before. Hence: layer 0 values scrambled -> layout;
+values clean but keys off -> RoPE; layer 0 clean and a later layer off -> the attention kernel
+(or, with a quantized cache, its rounding compounding: precision).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from kvlab.runspec import KEYS, RunSpec
+from kvlab.runspec import ENGINE_KEYS, TRANSFORMERS_KEYS, RunSpec, value_text
 
 _LABELS = {"dtype": "precision", "attn": "attention kernel", "cache": "cache policy", "tp": "tensor parallel",
-           "device": "device"}
+           "device": "device", "engine": "engine", "fa": "flash attention", "rope_base": "RoPE base"}
+LAYOUT_COSINE = 0.99  # rounding keeps a layer's cosine far above this; a scrambled layout does not
+
+
+@dataclass(frozen=True)
+class EngineEvidence:
+    """Layer 0 of a test cache against the golden one, and the layer of the first divergence."""
+
+    k_rel_l2: float  # largest rel-L2 of any layer-0 key row
+    v_rel_l2: float  # largest rel-L2 of any layer-0 value row
+    v_cosine: float  # cosine of the whole layer-0 values
+    first_layer: int | None
+    tol: float
+
+    @classmethod
+    def from_cache(cls, cache, tol: float, first_layer: int | None) -> "EngineEvidence":
+        k = float(cache.maps["keys"]["rel_l2"][0].max())
+        v = float(cache.maps["values"]["rel_l2"][0].max())
+        return cls(k, v, float(cache.layer_errors("values")[0].cosine), first_layer, tol)
 
 
 @dataclass(frozen=True)
@@ -28,9 +54,12 @@ class Diagnosis:
 
 
 def run_differences(golden: RunSpec, test: RunSpec) -> tuple[str, ...]:
-    """Run-spec keys whose values differ, with unset keys at kvlab's defaults."""
+    """Run-spec keys whose values differ, with unset keys at kvlab's defaults (`engine` alone across engines)."""
+    if golden.engine_name != test.engine_name:
+        return ("engine",)
     g, t = golden.with_defaults(), test.with_defaults()
-    return tuple(key for key in KEYS if _text(g, key) != _text(t, key))
+    keys = ENGINE_KEYS if g.is_engine else TRANSFORMERS_KEYS
+    return tuple(key for key in keys if _text(g, key) != _text(t, key))
 
 
 def change_label(golden: RunSpec | None, test: RunSpec | None) -> str | None:
@@ -39,11 +68,17 @@ def change_label(golden: RunSpec | None, test: RunSpec | None) -> str | None:
         return None
     t = test.with_defaults()
     differs = run_differences(golden, test)
+    if differs == ("engine",):
+        return str(t)
     return ",".join(f"{key}={_text(t, key)}" for key in differs) if differs else "same run"
 
 
-def diagnose(golden: RunSpec | None, test: RunSpec | None, diverged: bool, where: str = "") -> Diagnosis:
-    """One verdict for the runs' difference and whether the cache diverged (`where` names the place)."""
+def diagnose(golden: RunSpec | None, test: RunSpec | None, diverged: bool, where: str = "",
+             evidence: EngineEvidence | None = None) -> Diagnosis:
+    """One verdict for the runs' difference and whether the cache diverged (`where` names the place).
+
+    evidence: layer 0 of the caches, read for a change of engine (see the module docstring).
+    """
     if golden is None or test is None:
         return Diagnosis(None, "unknown", "a run spec could not be read: the diff cannot say what the difference means")
     differs = run_differences(golden, test)
@@ -52,6 +87,8 @@ def diagnose(golden: RunSpec | None, test: RunSpec | None, diverged: bool, where
         text = (f"same run spec, yet the caches differ{at}: nondeterminism or a capture bug" if diverged
                 else "same run spec and the caches agree")
         return Diagnosis(differs, "same", text)
+    if differs == ("engine",):
+        return _engine_verdict(golden.with_defaults(), test.with_defaults(), diverged, at, evidence)
     if len(differs) > 1:
         names = " and ".join(_LABELS[k] for k in differs)
         return Diagnosis(differs, "several", f"the runs differ in {names}: a divergence cannot be pinned on one "
@@ -103,6 +140,54 @@ _VERDICTS = {
 }
 
 
+_VERDICTS["fa"] = (
+    "flash attention only ({g} -> {t}): the engine's two attention graphs agree",
+    "flash attention only ({g} -> {t}): the engine's attention graphs disagree{at}: its kernel, mask or the V "
+    "layout of one of them (V is stored transposed without flash attention)",
+)
+_VERDICTS["rope_base"] = (
+    "RoPE base only ({g} -> {t}): the caches agree, so the base is not applied: check the engine's override",
+    "RoPE base only ({g} -> {t}): keys move{at}, as a changed base must; a divergence in layer 0 keys with "
+    "clean values is the signature of a RoPE difference",
+)
+
+
+def _engine_verdict(golden: RunSpec, test: RunSpec, diverged: bool, at: str,
+                    evidence: EngineEvidence | None) -> Diagnosis:
+    """transformers vs an engine (or two engines): layout, RoPE, precision or kernel, read from layer 0."""
+    change = f"engine ({golden.engine_name} -> {test.engine_name}, {test})"
+    cache = test.policy if test.is_engine else golden.policy
+    lossy = not getattr(cache, "lossless", True)
+    if evidence is None:
+        text = (f"{change}: the caches diverge{at}" if diverged else f"{change}: every row within tolerance")
+        return Diagnosis(("engine",), "engine", text)
+    layer0 = (f"layer 0: keys rel-L2 up to {evidence.k_rel_l2:.3g}, values up to {evidence.v_rel_l2:.3g} "
+              f"(cosine {evidence.v_cosine:.6f})")
+    if not math.isfinite(evidence.v_cosine) or evidence.v_cosine < LAYOUT_COSINE:
+        return Diagnosis(("engine",), "engine:layout", (
+            f"{change}: layout: layer 0 values already disagree ({layer0}); they depend on no position and no "
+            "attention, so heads, channels or positions are read in another order (KV head order, the GGUF Q/K "
+            "channel interleave, a V cache stored transposed)"))
+    if evidence.v_rel_l2 <= evidence.tol < evidence.k_rel_l2:
+        return Diagnosis(("engine",), "engine:rope", (
+            f"{change}: RoPE: layer 0 keys diverge while its values are clean{at} ({layer0}); the values prove the "
+            "weights and the input agree, so the position encoding differs (RoPE base, scaling, type or channel "
+            "pairing)"))
+    if not diverged:
+        return Diagnosis(("engine",), "engine:precision", (
+            f"{change}: precision: every row within tolerance ({layer0}); the engine rounds differently "
+            "(its cache type, quantized matmul activations) and no more"))
+    if lossy:
+        return Diagnosis(("engine",), "engine:precision", (
+            f"{change}: precision: layer 0 within tolerance ({layer0}), the divergence starts deeper{at}: the "
+            f"{cache.spec()} cache's rounding compounds through the layers; compare with the f16 cache to "
+            "separate it from the kernel"))
+    return Diagnosis(("engine",), "engine:kernel", (
+        f"{change}: kernel: layer 0 keys and values agree ({layer0}) but layer {evidence.first_layer} diverges"
+        f"{at}: the attention of the layers before it (kernel, mask, softmax scale, accumulation) differs; "
+        "record a trace of that layer (kvlab trace record --engine llama.cpp) and check it"))
+
+
 def _text(spec: RunSpec, key: str) -> str:
     value = getattr(spec, key)
-    return value.spec() if key == "cache" else str(value)
+    return "None" if value is None else value_text(key, value)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kvlab.compare.cachediff import CacheDiff, Divergence, diff_caches
-from kvlab.compare.diagnosis import Diagnosis, change_label, diagnose
+from kvlab.compare.diagnosis import Diagnosis, EngineEvidence, change_label, diagnose
 from kvlab.compare.logitsdiff import LogitsDiff, diff_logits
 from kvlab.compare.source import TENSORS, SnapshotSource
 from kvlab.compare.tolerance import Tolerance, ToleranceOverride, tolerance_for
@@ -113,11 +113,15 @@ def diff_snapshots(
     g_run, t_run = _parse_run(golden.run), _parse_run(test.run)
     precisions = [_precision(run, src) for run, src in ((g_run, g_src), (t_run, t_src))]
     lossy = t_run is not None and not getattr(t_run.policy, "lossless", True)
-    tolerance = tolerance_for(precisions, lossy, override)
+    across = g_run is not None and t_run is not None and g_run.engine_name != t_run.engine_name
+    tolerance = tolerance_for(precisions, lossy, override, across_engines=across)
     first = cache.first_divergence(tolerance.rel_l2)
     where = ""
     if first is not None:
         where = f"first at position {first.position}, layer {first.layer}, KV head {first.head}, {first.tensor}"
+    evidence = None
+    if across:
+        evidence = EngineEvidence.from_cache(cache, tolerance.rel_l2, None if first is None else first.layer)
     return DiffResult(
         golden_run=golden.run,
         test_run=test.run,
@@ -127,7 +131,7 @@ def diff_snapshots(
         cache=cache,
         logits=logits,
         first_divergence=first,
-        diagnosis=diagnose(g_run, t_run, first is not None, where),
+        diagnosis=diagnose(g_run, t_run, first is not None, where, evidence),
         golden_path=str(golden.path) if golden.path else None,
         test_path=str(test.path) if test.path else None,
         label=change_label(g_run, t_run) or test.run,
@@ -221,6 +225,8 @@ def _parse_run(text: str) -> RunSpec | None:
 def _precision(run: RunSpec | None, source: SnapshotSource) -> str:
     if run is not None and run.dtype:
         return run.dtype
+    if run is not None and run.is_engine and getattr(run.policy, "precision", None):
+        return run.policy.precision
     return str(source.dtype()).removeprefix("torch.")
 
 

@@ -28,6 +28,18 @@ class Study:
     results: list[DiffResult]
     decode: Callable[[list[int]], str] | None = field(default=None, repr=False)
     golden_path: str | None = None
+    golden_stop: dict[str, Any] | None = None  # the golden run ended at an end-of-sequence token early
+
+    def stop_note(self) -> str | None:
+        """One line when the golden run stopped before the steps asked for (its end-of-sequence token)."""
+        stop = self.golden_stop
+        if stop is None:
+            return None
+        text = self.token_text(stop["token"])
+        token = repr(text) if text is not None else str(stop["token"])
+        return (f"the golden run stopped early at step {stop['step']} (end-of-sequence token "
+                f"{token}) after {stop['steps']} of the {stop['asked']} "
+                "steps asked: there is less to compare; --ignore-eos keeps it generating")
 
     @property
     def golden_run(self) -> str:
@@ -71,6 +83,7 @@ class Study:
             "n_tokens": len(self.golden.token_ids),
             "golden_path": self.golden_path,
             "golden_text": self.golden_text(),
+            "golden_stopped_early": self.golden_stop,
         }
 
 
@@ -95,11 +108,22 @@ def snapshot_decoder(snapshot: Snapshot) -> Callable[[list[int]], str] | None:
 
 
 def resolve_test_runs(golden: RunSpec, tests: Sequence[str]) -> list[RunSpec]:
-    """Each test spec with the keys it leaves out taken from the golden spec."""
+    """Each test spec with the keys it leaves out taken from the golden spec.
+
+    A test on another engine than the golden's takes nothing from it (transformers' keys do not
+    apply to an engine, nor an engine's to transformers); a test that names no engine runs on
+    the golden's.
+    """
     runs = []
     for text in tests:
+        if golden.is_engine and "engine=" not in text:
+            text = f"engine={golden.engine}" + ("," + text if text.strip() else "")
         spec = RunSpec.parse(text)
-        given = {k: getattr(spec, k) for k in ("dtype", "attn", "cache", "tp", "device") if getattr(spec, k) is not None}
+        if spec.engine_name != golden.engine_name:
+            runs.append(spec)
+            continue
+        given = {k: getattr(spec, k) for k in ("dtype", "attn", "cache", "tp", "device", "fa", "rope_base")
+                 if getattr(spec, k) is not None}
         runs.append(replace(golden, **given))
     return runs
 
@@ -115,8 +139,12 @@ def run_study(
     out: str | Path | None = None,
     tol: str | None = None,
     progress: bool = False,
+    ignore_eos: bool = False,
 ) -> Study:
     """Capture the golden run, then each test run teacher-forced on the golden tokens, then diff.
+
+    The golden run stops at the model's end-of-sequence token unless `ignore_eos`; when it stops
+    before `max_new_tokens`, `Study.golden_stop` says at which step.
 
     With `out`, the snapshots are written to OUT/golden and OUT/test{i}-{spec} and diffed from
     disk; otherwise they stay in memory.
@@ -132,10 +160,15 @@ def run_study(
     models = ModelCache(model_spec, progress=progress)
     first = models.get(golden_run)
     tokens, tokenizer = first.encode(prompt, chat=chat), first.tokenizer
+    if tokens is None:  # a GGUF file kvlab has no tokenizer for: llama.cpp's own
+        from kvlab.engines.llamacpp import tokenize
+
+        tokens = tokenize(first.path, prompt)
     del first
 
     golden_snap = capturers[0](models, golden_run, tokens, force=None, max_new_tokens=max_new_tokens,
-                               progress=progress, label="golden")
+                               progress=progress, label="golden", stop_at_eos=not ignore_eos)
+    golden_stop = _early_stop(golden_snap, max_new_tokens)
     golden_snap = _keep(golden_snap, out, "golden")
     tested: list[Snapshot] = []
     for i, (run, capture_fn, text) in enumerate(zip(runs, capturers[1:], tests), start=1):
@@ -149,37 +182,63 @@ def run_study(
         with progress_bar(golden_snap.n_layers, "diff", enabled=progress) as bar:
             results.append(diff_snapshots(golden_snap, snap, tol=override, on_layer=bar))
     golden_path = str(golden_snap.path) if golden_snap.path else None
-    return Study(golden_snap, results, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
-                 golden_path=golden_path)
+    decode = None if tokenizer is None else (lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+    return Study(golden_snap, results, decode=decode, golden_path=golden_path, golden_stop=golden_stop)
+
+
+def _early_stop(golden: Snapshot, asked: int) -> dict[str, Any] | None:
+    """Where a greedy golden run ended before `asked` steps (its last token was end-of-sequence)."""
+    steps = len(golden.token_ids) - golden.n_prompt
+    if steps >= asked or steps == 0:
+        return None
+    return {"step": steps - 1, "steps": steps, "asked": asked, "token": golden.token_ids[-1]}
 
 
 def capturer(run: RunSpec) -> Callable[..., Snapshot]:
-    """The function that captures `run`: this process for tp=1, tensor-parallel ranks for tp>1."""
+    """The function that captures `run`: its engine, this process for tp=1, tensor-parallel ranks for tp>1."""
+    if run.is_engine:
+        return capture_with_engine
     if (run.tp or 1) > 1:
         return capture_distributed
     return capture_local
 
 
 def capture_distributed(models: "ModelCache", run: RunSpec, tokens: list[int] | None, *, force: Snapshot | None,
-                        max_new_tokens: int, progress: bool = False, label: str = "capture") -> Snapshot:
+                        max_new_tokens: int, progress: bool = False, label: str = "capture",
+                        stop_at_eos: bool = True) -> Snapshot:
     """Capture of a tp>1 run on its ranks (kvlab.distributed); returns the rebuilt full cache."""
     from kvlab.distributed import capture_tp
 
-    result = capture_tp(models.spec, tokens, run, force=force, max_new_tokens=max_new_tokens)
+    result = capture_tp(models.spec, tokens, run, force=force, max_new_tokens=max_new_tokens,
+                        stop_at_eos=stop_at_eos)
     if result.snapshot is None:
         raise KvlabError(f"the tp={run.tp} capture returned no rebuilt snapshot")
     return result.snapshot
 
 
+def capture_with_engine(models: "ModelCache", run: RunSpec, tokens: list[int] | None, *, force: Snapshot | None,
+                        max_new_tokens: int, progress: bool = False, label: str = "capture",
+                        stop_at_eos: bool = True) -> Snapshot:
+    """Capture of an engine run (`engine=llama.cpp,...`), teacher-forced on `force` when given."""
+    from kvlab.engines import capture_engine
+
+    steps = len(force.token_ids) - force.n_prompt if force is not None else max_new_tokens
+    with progress_bar(steps, label, enabled=progress) as bar:
+        return capture_engine(models.gguf(), tokens, run, force=force, max_new_tokens=max_new_tokens, on_step=bar,
+                              stop_at_eos=stop_at_eos)
+
+
 def capture_local(models: "ModelCache", run: RunSpec, tokens: list[int] | None, *, force: Snapshot | None,
-                  max_new_tokens: int, progress: bool = False, label: str = "capture") -> Snapshot:
+                  max_new_tokens: int, progress: bool = False, label: str = "capture",
+                  stop_at_eos: bool = True) -> Snapshot:
     """Greedy (or teacher-forced on `force`) capture of one run in this process."""
     from kvlab.capture import capture
 
     loaded = models.get(run)
     steps = len(force.token_ids) - force.n_prompt if force is not None else max_new_tokens
     with progress_bar(steps, label, enabled=progress) as bar:
-        return capture(loaded, tokens, run, force=force, max_new_tokens=max_new_tokens, on_step=bar)
+        return capture(loaded, tokens, run, force=force, max_new_tokens=max_new_tokens, on_step=bar,
+                       stop_at_eos=stop_at_eos)
 
 
 class ModelCache:
@@ -191,9 +250,19 @@ class ModelCache:
         self._key: tuple | None = None
         self._loaded = None
 
+    def gguf(self):
+        """The model as a GGUF file for an engine run (resolved once)."""
+        if getattr(self, "_gguf", None) is None:
+            from kvlab.engines.llamacpp import resolve_model
+
+            self._gguf = resolve_model(self.spec)
+        return self._gguf
+
     def get(self, run: RunSpec):
         from kvlab.models import load_model
 
+        if run.is_engine:
+            return self.gguf()
         full = run.with_defaults()
         key = (full.dtype, full.device)
         if key != self._key:

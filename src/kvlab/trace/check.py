@@ -23,6 +23,9 @@ from kvlab.trace.reader import TraceFile
 # Default relative-L2 tolerance by the coarsest ggml type among q, k, v and out: what the
 # rounding of a kernel working in that type leaves, with a wide margin.
 DEFAULT_TOLERANCE = {"F64": 1e-6, "F32": 1e-4, "F16": 5e-3, "BF16": 3e-2, "Q8_0": 3e-2, "Q4_0": 0.2}
+# With ggml's CPU kernel replayed (`kernel_rounding`) what is left is float32 order of operations.
+REPLAYED_TOLERANCE = 1e-3
+ROUNDINGS = ("auto", "ggml-cpu", "none")
 _COARSEST_FIRST = ("Q4_0", "Q8_0", "BF16", "F16", "F32", "F64")
 
 
@@ -47,6 +50,7 @@ class CheckReport:
     max_abs_tolerance: float | None
     entries: list[HeadError] = field(default_factory=list)
     types: dict[str, str] = field(default_factory=dict)  # role -> ggml type seen
+    rounding: str = "none"  # "ggml-cpu" when the reference replayed ggml's CPU kernel
 
     @property
     def failures(self) -> list[HeadError]:
@@ -65,6 +69,7 @@ class CheckReport:
             "path": self.path,
             "tolerance": {"rel_l2": self.tolerance, "max_abs": self.max_abs_tolerance},
             "types": self.types,
+            "rounding": self.rounding,
             "entries": [_finite(asdict(e)) for e in self.entries],
         }
 
@@ -80,8 +85,9 @@ def check_trace(
     tol: float | None = None,
     max_abs: float | None = None,
     scale: float | None = None,
-    layout: str | dict[str, TensorLayout] = "kvlab",
+    layout: str | dict[str, TensorLayout] | None = None,
     deinterleave_qk: bool = False,
+    rounding: str = "auto",
     on_step: Callable[[int], None] | None = None,
 ) -> CheckReport:
     """Recompute every (layer, step) of the trace with the float64 reference and compare per head.
@@ -89,18 +95,38 @@ def check_trace(
     tol: relative L2 tolerance per head (default: by the coarsest stored type, see
         DEFAULT_TOLERANCE); max_abs: an optional max abs error tolerance as well.
     scale: the softmax scale when the trace does not record one (default head_dim ** -0.5).
+    rounding: "ggml-cpu" replays the roundings of ggml's CPU flash-attention kernel (q converted
+        to K's dot-product type, V summed in float16 for an F16 cache: `kernel_rounding`) in the
+        reference, with the tight REPLAYED_TOLERANCE by default; "auto" does so for traces that
+        say they come from llama.cpp (`kvlab.engine`); "none" never.
     """
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding {rounding!r} is not one of {', '.join(ROUNDINGS)}")
     if not isinstance(trace, TraceFile):
         trace = TraceFile(trace, layout=layout, deinterleave_qk=deinterleave_qk)
     pairs = trace.steps()
     types = _types(trace, pairs)
+    replay = rounding == "ggml-cpu" or (rounding == "auto" and trace.meta.get("kvlab.engine") == "llama.cpp")
+    flash = trace.layout_name != "llama.cpp-noflash"
+    if tol is None and replay:
+        tol = REPLAYED_TOLERANCE
     if tol is None:
         tol = next((DEFAULT_TOLERANCE[t] for t in _COARSEST_FIRST if t in types.values()), DEFAULT_TOLERANCE["F32"])
-    report = CheckReport(path=str(trace.path), tolerance=tol, max_abs_tolerance=max_abs, types=types)
+    threads = int(trace.meta.get("kvlab.engine.threads") or 1)
+    report = CheckReport(path=str(trace.path), tolerance=tol, max_abs_tolerance=max_abs, types=types,
+                         rounding="ggml-cpu" if replay else "none")
     for layer, step in pairs:
         att = trace.attention_step(layer, step)
-        expected = reference_attention(att.q, att.k, att.v, att.mask,
-                                       att.scale if att.scale is not None else scale, softcap=att.softcap)
+        step_scale = att.scale if att.scale is not None else scale
+        if replay:
+            from kvlab.trace.kernel_rounding import kernel_attention
+
+            expected = kernel_attention(att.q, att.k, att.v, att.mask, step_scale,
+                                        k_type=trace.ggml_type(tensor_name(layer, step, "k")),
+                                        v_type=trace.ggml_type(tensor_name(layer, step, "v")), threads=threads,
+                                        flash=flash)
+        else:
+            expected = reference_attention(att.q, att.k, att.v, att.mask, step_scale, softcap=att.softcap)
         for head in range(att.q.shape[1]):
             errors = tensor_errors(expected[:, head], att.out[:, head])
             report.entries.append(HeadError(layer, step, head, errors.max_abs, errors.rel_l2, errors.cosine))

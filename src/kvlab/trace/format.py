@@ -77,8 +77,11 @@ class TensorLayout:
     permute: the `ggml_permute` axes, or None.
     ne_is_view: the stored `ne` is the permuted view's (a dumper wrote the view's shape beside
         its source's bytes); the source's `ne` is recovered from it and `permute`.
-    split_heads: the stored `ne[0]` holds heads * head_dim (a llama.cpp K/V cache row,
-        `n_embd_k_gqa`); it is split into `[head_dim, heads]` first.
+    split_heads: the stored `ne[split_axis]` holds heads * head_dim (a llama.cpp K/V cache row,
+        `n_embd_k_gqa`); it is split into `[head_dim, heads]` first. A tensor already split
+        (llama.cpp's own view `[head_dim, n_head_kv, n_kv]`, ne[0] == head_dim) is left as it is.
+    split_axis: which `ne` axis holds heads * head_dim (1 for a transposed V cache,
+        `[n_kv, n_embd_v_gqa]`).
     source_ne: an explicit source `ne` (a reshape of the stored one).
     torch_shape: the final torch shape (default: the view's reversed `ne`).
     """
@@ -86,6 +89,7 @@ class TensorLayout:
     permute: tuple[int, int, int, int] | None = None
     ne_is_view: bool = False
     split_heads: bool = False
+    split_axis: int = 0
     source_ne: tuple[int, ...] | None = None
     torch_shape: tuple[int, ...] | None = None
 
@@ -99,10 +103,14 @@ class TensorLayout:
             ne = ggml.source_ne(stored_ne, self.permute)
         else:
             ne = tuple(stored_ne)
-        if self.split_heads:
-            if not head_dim or ne[0] % head_dim:
-                raise TraceError(f"cannot split ne[0]={ne[0]} into heads of head_dim {head_dim}")
-            ne = (head_dim, ne[0] // head_dim, *ne[1:])
+        axis = self.split_axis
+        if self.split_heads and not (axis == 0 and ne[0] == head_dim):
+            if not head_dim or axis >= len(ne) or ne[axis] % head_dim:
+                size = ne[axis] if axis < len(ne) else None
+                raise TraceError(f"cannot split ne[{axis}]={size} into heads of head_dim {head_dim}")
+            ne = (*ne[:axis], head_dim, ne[axis] // head_dim, *ne[axis + 1:])
+        while len(ne) > 4 and ne[-1] == 1:  # ggml keeps trailing 1s ([192, 256, 1, 1]); they carry nothing
+            ne = ne[:-1]
         if _count(ne) != _count(stored_ne):
             raise TraceError(f"source ne {list(ne)} does not hold the {_count(stored_ne)} stored elements")
         return ne
@@ -137,4 +145,16 @@ LLAMA_CPP_VIEWS_LAYOUT: dict[str, TensorLayout] = {
     "mask": TensorLayout(),
     "out": TensorLayout(permute=_SWAP),
 }
-LAYOUTS = {"kvlab": KVLAB_LAYOUT, "llama.cpp": LLAMA_CPP_LAYOUT, "llama.cpp-views": LLAMA_CPP_VIEWS_LAYOUT}
+# llama.cpp without flash attention: the V cache is stored transposed (one row per channel,
+# `[n_kv, n_embd_v_gqa]` as read for `kqv = V^T kq`), the output is `kqv_out` `[n_embd, n_tokens]`,
+# the mask F32.
+LLAMA_CPP_NOFLASH_LAYOUT: dict[str, TensorLayout] = {
+    "q": TensorLayout(permute=_SWAP),
+    "k": TensorLayout(permute=_SWAP, split_heads=True),
+    "v": TensorLayout(permute=(1, 0, 2, 3), split_heads=True, split_axis=1),
+    "mask": TensorLayout(),
+    "out": TensorLayout(permute=_SWAP, split_heads=True),
+}
+LAYOUTS = {"kvlab": KVLAB_LAYOUT, "llama.cpp": LLAMA_CPP_LAYOUT, "llama.cpp-views": LLAMA_CPP_VIEWS_LAYOUT,
+           "llama.cpp-noflash": LLAMA_CPP_NOFLASH_LAYOUT}
+LAYOUT_KEY = "kvlab.layout"  # a trace of another program's tensors names its role layout here

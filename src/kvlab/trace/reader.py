@@ -22,6 +22,7 @@ import torch
 from kvlab.trace import ggml
 from kvlab.trace.gguf_scan import scan_gguf
 from kvlab.trace.format import (
+    LAYOUT_KEY,
     LAYOUTS,
     PAYLOAD_PART,
     ROLES,
@@ -121,19 +122,23 @@ class TraceFile:
         self,
         path: str | os.PathLike,
         *,
-        layout: str | dict[str, TensorLayout] = "kvlab",
+        layout: str | dict[str, TensorLayout] | None = None,
         deinterleave_qk: bool = False,
     ) -> None:
         self.path = Path(path)
+        self._reader = open_gguf(self.path)
+        self.meta = self._read_meta()
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self.layout_given = layout is not None
+        if layout is None:  # the file's own word (`kvlab.layout`, written by kvlab's engine recorder), else kvlab
+            layout = self.meta.get(LAYOUT_KEY) or "kvlab"
+        self.layout_name = layout if isinstance(layout, str) else "custom"
         if isinstance(layout, str):
             if layout not in LAYOUTS:
                 raise TraceError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
             layout = LAYOUTS[layout]
         self.role_layout = dict(layout)
         self.deinterleave_qk = deinterleave_qk
-        self._reader = open_gguf(self.path)
-        self.meta = self._read_meta()
-        self._tensors = {t.name: t for t in self._reader.tensors}
 
     # ---- what is in the file ---------------------------------------------------------------
     def _read_meta(self) -> dict[str, Any]:
@@ -254,6 +259,17 @@ class TraceFile:
     # ---- attention steps -------------------------------------------------------------------
     def attention_step(self, layer: int, step: int) -> AttentionStep:
         """q, k, v, mask and out of one layer at one step, checked to fit together."""
+        try:
+            return self._attention_step(layer, step)
+        except TraceError as err:
+            if self.layout_given or self.layout_name != "kvlab" or "kvlab.format" in self.meta:
+                raise
+            text = str(err) if str(err).startswith(str(self.path)) else f"{self.path}: {err}"
+            raise TraceError(f"{text}; this file has no kvlab metadata, so its tensors were read in kvlab's layout: "
+                             "if a ggml program (llama.cpp) wrote it, give its layout with --layout llama.cpp "
+                             "(or llama.cpp-views, llama.cpp-noflash)") from None
+
+    def _attention_step(self, layer: int, step: int) -> AttentionStep:
         names = {role: tensor_name(layer, step, role) for role in ROLES}
         missing = [role for role in ("q", "k", "v", "out") if names[role] not in self._tensors]
         if missing:
@@ -267,7 +283,7 @@ class TraceFile:
             q, k = ggml.deinterleave_channels(q), ggml.deinterleave_channels(k)
         mask = None
         if names["mask"] in self._tensors:
-            mask = _fit_mask(_four(self.tensor(names["mask"]), names["mask"]), q, k, names["mask"])
+            mask = _fit_mask(_four(self.tensor(names["mask"]), names["mask"]), q, k, f"{self.path}: {names['mask']}")
         _check_shapes(q, k, v, out, f"{self.path}: layer {layer} step {step}")
         return AttentionStep(layer, step, q, k, v, mask, out,
                              scale=self._float(layer_key(layer, "scale"), "kvlab.scale"),

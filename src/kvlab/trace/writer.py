@@ -103,6 +103,33 @@ class TraceWriter:
         array, raw_type = _encode(name, source.contiguous(), store)
         self._tensors[name] = (_within_ggml_dims(array), raw_type)
 
+    def add_raw(self, name: str, data: np.ndarray, ne: Sequence[int], ggml_type: str) -> None:
+        """Add a tensor exactly as a ggml program holds it: its bytes, its `ne`, its ggml type.
+
+        No per-tensor metadata is written: a reader lays it out by its role (a role layout such
+        as `llama.cpp`, which the file may name under `kvlab.layout`).
+        """
+        from gguf import GGMLQuantizationType
+        from gguf.constants import GGML_QUANT_SIZES
+
+        if name in self._tensors:
+            raise ValueError(f"tensor {name} added twice")
+        qtype = _ggml_type(ggml_type)
+        ne = [int(n) for n in ne]
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        if ne[0] % block:
+            raise ValueError(f"{name}: ne[0]={ne[0]} is not a multiple of the {ggml_type} block ({block})")
+        n_rows = int(np.prod(ne[1:], dtype=np.int64)) if len(ne) > 1 else 1
+        row_bytes = ne[0] // block * type_size
+        raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+        if raw.size != n_rows * row_bytes:
+            raise ValueError(f"{name}: {raw.size} bytes do not hold a {ggml_type} tensor of ne {ne}")
+        numpy_types = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
+        if qtype in numpy_types:
+            self._tensors[name] = (raw.view(numpy_types[qtype]).reshape(tuple(reversed(ne))), None)
+        else:
+            self._tensors[name] = (raw.reshape(*tuple(reversed(ne[1:])), row_bytes), qtype)
+
     # ---- output ----------------------------------------------------------------------------
     def write(self) -> Path:
         """Write the file under a temporary name beside `path`, then rename it into place."""

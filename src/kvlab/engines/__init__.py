@@ -1,0 +1,76 @@
+"""Engines: other implementations of the same model, run through their own interfaces.
+
+A run spec with `engine=NAME` is captured by that engine instead of transformers, into a normal
+kvlab snapshot (K/V in transformers' layout, per-step logits, token ids), so `kvlab diff`
+compares it with a transformers golden run like any other test run. Engines so far:
+
+- `llama.cpp` (`kvlab.engines.llamacpp`, through llama-cpp-python's low-level bindings):
+  cache types `f32`, `f16`, `q8_0`, `q4_0` (K and V alike), `fa=on|off`, `rope_base=X`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvlab.caches.registry import CachePolicy
+from kvlab.errors import KvlabError
+
+if TYPE_CHECKING:
+    from kvlab.runspec import RunSpec
+    from kvlab.snapshot import Snapshot
+
+LLAMA_CPP = "llama.cpp"
+_CACHE_TYPES = {LLAMA_CPP: ("f16", "f32", "q8_0", "q4_0")}  # the first is the default
+_LOSSLESS_TYPES = ("f32", "f16")  # rounding only: the tolerance follows their precision
+
+
+def engine_names() -> list[str]:
+    return ["transformers", *_CACHE_TYPES]
+
+
+@dataclass(frozen=True)
+class EngineCache(CachePolicy):
+    """An engine's cache type (`cache=q8_0` under `engine=llama.cpp`): a name, not a transformers cache."""
+
+    engine: str = LLAMA_CPP
+    type: str = "f16"
+
+    @property
+    def lossless(self) -> bool:  # type: ignore[override]
+        return self.type in _LOSSLESS_TYPES
+
+    @property
+    def precision(self) -> str | None:
+        """The torch dtype its rows round to, for the diff's tolerance (None: quantized)."""
+        return {"f32": "float32", "f16": "float16"}.get(self.type)
+
+    def build(self, model, *, batch_size: int = 1, max_length: int | None = None):
+        raise KvlabError(f"cache={self.type} is a {self.engine} cache type: run it with engine={self.engine}")
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def spec(self) -> str:
+        return self.type
+
+
+def engine_cache(engine: str, name: str | None) -> EngineCache:
+    """The cache type `name` of `engine` (its default when None), or one line listing the allowed ones."""
+    from kvlab.runspec import RunSpecError
+
+    allowed = _CACHE_TYPES[engine]
+    if name is None:
+        return EngineCache(engine, allowed[0])
+    if name not in allowed:
+        raise RunSpecError(f"run spec: cache={name} is not a {engine} cache type; allowed: {', '.join(allowed)}")
+    return EngineCache(engine, name)
+
+
+def capture_engine(model_spec: str, tokens: list[int] | None, run: "RunSpec", **kwargs) -> "Snapshot":
+    """Capture `run` with its engine (the keyword arguments are those of `kvlab.capture`)."""
+    if run.engine_name == LLAMA_CPP:
+        from kvlab.engines import llamacpp
+
+        return llamacpp.capture(model_spec, tokens, run, **kwargs)
+    raise KvlabError(f"engine={run.engine_name} has no capture")
