@@ -7,9 +7,8 @@ shard snapshot with `meta.layout`. Rank 0 gathers the shards, rebuilds the full 
 replica/padding checks of `kvlab.layouts.reconstruct` and writes the full snapshot.
 
 Two ways in, one code path:
-- `capture_tp(...)` outside any process group starts the N ranks itself (`python -m
-  kvlab.distributed JOB` with torchrun's environment variables), watches them, and ends every
-  one of them as soon as one fails;
+- `capture_tp(...)` outside any process group starts the N ranks (`python -m kvlab.distributed
+  JOB`) with torch's launcher (`kvlab.tp_launch`), which stops them all as soon as one fails;
 - started by `torchrun --nproc-per-node N -m kvlab capture ...`, each process is one rank
   and `capture_tp` runs that rank in-process.
 """
@@ -20,12 +19,8 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -36,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from kvlab.capture import _plan as plan_steps
 from kvlab.errors import KvlabError
 from kvlab.runspec import RunSpec
+from kvlab.tp_launch import launch
 
 if TYPE_CHECKING:
     from kvlab.models import LoadedModel
@@ -43,13 +39,7 @@ if TYPE_CHECKING:
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 LAYOUT = "contiguous"  # what transformers' tp_plan does with k_proj / v_proj
-GRACE_S = 5.0  # how long a rank gets to exit after SIGTERM before SIGKILL
 DEFAULT_TIMEOUT_S = 600.0
-LAUNCHER_VAR = "KVLAB_LAUNCHER_PID"
-
-
-class RankFailed(KvlabError):
-    """One rank of a tensor-parallel run failed; the others were stopped."""
 
 
 # ---- the environment ---------------------------------------------------------------------
@@ -63,7 +53,7 @@ class RankEnv:
 
 
 def torchrun_env(environ: dict[str, str] | None = None) -> RankEnv | None:
-    """The rank this process plays when started by torchrun (or kvlab's launcher), else None."""
+    """The rank this process plays when started by torchrun (or `capture_tp`'s launch), else None."""
     environ = os.environ if environ is None else environ
     if not all(name in environ for name in TORCHRUN_VARS):
         return None
@@ -257,103 +247,6 @@ def _model_dir(loaded: "LoadedModel", where: Path | None = None) -> Iterator[Pat
     yield Path(loaded.spec).expanduser()
 
 
-# ---- the launcher ------------------------------------------------------------------------
-def launch(argv: Sequence[str], world: int, *, logs: Path, device: str = "cpu",
-           timeout_s: float | None = None, poll_s: float = 0.05) -> None:
-    """Run `python ARGV` as `world` ranks with torchrun's environment; stop all if one fails.
-
-    Each rank's output goes to `logs/rank{r}.log`. When a rank exits non-zero the others get
-    SIGTERM, then SIGKILL, and RankFailed names the rank and its last error line. Nothing is
-    left running when this returns or raises (KeyboardInterrupt included).
-    """
-    logs.mkdir(parents=True, exist_ok=True)
-    if device.startswith("cuda"):
-        _check_gpus(world)
-    port = _free_port()
-    procs: list[subprocess.Popen] = []
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    try:
-        for rank in range(world):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-            if not device.startswith("cuda"):
-                env["CUDA_VISIBLE_DEVICES"] = ""  # transformers picks the accelerator it sees
-            with open(logs / f"rank{rank}.log", "wb") as log:
-                env[LAUNCHER_VAR] = str(os.getpid())
-                procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL))
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [r for r, code in enumerate(codes) if code not in (None, 0)]
-            if failed:
-                rank = failed[0]
-                raise RankFailed(f"rank {rank} of {world} failed (exit {codes[rank]}): "
-                                 f"{_last_error(logs / f'rank{rank}.log')} (output of every rank in {logs})")
-            if all(code == 0 for code in codes):
-                return
-            if deadline is not None and time.monotonic() > deadline:
-                raise RankFailed(f"the {world} ranks did not finish within {timeout_s:.0f}s; stopped them")
-            time.sleep(poll_s)
-    finally:
-        _stop(procs)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM every rank still running, SIGKILL those that outlive the grace period, reap all."""
-    running = [p for p in procs if p.poll() is None]
-    for p in running:
-        with contextlib.suppress(ProcessLookupError):
-            p.terminate()
-    end = time.monotonic() + GRACE_S
-    for p in running:
-        try:
-            p.wait(timeout=max(0.0, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                p.kill()
-            p.wait()
-
-
-def _die_with_launcher() -> None:
-    """In a launched rank: get SIGTERM when the launcher dies (Linux), so no rank outlives it."""
-    launcher = os.environ.get(LAUNCHER_VAR)
-    if launcher is None or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != int(launcher):  # it died before the line above
-        sys.exit(1)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _check_gpus(world: int) -> None:
-    import torch
-
-    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if found < world:
-        raise KvlabError(f"tp={world} on cuda needs {world} GPUs (nccl runs one rank per GPU); found {found}")
-
-
-def _last_error(log: Path) -> str:
-    """The rank's `error: ...` line, else the last line of its output (a traceback's exception)."""
-    try:
-        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return "no output"
-    for line in reversed(lines):
-        if line.startswith("error: "):
-            return line.removeprefix("error: ")
-    return lines[-1] if lines else "no output"
-
-
 # ---- one rank ----------------------------------------------------------------------------
 def run_rank(job: Job, env: RankEnv, on_step: Callable[[int], None] | None = None) -> TPCapture:
     """This process's rank: load the sharded model, capture, write the shard; rank 0 also rebuilds."""
@@ -447,7 +340,6 @@ def _load_sharded(model_dir: Path, run: RunSpec, tp: int):
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m kvlab.distributed JOB`: one rank started by `launch` (or by hand with torchrun's variables)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _die_with_launcher()
     env = torchrun_env()
     rank = env.rank if env is not None else "?"
     try:
