@@ -11,6 +11,7 @@ Two ways in, one code path:
   JOB`) with torch's launcher (`kvlab.tp_launch`), which stops them all as soon as one fails;
 - started by `torchrun --nproc-per-node N -m kvlab capture ...`, each process is one rank
   and `capture_tp` runs that rank in-process.
+`capture_any` is the one place that chooses between this and a capture in this process.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvlab.capture import DEFAULT_TOP_K, capture
 from kvlab.capture import _plan as plan_steps
 from kvlab.errors import KvlabError
 from kvlab.runspec import RunSpec
@@ -104,14 +106,14 @@ class Job:
 
 
 @dataclass
-class TPCapture:
-    """The outcome of a tensor-parallel capture, as seen by one process."""
+class Captured:
+    """The outcome of a capture, local (tp=1) or tensor-parallel, as seen by one process."""
 
     tp: int
     rank: int
-    snapshot: "Snapshot | None"  # the rebuilt full snapshot (rank 0 / the launcher), else None
-    shards: Path | None  # the per-rank shard snapshots (None: they were temporary)
-    layout: str = LAYOUT
+    snapshot: "Snapshot | None"  # the full snapshot (rebuilt by rank 0 / the launcher), else None
+    shards: Path | None  # the per-rank shard snapshots (None: local, or they were temporary)
+    layout: str | None = None  # how the KV heads were split among the ranks (None: local)
 
     @property
     def check(self) -> dict[str, Any]:
@@ -134,6 +136,49 @@ def check_tp_fits(config, tp: int) -> None:
         )
 
 
+# ---- local or tensor parallel: chosen here only ------------------------------------------
+def settle_tp(run: RunSpec | str | None, tp: int | None = None) -> RunSpec:
+    """`run` with `tp=` set to `tp_degree` when that is above 1: checked before any model is loaded."""
+    run = RunSpec.parse(run)
+    degree = tp_degree(run, tp)
+    return replace(run, tp=degree) if degree > 1 else run
+
+
+def reports_steps(run: RunSpec | str | None) -> bool:
+    """Whether a capture of `run` calls `on_step` in this process: a local one, or rank 0 under torchrun."""
+    env = torchrun_env()
+    return tp_degree(run) == 1 or (env is not None and env.rank == 0)
+
+
+def capture_any(
+    model: "LoadedModel",
+    tokens: Sequence[int] | None,
+    run: RunSpec | str | None = None,
+    *,
+    force: "Snapshot | Sequence[int] | None" = None,
+    max_new_tokens: int = 32,
+    top_k: int = DEFAULT_TOP_K,
+    stop_at_eos: bool = True,
+    out: str | Path | None = None,
+    shards: str | Path | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> Captured:
+    """Capture `run` in this process or on its tensor-parallel ranks: the one place that chooses.
+
+    The arguments are those of `capture_tp` (the model loaded without `tp=`); with `out` the
+    full snapshot is written there either way.
+    """
+    run = RunSpec.parse(run)
+    if tp_degree(run) > 1:
+        return capture_tp(model, tokens, run, force=force, max_new_tokens=max_new_tokens, top_k=top_k,
+                          stop_at_eos=stop_at_eos, out=out, shards=shards, on_step=on_step)
+    snapshot = capture(model, tokens, run, force=force, max_new_tokens=max_new_tokens, top_k=top_k,
+                       stop_at_eos=stop_at_eos, on_step=on_step)
+    if out is not None:
+        snapshot.save(out)
+    return Captured(tp=1, rank=0, snapshot=snapshot, shards=None)
+
+
 # ---- the public entry --------------------------------------------------------------------
 def capture_tp(
     model: "str | LoadedModel",
@@ -148,7 +193,7 @@ def capture_tp(
     shards: str | Path | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     on_step: Callable[[int], None] | None = None,
-) -> TPCapture:
+) -> Captured:
     """Capture `run` (with `tp=N`) on N tensor-parallel ranks; return the rebuilt full snapshot.
 
     model: a model spec or a LoadedModel (its tokenizer is not needed here, its fingerprint is
@@ -194,7 +239,7 @@ def capture_tp(
         if out is None:  # the folder goes away with the scratch space: keep the tensors in memory
             layers = [(k.clone(), v.clone()) for k, v in (snapshot.layer(i) for i in range(snapshot.n_layers))]
             snapshot = Snapshot.from_layers(layers, snapshot.meta, logits=snapshot.logits())
-    return TPCapture(tp=tp, rank=0, snapshot=snapshot, shards=shards_dir if kept else None)
+    return Captured(tp=tp, rank=0, snapshot=snapshot, shards=shards_dir if kept else None, layout=LAYOUT)
 
 
 def _forcing(tokens, force) -> tuple[list[int] | None, list[int] | None, dict[str, Any] | None]:
@@ -248,7 +293,7 @@ def _model_dir(loaded: "LoadedModel", where: Path | None = None) -> Iterator[Pat
 
 
 # ---- one rank ----------------------------------------------------------------------------
-def run_rank(job: Job, env: RankEnv, on_step: Callable[[int], None] | None = None) -> TPCapture:
+def run_rank(job: Job, env: RankEnv, on_step: Callable[[int], None] | None = None) -> Captured:
     """This process's rank: load the sharded model, capture, write the shard; rank 0 also rebuilds."""
     import torch
     import torch.distributed as dist
@@ -272,10 +317,9 @@ def run_rank(job: Job, env: RankEnv, on_step: Callable[[int], None] | None = Non
             dist.destroy_process_group()
 
 
-def _capture_rank(job: Job, run: RunSpec, env: RankEnv, on_step) -> TPCapture:
+def _capture_rank(job: Job, run: RunSpec, env: RankEnv, on_step) -> Captured:
     import torch.distributed as dist
 
-    from kvlab.capture import capture
     from kvlab.layouts import make_layout, reconstruct
     from kvlab.models import LoadedModel, apply_attention, quiet_transformers
 
@@ -299,7 +343,7 @@ def _capture_rank(job: Job, run: RunSpec, env: RankEnv, on_step) -> TPCapture:
     gathered: list[Any] | None = [None] * env.world_size if env.rank == 0 else None
     dist.gather_object(layers, gathered, dst=0)
     if env.rank != 0:
-        return TPCapture(tp=env.world_size, rank=env.rank, snapshot=None, shards=shards)
+        return Captured(tp=env.world_size, rank=env.rank, snapshot=None, shards=shards, layout=LAYOUT)
     result = reconstruct(gathered, layout)
     meta = dict(snap.meta)
     full = result.to_snapshot(meta, logits=snap.logits())
@@ -307,7 +351,7 @@ def _capture_rank(job: Job, run: RunSpec, env: RankEnv, on_step) -> TPCapture:
         print(f"warning: {problem.message()}", file=sys.stderr)
     if job.out is not None:
         full.save(job.out)
-    return TPCapture(tp=env.world_size, rank=0, snapshot=full, shards=shards)
+    return Captured(tp=env.world_size, rank=0, snapshot=full, shards=shards, layout=LAYOUT)
 
 
 def _remove_stale_shards(shards: Path, tp: int) -> None:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import kvlab
-from kvlab.distributed import main, torchrun_env, tp_degree
+from kvlab.distributed import capture_any, main, reports_steps, settle_tp, torchrun_env, tp_degree
 from kvlab.errors import KvlabError
 from kvlab.snapshot import Snapshot
 from kvlab.tp_launch import RankFailed, launch
@@ -171,6 +171,15 @@ def test_ctrl_c_stops_every_rank_and_reaches_the_caller_as_keyboard_interrupt(tm
             os.kill(int(pid_file.read_text()), 0)
 
 
+def test_capture_any_captures_tp1_in_this_process(tmp_path):
+    loaded = tiny("tiny-llama")
+    steps = []
+    result = capture_any(loaded, [1, 2, 3], "tp=1", max_new_tokens=2, out=tmp_path / "o", on_step=steps.append)
+    assert (result.tp, result.rank, result.shards, result.layout, steps) == (1, 0, None, None, [1, 1])
+    assert Snapshot.load(tmp_path / "o").token_ids == result.snapshot.token_ids
+    assert result.snapshot.token_ids == kvlab.capture(loaded, [1, 2, 3], max_new_tokens=2).token_ids
+
+
 def test_tp_that_the_model_cannot_split_is_refused_before_any_rank_starts(cli, tmp_path):
     code, _, err = cli("capture", "-m", "tiny-llama", "-p", "x", "--tp", 3, "--out", tmp_path / "o")
     assert code == 2 and "4 heads / 2 KV heads do not split 3 ways; this model allows tp=2" in err
@@ -183,6 +192,7 @@ def test_torchrun_environment_is_detected(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     assert torchrun_env() is None and tp_degree("tp=2") == 2 and tp_degree(None, 3) == 3 and tp_degree("") == 1
+    assert settle_tp("", 2).tp == 2 and settle_tp("dtype=float32").tp is None and reports_steps("tp=2") is False
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -191,6 +201,7 @@ def test_torchrun_environment_is_detected(monkeypatch):
     env = torchrun_env()
     assert (env.rank, env.world_size, env.local_rank) == (1, 2, 1)
     assert tp_degree(None) == 2 and tp_degree("tp=2") == 2
+    assert settle_tp("").tp == 2 and reports_steps("") is False  # rank 0 reports the steps
     with pytest.raises(KvlabError, match="tp=3 but torchrun started 2 processes"):
         tp_degree(None, 3)
 
