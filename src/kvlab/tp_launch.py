@@ -25,6 +25,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from kvlab.errors import KvlabError
 
 TORCH_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
+HANDLED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # torch's agent turns these into SignalException
 
 
 class RankFailed(KvlabError):
@@ -64,7 +65,7 @@ def launch(argv: Sequence[str], world: int, *, logs: Path, device: str = "cpu") 
     if not device.startswith("cuda"):
         rank_env["CUDA_VISIBLE_DEVICES"] = ""  # transformers shards onto the accelerator it sees
     try:
-        with _environ(rank_env), _signal_handlers_kept(), _quiet(TORCH_LOGGERS):
+        with _launch_scope(rank_env):
             elastic_launch(config, sys.executable)(*argv)
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
@@ -99,46 +100,32 @@ def _error_line(log: str | None) -> str:
 
 
 @contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    """`values` in os.environ for the ranks to inherit; afterwards every variable as it was (torch sets some too)."""
-    saved = dict(os.environ)
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name in set(os.environ) - set(saved):
-            del os.environ[name]
-        os.environ.update(saved)
+def _launch_scope(rank_env: dict[str, str]) -> Iterator[None]:
+    """What torch's launcher changes process-wide, for the launch only.
 
-
-@contextlib.contextmanager
-def _signal_handlers_kept() -> Iterator[None]:
-    """The agent installs handlers for SIGTERM, SIGINT, SIGHUP and SIGQUIT and leaves them: put ours back."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # the agent installs none off the main thread
-        return
-    names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
-    saved = {sig: signal.getsignal(sig) for sig in (getattr(signal, n) for n in names if hasattr(signal, n))}
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            if handler is not None:  # None: set outside Python, and Python cannot set it back
-                signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def _quiet(names: Sequence[str]) -> Iterator[None]:
-    """Keep the agent's log records off stderr: the user sees one line, the ranks' logs keep the rest."""
-    loggers = [logging.getLogger(name) for name in names]
+    The ranks' variables go into os.environ (the ranks inherit it); torch's loggers stay off
+    stderr (the user sees one line, the ranks' logs keep the rest). Afterwards the environment
+    (torch sets variables too) and the signal handlers the agent installs are as they were.
+    """
+    environ = dict(os.environ)
+    main = threading.current_thread() is threading.main_thread()  # the agent installs handlers only there
+    handlers = {sig: signal.getsignal(sig) for sig in (getattr(signal, name, None) for name in HANDLED_SIGNALS)
+                if sig is not None and main}
+    loggers = {logging.getLogger(name): logging.getLogger(name).propagate for name in TORCH_LOGGERS}
     sink = logging.NullHandler()
-    saved = [logger.propagate for logger in loggers]
     for logger in loggers:
         logger.addHandler(sink)
         logger.propagate = False
+    os.environ.update(rank_env)
     try:
         yield
     finally:
-        for logger, propagate in zip(loggers, saved):
+        for name in set(os.environ) - set(environ):
+            del os.environ[name]
+        os.environ.update(environ)
+        for sig, handler in handlers.items():
+            if handler is not None:  # None: set outside Python, and Python cannot set it back
+                signal.signal(sig, handler)
+        for logger, propagate in loggers.items():
             logger.removeHandler(sink)
             logger.propagate = propagate
