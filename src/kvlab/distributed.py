@@ -7,11 +7,11 @@ shard snapshot with `meta.layout`. Rank 0 gathers the shards, rebuilds the full 
 replica/padding checks of `kvlab.layouts.reconstruct` and writes the full snapshot.
 
 Two ways in, one code path:
-- `capture_tp(...)` outside any process group starts the N ranks itself (`python -m
-  kvlab.distributed JOB` with torchrun's environment variables), watches them, and ends every
-  one of them as soon as one fails;
+- `capture_tp(...)` outside any process group starts the N ranks (`python -m kvlab.distributed
+  JOB`) with torch's launcher (`kvlab.tp_launch`), which stops them all as soon as one fails;
 - started by `torchrun --nproc-per-node N -m kvlab capture ...`, each process is one rank
   and `capture_tp` runs that rank in-process.
+`capture_any` is the one place that chooses between this and a capture in this process.
 """
 
 from __future__ import annotations
@@ -20,12 +20,8 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -33,9 +29,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvlab.capture import DEFAULT_TOP_K, capture
 from kvlab.capture import _plan as plan_steps
 from kvlab.errors import KvlabError
 from kvlab.runspec import RunSpec
+from kvlab.tp_launch import launch
 
 if TYPE_CHECKING:
     from kvlab.models import LoadedModel
@@ -43,13 +41,7 @@ if TYPE_CHECKING:
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 LAYOUT = "contiguous"  # what transformers' tp_plan does with k_proj / v_proj
-GRACE_S = 5.0  # how long a rank gets to exit after SIGTERM before SIGKILL
 DEFAULT_TIMEOUT_S = 600.0
-LAUNCHER_VAR = "KVLAB_LAUNCHER_PID"
-
-
-class RankFailed(KvlabError):
-    """One rank of a tensor-parallel run failed; the others were stopped."""
 
 
 # ---- the environment ---------------------------------------------------------------------
@@ -63,7 +55,7 @@ class RankEnv:
 
 
 def torchrun_env(environ: dict[str, str] | None = None) -> RankEnv | None:
-    """The rank this process plays when started by torchrun (or kvlab's launcher), else None."""
+    """The rank this process plays when started by torchrun (or `capture_tp`'s launch), else None."""
     environ = os.environ if environ is None else environ
     if not all(name in environ for name in TORCHRUN_VARS):
         return None
@@ -114,14 +106,14 @@ class Job:
 
 
 @dataclass
-class TPCapture:
-    """The outcome of a tensor-parallel capture, as seen by one process."""
+class Captured:
+    """The outcome of a capture, local (tp=1) or tensor-parallel, as seen by one process."""
 
     tp: int
     rank: int
-    snapshot: "Snapshot | None"  # the rebuilt full snapshot (rank 0 / the launcher), else None
-    shards: Path | None  # the per-rank shard snapshots (None: they were temporary)
-    layout: str = LAYOUT
+    snapshot: "Snapshot | None"  # the full snapshot (rebuilt by rank 0 / the launcher), else None
+    shards: Path | None  # the per-rank shard snapshots (None: local, or they were temporary)
+    layout: str | None = None  # how the KV heads were split among the ranks (None: local)
 
     @property
     def check(self) -> dict[str, Any]:
@@ -144,6 +136,49 @@ def check_tp_fits(config, tp: int) -> None:
         )
 
 
+# ---- local or tensor parallel: chosen here only ------------------------------------------
+def settle_tp(run: RunSpec | str | None, tp: int | None = None) -> RunSpec:
+    """`run` with `tp=` set to `tp_degree` when that is above 1: checked before any model is loaded."""
+    run = RunSpec.parse(run)
+    degree = tp_degree(run, tp)
+    return replace(run, tp=degree) if degree > 1 else run
+
+
+def reports_steps(run: RunSpec | str | None) -> bool:
+    """Whether a capture of `run` calls `on_step` in this process: a local one, or rank 0 under torchrun."""
+    env = torchrun_env()
+    return tp_degree(run) == 1 or (env is not None and env.rank == 0)
+
+
+def capture_any(
+    model: "LoadedModel",
+    tokens: Sequence[int] | None,
+    run: RunSpec | str | None = None,
+    *,
+    force: "Snapshot | Sequence[int] | None" = None,
+    max_new_tokens: int = 32,
+    top_k: int = DEFAULT_TOP_K,
+    stop_at_eos: bool = True,
+    out: str | Path | None = None,
+    shards: str | Path | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> Captured:
+    """Capture `run` in this process or on its tensor-parallel ranks: the one place that chooses.
+
+    The arguments are those of `capture_tp` (the model loaded without `tp=`); with `out` the
+    full snapshot is written there either way.
+    """
+    run = RunSpec.parse(run)
+    if tp_degree(run) > 1:
+        return capture_tp(model, tokens, run, force=force, max_new_tokens=max_new_tokens, top_k=top_k,
+                          stop_at_eos=stop_at_eos, out=out, shards=shards, on_step=on_step)
+    snapshot = capture(model, tokens, run, force=force, max_new_tokens=max_new_tokens, top_k=top_k,
+                       stop_at_eos=stop_at_eos, on_step=on_step)
+    if out is not None:
+        snapshot.save(out)
+    return Captured(tp=1, rank=0, snapshot=snapshot, shards=None)
+
+
 # ---- the public entry --------------------------------------------------------------------
 def capture_tp(
     model: "str | LoadedModel",
@@ -158,7 +193,7 @@ def capture_tp(
     shards: str | Path | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     on_step: Callable[[int], None] | None = None,
-) -> TPCapture:
+) -> Captured:
     """Capture `run` (with `tp=N`) on N tensor-parallel ranks; return the rebuilt full snapshot.
 
     model: a model spec or a LoadedModel (its tokenizer is not needed here, its fingerprint is
@@ -204,7 +239,7 @@ def capture_tp(
         if out is None:  # the folder goes away with the scratch space: keep the tensors in memory
             layers = [(k.clone(), v.clone()) for k, v in (snapshot.layer(i) for i in range(snapshot.n_layers))]
             snapshot = Snapshot.from_layers(layers, snapshot.meta, logits=snapshot.logits())
-    return TPCapture(tp=tp, rank=0, snapshot=snapshot, shards=shards_dir if kept else None)
+    return Captured(tp=tp, rank=0, snapshot=snapshot, shards=shards_dir if kept else None, layout=LAYOUT)
 
 
 def _forcing(tokens, force) -> tuple[list[int] | None, list[int] | None, dict[str, Any] | None]:
@@ -257,105 +292,8 @@ def _model_dir(loaded: "LoadedModel", where: Path | None = None) -> Iterator[Pat
     yield Path(loaded.spec).expanduser()
 
 
-# ---- the launcher ------------------------------------------------------------------------
-def launch(argv: Sequence[str], world: int, *, logs: Path, device: str = "cpu",
-           timeout_s: float | None = None, poll_s: float = 0.05) -> None:
-    """Run `python ARGV` as `world` ranks with torchrun's environment; stop all if one fails.
-
-    Each rank's output goes to `logs/rank{r}.log`. When a rank exits non-zero the others get
-    SIGTERM, then SIGKILL, and RankFailed names the rank and its last error line. Nothing is
-    left running when this returns or raises (KeyboardInterrupt included).
-    """
-    logs.mkdir(parents=True, exist_ok=True)
-    if device.startswith("cuda"):
-        _check_gpus(world)
-    port = _free_port()
-    procs: list[subprocess.Popen] = []
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    try:
-        for rank in range(world):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-            if not device.startswith("cuda"):
-                env["CUDA_VISIBLE_DEVICES"] = ""  # transformers picks the accelerator it sees
-            with open(logs / f"rank{rank}.log", "wb") as log:
-                env[LAUNCHER_VAR] = str(os.getpid())
-                procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL))
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [r for r, code in enumerate(codes) if code not in (None, 0)]
-            if failed:
-                rank = failed[0]
-                raise RankFailed(f"rank {rank} of {world} failed (exit {codes[rank]}): "
-                                 f"{_last_error(logs / f'rank{rank}.log')} (output of every rank in {logs})")
-            if all(code == 0 for code in codes):
-                return
-            if deadline is not None and time.monotonic() > deadline:
-                raise RankFailed(f"the {world} ranks did not finish within {timeout_s:.0f}s; stopped them")
-            time.sleep(poll_s)
-    finally:
-        _stop(procs)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM every rank still running, SIGKILL those that outlive the grace period, reap all."""
-    running = [p for p in procs if p.poll() is None]
-    for p in running:
-        with contextlib.suppress(ProcessLookupError):
-            p.terminate()
-    end = time.monotonic() + GRACE_S
-    for p in running:
-        try:
-            p.wait(timeout=max(0.0, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                p.kill()
-            p.wait()
-
-
-def _die_with_launcher() -> None:
-    """In a launched rank: get SIGTERM when the launcher dies (Linux), so no rank outlives it."""
-    launcher = os.environ.get(LAUNCHER_VAR)
-    if launcher is None or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != int(launcher):  # it died before the line above
-        sys.exit(1)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _check_gpus(world: int) -> None:
-    import torch
-
-    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if found < world:
-        raise KvlabError(f"tp={world} on cuda needs {world} GPUs (nccl runs one rank per GPU); found {found}")
-
-
-def _last_error(log: Path) -> str:
-    """The rank's `error: ...` line, else the last line of its output (a traceback's exception)."""
-    try:
-        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return "no output"
-    for line in reversed(lines):
-        if line.startswith("error: "):
-            return line.removeprefix("error: ")
-    return lines[-1] if lines else "no output"
-
-
 # ---- one rank ----------------------------------------------------------------------------
-def run_rank(job: Job, env: RankEnv, on_step: Callable[[int], None] | None = None) -> TPCapture:
+def run_rank(job: Job, env: RankEnv, on_step: Callable[[int], None] | None = None) -> Captured:
     """This process's rank: load the sharded model, capture, write the shard; rank 0 also rebuilds."""
     import torch
     import torch.distributed as dist
@@ -379,10 +317,9 @@ def run_rank(job: Job, env: RankEnv, on_step: Callable[[int], None] | None = Non
             dist.destroy_process_group()
 
 
-def _capture_rank(job: Job, run: RunSpec, env: RankEnv, on_step) -> TPCapture:
+def _capture_rank(job: Job, run: RunSpec, env: RankEnv, on_step) -> Captured:
     import torch.distributed as dist
 
-    from kvlab.capture import capture
     from kvlab.layouts import make_layout, reconstruct
     from kvlab.models import LoadedModel, apply_attention, quiet_transformers
 
@@ -406,7 +343,7 @@ def _capture_rank(job: Job, run: RunSpec, env: RankEnv, on_step) -> TPCapture:
     gathered: list[Any] | None = [None] * env.world_size if env.rank == 0 else None
     dist.gather_object(layers, gathered, dst=0)
     if env.rank != 0:
-        return TPCapture(tp=env.world_size, rank=env.rank, snapshot=None, shards=shards)
+        return Captured(tp=env.world_size, rank=env.rank, snapshot=None, shards=shards, layout=LAYOUT)
     result = reconstruct(gathered, layout)
     meta = dict(snap.meta)
     full = result.to_snapshot(meta, logits=snap.logits())
@@ -414,7 +351,7 @@ def _capture_rank(job: Job, run: RunSpec, env: RankEnv, on_step) -> TPCapture:
         print(f"warning: {problem.message()}", file=sys.stderr)
     if job.out is not None:
         full.save(job.out)
-    return TPCapture(tp=env.world_size, rank=0, snapshot=full, shards=shards)
+    return Captured(tp=env.world_size, rank=0, snapshot=full, shards=shards, layout=LAYOUT)
 
 
 def _remove_stale_shards(shards: Path, tp: int) -> None:
@@ -447,7 +384,6 @@ def _load_sharded(model_dir: Path, run: RunSpec, tp: int):
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m kvlab.distributed JOB`: one rank started by `launch` (or by hand with torchrun's variables)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _die_with_launcher()
     env = torchrun_env()
     rank = env.rank if env is not None else "?"
     try:

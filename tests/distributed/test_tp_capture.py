@@ -12,6 +12,7 @@ and tensor (about 2x above the worst measurement).
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,9 +21,10 @@ import pytest
 import torch
 
 import kvlab
-from kvlab.distributed import RankFailed, launch, main, torchrun_env, tp_degree
+from kvlab.distributed import capture_any, main, reports_steps, settle_tp, torchrun_env, tp_degree
 from kvlab.errors import KvlabError
 from kvlab.snapshot import Snapshot
+from kvlab.tp_launch import RankFailed, launch
 from tests.conftest import tiny
 
 RTOL = 1e-5
@@ -122,6 +124,60 @@ def test_a_failing_rank_stops_the_others_with_one_clear_line(tmp_path):
 def test_a_rank_crash_is_reported_with_its_exception(tmp_path):
     with pytest.raises(RankFailed, match=r"rank 0 of 1 failed \(exit 1\): ZeroDivisionError: division by zero \(output"):
         launch(["-c", "1 / 0"], 1, logs=tmp_path / "logs")
+    killed = "import os, signal; print('error: not this line', flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    with pytest.raises(RankFailed, match=r"rank 0 of 1 failed \(exit -9\): Signal 9 \(SIGKILL\) received by PID"):
+        launch(["-c", killed], 1, logs=tmp_path / "killed")
+
+
+def test_a_failing_rank_is_one_error_line_from_the_cli(cli, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "notes.txt").write_text("not a snapshot")
+    code, _, err = cli("capture", "-m", "tiny-llama", "-p", "x", "-n", 2, "--tp", 2, "--out", tmp_path / "o", "-q")
+    assert code == 2 and len(err.splitlines()) == 1, err  # nothing from torch's launcher around it
+    assert err.startswith(f"error: rank 0 of 2 failed (exit 2): rank 0: refusing to overwrite {tmp_path / 'o'}")
+    assert (tmp_path / "o" / "notes.txt").read_text() == "not a snapshot"
+
+
+INTERRUPTED = """
+import os, signal, sys
+from pathlib import Path
+from kvlab.tp_launch import launch
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever the runner ignores
+before = dict(os.environ)
+sleeper = ("import os, sys, time; open(os.path.join(sys.argv[1], 'pid' + os.environ['RANK']), 'w')"
+           ".write(str(os.getpid())); time.sleep(120)")
+try:
+    launch(["-c", sleeper, sys.argv[1]], 2, logs=Path(sys.argv[1]) / "logs")
+except KeyboardInterrupt:
+    print("interrupted", signal.getsignal(signal.SIGINT) is signal.default_int_handler, dict(os.environ) == before)
+"""
+
+
+def test_ctrl_c_stops_every_rank_and_reaches_the_caller_as_keyboard_interrupt(tmp_path):
+    launcher = subprocess.Popen([sys.executable, "-c", INTERRUPTED, str(tmp_path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("pid*"))) < 2 and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGINT)
+        out, err = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+    assert out.split() == ["interrupted", "True", "True"], err[-2000:]  # handlers and environment as they were
+    assert len(list(tmp_path.glob("pid*"))) == 2
+    for pid_file in tmp_path.glob("pid*"):
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), 0)
+
+
+def test_capture_any_captures_tp1_in_this_process(tmp_path):
+    loaded = tiny("tiny-llama")
+    steps = []
+    result = capture_any(loaded, [1, 2, 3], "tp=1", max_new_tokens=2, out=tmp_path / "o", on_step=steps.append)
+    assert (result.tp, result.rank, result.shards, result.layout, steps) == (1, 0, None, None, [1, 1])
+    assert Snapshot.load(tmp_path / "o").token_ids == result.snapshot.token_ids
+    assert result.snapshot.token_ids == kvlab.capture(loaded, [1, 2, 3], max_new_tokens=2).token_ids
 
 
 def test_tp_that_the_model_cannot_split_is_refused_before_any_rank_starts(cli, tmp_path):
@@ -136,6 +192,7 @@ def test_torchrun_environment_is_detected(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     assert torchrun_env() is None and tp_degree("tp=2") == 2 and tp_degree(None, 3) == 3 and tp_degree("") == 1
+    assert settle_tp("", 2).tp == 2 and settle_tp("dtype=float32").tp is None and reports_steps("tp=2") is False
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -144,6 +201,7 @@ def test_torchrun_environment_is_detected(monkeypatch):
     env = torchrun_env()
     assert (env.rank, env.world_size, env.local_rank) == (1, 2, 1)
     assert tp_degree(None) == 2 and tp_degree("tp=2") == 2
+    assert settle_tp("").tp == 2 and reports_steps("") is False  # rank 0 reports the steps
     with pytest.raises(KvlabError, match="tp=3 but torchrun started 2 processes"):
         tp_degree(None, 3)
 

@@ -47,8 +47,7 @@ def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_t
     """
     from dataclasses import replace
 
-    from kvlab.capture import capture
-    from kvlab.distributed import capture_tp, torchrun_env, tp_degree
+    from kvlab.distributed import capture_any, reports_steps, settle_tp
     from kvlab.models import load_model
     from kvlab.progress import progress_bar
     from kvlab.runspec import RunSpec
@@ -61,30 +60,20 @@ def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_t
         _capture_engine(model_spec, prompt, prompt_file, chat, max_new_tokens, run, force_tokens, top_k, ignore_eos,
                         out, json_path, quiet)
         return
-    degree = tp_degree(run, tp)
-    run = replace(run, tp=degree) if degree > 1 else run
+    run = settle_tp(run, tp)
     golden = Snapshot.load(force_tokens) if force_tokens else None
     text = read_prompt(prompt, prompt_file, required=golden is None)
     loaded = load_model(model_spec, replace(run, tp=None), progress=not quiet)
     tokens = loaded.encode(text, chat=chat) if text is not None else None
     steps = len(golden.token_ids) - golden.n_prompt if golden is not None else max_new_tokens
     started = time.perf_counter()
-    tp_result = None
-    env = torchrun_env()
-    in_process = degree == 1 or (env is not None and env.rank == 0)  # spawned ranks cannot report steps
-    with progress_bar(steps, "capture", enabled=not quiet and in_process) as advance:
-        if degree > 1:
-            tp_result = capture_tp(loaded, tokens, run, force=golden, max_new_tokens=max_new_tokens, top_k=top_k,
-                                   stop_at_eos=not ignore_eos, out=out, shards=shards, on_step=advance)
-            snap = tp_result.snapshot
-        else:
-            snap = capture(loaded, tokens, run, force=golden, max_new_tokens=max_new_tokens, top_k=top_k,
-                           stop_at_eos=not ignore_eos, on_step=advance)
+    with progress_bar(steps, "capture", enabled=not quiet and reports_steps(run)) as advance:
+        result = capture_any(loaded, tokens, run, force=golden, max_new_tokens=max_new_tokens, top_k=top_k,
+                             stop_at_eos=not ignore_eos, out=out, shards=shards, on_step=advance)
     elapsed = time.perf_counter() - started
+    snap = result.snapshot
     if snap is None:  # a rank other than 0 under torchrun: its shard is written, rank 0 reports
         return
-    if tp_result is None:
-        snap.save(out)
 
     generated = snap.token_ids[snap.n_prompt:]
     k0 = snap.keys(0)
@@ -102,8 +91,8 @@ def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_t
         "cache_bytes": cache_bytes,
         "text": loaded.decode(generated),
     }
-    if tp_result is not None:
-        summary["tp"] = {"ranks": tp_result.tp, "shards": str(tp_result.shards), **tp_result.check}
+    if result.tp > 1:
+        summary["tp"] = {"ranks": result.tp, "shards": str(result.shards), **result.check}
     if json_path != "-":
         con = console()
         con.print(f"[bold]{model_spec}[/bold]  run: {snap.run}")
@@ -114,8 +103,8 @@ def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_t
         stored = f" held (dequantized view {view / 2**20:.2f} MiB)" if view != cache_bytes else ""
         con.print(f"cache: {snap.n_layers} layers x {tuple(k0.shape)} {k0.dtype}, {cache_bytes / 2**20:.2f} MiB"
                   + stored)
-        if tp_result is not None:
-            _print_tp(con, tp_result)
+        if result.tp > 1:
+            _print_tp(con, result)
         con.rule("generated text")
         con.print(summary["text"], markup=False)
         con.rule()

@@ -156,7 +156,6 @@ def run_study(
     runs = resolve_test_runs(golden_run, tests)
     for run in [golden_run, *runs]:
         refuse_evicting(run)
-    capturers = [capturer(run) for run in [golden_run, *runs]]  # fail before any work
     models = ModelCache(model_spec, progress=progress)
     first = models.get(golden_run)
     tokens, tokenizer = first.encode(prompt, chat=chat), first.tokenizer
@@ -166,14 +165,14 @@ def run_study(
         tokens = tokenize(first.path, prompt)
     del first
 
-    golden_snap = capturers[0](models, golden_run, tokens, force=None, max_new_tokens=max_new_tokens,
-                               progress=progress, label="golden", stop_at_eos=not ignore_eos)
+    golden_snap = capture_run(models, golden_run, tokens, force=None, max_new_tokens=max_new_tokens,
+                              progress=progress, label="golden", stop_at_eos=not ignore_eos)
     golden_stop = _early_stop(golden_snap, max_new_tokens)
     golden_snap = _keep(golden_snap, out, "golden")
     tested: list[Snapshot] = []
-    for i, (run, capture_fn, text) in enumerate(zip(runs, capturers[1:], tests), start=1):
-        snap = capture_fn(models, run, None, force=golden_snap, max_new_tokens=max_new_tokens,
-                          progress=progress, label=f"test {text}")
+    for i, (run, text) in enumerate(zip(runs, tests), start=1):
+        snap = capture_run(models, run, None, force=golden_snap, max_new_tokens=max_new_tokens,
+                           progress=progress, label=f"test {text}")
         tested.append(_keep(snap, out, f"test{i}-{_slug(text)}"))
     models.clear()
 
@@ -194,51 +193,25 @@ def _early_stop(golden: Snapshot, asked: int) -> dict[str, Any] | None:
     return {"step": steps - 1, "steps": steps, "asked": asked, "token": golden.token_ids[-1]}
 
 
-def capturer(run: RunSpec) -> Callable[..., Snapshot]:
-    """The function that captures `run`: its engine, this process for tp=1, tensor-parallel ranks for tp>1."""
+def capture_run(models: "ModelCache", run: RunSpec, tokens: list[int] | None, *, force: Snapshot | None,
+                max_new_tokens: int, progress: bool = False, label: str = "capture",
+                stop_at_eos: bool = True) -> Snapshot:
+    """Greedy (or teacher-forced on `force`) capture of one run: by its engine, here, or on its ranks."""
+    from kvlab.distributed import capture_any, reports_steps
+
+    steps = len(force.token_ids) - force.n_prompt if force is not None else max_new_tokens
     if run.is_engine:
-        return capture_with_engine
-    if (run.tp or 1) > 1:
-        return capture_distributed
-    return capture_local
+        from kvlab.engines import capture_engine
 
-
-def capture_distributed(models: "ModelCache", run: RunSpec, tokens: list[int] | None, *, force: Snapshot | None,
-                        max_new_tokens: int, progress: bool = False, label: str = "capture",
-                        stop_at_eos: bool = True) -> Snapshot:
-    """Capture of a tp>1 run on its ranks (kvlab.distributed); returns the rebuilt full cache."""
-    from kvlab.distributed import capture_tp
-
-    result = capture_tp(models.spec, tokens, run, force=force, max_new_tokens=max_new_tokens,
-                        stop_at_eos=stop_at_eos)
+        with progress_bar(steps, label, enabled=progress) as bar:
+            return capture_engine(models.gguf(), tokens, run, force=force, max_new_tokens=max_new_tokens,
+                                  on_step=bar, stop_at_eos=stop_at_eos)
+    with progress_bar(steps, label, enabled=progress and reports_steps(run)) as bar:
+        result = capture_any(models.get(run), tokens, run, force=force, max_new_tokens=max_new_tokens, on_step=bar,
+                             stop_at_eos=stop_at_eos)
     if result.snapshot is None:
         raise KvlabError(f"the tp={run.tp} capture returned no rebuilt snapshot")
     return result.snapshot
-
-
-def capture_with_engine(models: "ModelCache", run: RunSpec, tokens: list[int] | None, *, force: Snapshot | None,
-                        max_new_tokens: int, progress: bool = False, label: str = "capture",
-                        stop_at_eos: bool = True) -> Snapshot:
-    """Capture of an engine run (`engine=llama.cpp,...`), teacher-forced on `force` when given."""
-    from kvlab.engines import capture_engine
-
-    steps = len(force.token_ids) - force.n_prompt if force is not None else max_new_tokens
-    with progress_bar(steps, label, enabled=progress) as bar:
-        return capture_engine(models.gguf(), tokens, run, force=force, max_new_tokens=max_new_tokens, on_step=bar,
-                              stop_at_eos=stop_at_eos)
-
-
-def capture_local(models: "ModelCache", run: RunSpec, tokens: list[int] | None, *, force: Snapshot | None,
-                  max_new_tokens: int, progress: bool = False, label: str = "capture",
-                  stop_at_eos: bool = True) -> Snapshot:
-    """Greedy (or teacher-forced on `force`) capture of one run in this process."""
-    from kvlab.capture import capture
-
-    loaded = models.get(run)
-    steps = len(force.token_ids) - force.n_prompt if force is not None else max_new_tokens
-    with progress_bar(steps, label, enabled=progress) as bar:
-        return capture(loaded, tokens, run, force=force, max_new_tokens=max_new_tokens, on_step=bar,
-                       stop_at_eos=stop_at_eos)
 
 
 class ModelCache:
