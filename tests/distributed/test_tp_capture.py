@@ -129,13 +129,22 @@ def test_a_rank_crash_is_reported_with_its_exception(tmp_path):
         launch(["-c", killed], 1, logs=tmp_path / "killed")
 
 
-def test_a_failing_rank_is_one_error_line_from_the_cli(cli, tmp_path):
+def test_a_failing_rank_is_one_error_line_from_the_cli(cli, tmp_path, monkeypatch):
+    # only the ranks open a gloo connection: a network interface that does not exist fails them, not the CLI
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "kvlab-no-such-if")
+    code, _, err = cli("capture", "-m", "tiny-llama", "-p", "x", "-n", 2, "--tp", 2, "--out", tmp_path / "o", "-q")
+    assert code == 2 and len(err.splitlines()) == 1, err  # nothing from torch's launcher around it
+    assert err.startswith("error: rank ") and " of 2 failed (exit 1): rank " in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_output_folder_that_is_not_a_snapshot_is_refused_before_any_rank_starts(cli, tmp_path):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "notes.txt").write_text("not a snapshot")
     code, _, err = cli("capture", "-m", "tiny-llama", "-p", "x", "-n", 2, "--tp", 2, "--out", tmp_path / "o", "-q")
-    assert code == 2 and len(err.splitlines()) == 1, err  # nothing from torch's launcher around it
-    assert err.startswith(f"error: rank 0 of 2 failed (exit 2): rank 0: refusing to overwrite {tmp_path / 'o'}")
-    assert (tmp_path / "o" / "notes.txt").read_text() == "not a snapshot"
+    assert code == 2 and err == f"error: refusing to overwrite {tmp_path / 'o'}: it exists and is not a kvlab snapshot\n"
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["notes.txt"]
+    assert not (tmp_path / "o.shards").exists()
 
 
 INTERRUPTED = """
