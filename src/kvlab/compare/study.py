@@ -92,7 +92,7 @@ def resolve_test_runs(golden: RunSpec, tests: Sequence[str]) -> list[RunSpec]:
         if spec.engine_name != golden.engine_name:
             runs.append(spec)
             continue
-        given = {k: getattr(spec, k) for k in ("dtype", "attn", "cache", "tp", "device", "fa", "rope_base")
+        given = {k: getattr(spec, k) for k in ("dtype", "attn", "cache", "tp", "device", "fa", "rope_base", "scales")
                  if getattr(spec, k) is not None}
         runs.append(replace(golden, **given))
     return runs
@@ -188,11 +188,12 @@ def capture_with_engine(models: "ModelCache", run: RunSpec, tokens: list[int] | 
                         max_new_tokens: int, progress: bool = False, label: str = "capture",
                         stop_at_eos: bool = True) -> Snapshot:
     """Capture of an engine run (`engine=llama.cpp,...`), teacher-forced on `force` when given."""
-    from kvlab.engines import capture_engine
+    from kvlab.engines import VLLM, capture_engine
 
     steps = len(force.token_ids) - force.n_prompt if force is not None else max_new_tokens
+    model = models.spec if run.engine_name == VLLM else models.gguf()  # vLLM runs the model folder
     with progress_bar(steps, label, enabled=progress) as bar:
-        return capture_engine(models.gguf(), tokens, run, force=force, max_new_tokens=max_new_tokens, on_step=bar,
+        return capture_engine(model, tokens, run, force=force, max_new_tokens=max_new_tokens, on_step=bar,
                               stop_at_eos=stop_at_eos)
 
 
