@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
@@ -40,8 +41,8 @@ PYTHON_ENV = "KVLAB_VLLM_PYTHON"
 VENV_NAME = ".venv-vllm"
 WORKER = Path(__file__).with_name("vllm_worker.py")
 FP8_MAX = 448.0  # vLLM's "fp8" is e4m3fn
-_MIN_MODEL_LEN = 128
-_LOG_TAIL = 4000
+_MESSAGE_CHARS = 300
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*:")
 
 
 class EngineUnavailable(KvlabError):
@@ -166,23 +167,28 @@ class WorkerRun:
         return load_file(str(self.folder / "vllm.safetensors"))
 
 
-def run_worker(model_dir: Path, prompt: list[int], forced: list[int] | None, settings: Settings, folder: Path, *,
-               max_new_tokens: int = 32, stop_at_eos: bool = True, python: str | None = None,
-               tokenizer_dir: Path | None = None) -> WorkerRun:
-    """Start vLLM's Python on one request; its files land in `folder`. One `error:` line on failure."""
+def run_worker(model_dir: Path, prompt: list[int] | str, forced: list[int] | None, settings: Settings,
+               folder: Path, *, max_new_tokens: int = 32, stop_at_eos: bool = True, python: str | None = None,
+               tokenizer_dir: Path | None = None, max_prompt_tokens: int = 256) -> WorkerRun:
+    """Start vLLM's Python on one request; its files land in `folder`. One `error:` line on failure.
+
+    prompt: token ids, or a text that vLLM's tokenizer turns into at most `max_prompt_tokens` ids.
+    forced: the tokens to feed after the prompt (teacher forcing), or None for greedy generation.
+    """
     exe = find_python(python)
-    total = len(prompt) + (len(forced) if forced is not None else max_new_tokens)
     request = {
         "model": str(model_dir),
         "tokenizer": str(tokenizer_dir or model_dir),
-        "prompt_ids": prompt,
         "forced_ids": forced,
         "max_new_tokens": max_new_tokens,
         "stop_at_eos": stop_at_eos,
         "kv_cache_dtype": settings.kv_cache_dtype,
-        "max_model_len": max(_MIN_MODEL_LEN, -(-(total + 1) // 32) * 32),
         "out": str(folder),
     }
+    if isinstance(prompt, str):
+        request.update(prompt_text=prompt, max_prompt_tokens=max_prompt_tokens)
+    else:
+        request["prompt_ids"] = [int(t) for t in prompt]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "request.json").write_text(json.dumps(request))
     log = folder / "vllm.log"
@@ -195,13 +201,12 @@ def run_worker(model_dir: Path, prompt: list[int], forced: list[int] | None, set
 
 
 def _last_error(log: Path) -> str:
-    """The last line of a Python traceback in the worker's log (or the log's last line)."""
-    lines = [line.strip() for line in log.read_text(errors="replace")[-_LOG_TAIL:].splitlines() if line.strip()]
-    for line in reversed(lines):
-        text = line.removeprefix("[rank0]:").strip()
-        if ("Error" in text or "Exception" in text) and ":" in text and not text.startswith("File "):
-            return text
-    return lines[-1] if lines else "no output"
+    """The exception line of the worker's traceback (or the log's last line), cut to one short line."""
+    lines = [line.removeprefix("[rank0]:").strip() for line in log.read_text(errors="replace").splitlines()]
+    lines = [line for line in lines if line]
+    found = [line for line in lines if _EXCEPTION.match(line)]
+    text = found[-1] if found else (lines[-1] if lines else "no output")
+    return text if len(text) <= _MESSAGE_CHARS else text[:_MESSAGE_CHARS] + "..."
 
 
 # ---- vLLM's paged cache, read back ---------------------------------------------------------------

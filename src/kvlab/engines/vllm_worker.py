@@ -51,6 +51,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: E402
 )
 
 MODULE = "vllm_worker"
+_MIN_MODEL_LEN = 128
 _BLOCKS: dict[str, torch.Tensor] = {}  # layer name -> the request's blocks of its cache (worker side)
 
 
@@ -150,14 +151,24 @@ def run(request: dict) -> dict:
 
     out = Path(request["out"])
     out.mkdir(parents=True, exist_ok=True)
+    prompt = request.get("prompt_ids")
+    if prompt is None:  # text: tokenized by vLLM's own tokenizer, cut to max_prompt_tokens
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(request.get("tokenizer") or request["model"])
+        prompt = tokenizer(request["prompt_text"])["input_ids"][: int(request["max_prompt_tokens"])]
+    prompt = [int(t) for t in prompt]
+    forced = request.get("forced_ids")
+    total = len(prompt) + (len(forced) if forced is not None else int(request.get("max_new_tokens", 1)))
+    max_model_len = max(_MIN_MODEL_LEN, -(-(total + 1) // 32) * 32)
     started = time.perf_counter()
     llm = LLM(
         model=request["model"],
         tokenizer=request.get("tokenizer") or request["model"],
         dtype=request.get("dtype", "float32"),
         kv_cache_dtype=request.get("kv_cache_dtype", "auto"),
-        max_model_len=int(request["max_model_len"]),
-        max_num_batched_tokens=int(request["max_model_len"]),
+        max_model_len=max_model_len,
+        max_num_batched_tokens=max_model_len,  # the prompt in one step: the connector sees all its blocks
         max_num_seqs=1,
         enforce_eager=True,
         enable_prefix_caching=False,
@@ -174,8 +185,6 @@ def run(request: dict) -> dict:
     layer_names = llm.apply_model(inputs.install)[0]  # one result per worker: one worker
     scales = llm.apply_model(_scales)[0]
 
-    prompt = [int(t) for t in request["prompt_ids"]]
-    forced = request.get("forced_ids")
     greedy_seconds = None
     if forced is None:
         started = time.perf_counter()
@@ -227,7 +236,7 @@ def run(request: dict) -> dict:
         "vocab_size": vocab,
         "seconds": {"load": load_seconds, "greedy": greedy_seconds, "forced": forced_seconds},
         "settings": {"enforce_eager": True, "enable_prefix_caching": False,
-                     "max_model_len": int(request["max_model_len"]), "dtype": request.get("dtype", "float32")},
+                     "max_model_len": max_model_len, "dtype": request.get("dtype", "float32")},
     }
     (out / "result.json").write_text(json.dumps(summary))
     return summary
