@@ -40,6 +40,7 @@ PINNED_VERSION = "0.32.0"
 PYTHON_ENV = "KVLAB_VLLM_PYTHON"
 VENV_NAME = ".venv-vllm"
 WORKER = Path(__file__).with_name("vllm_worker.py")
+REPO_ROOT = Path(__file__).resolve().parents[3]  # a source checkout: where `make .venv-vllm` puts it
 FP8_MAX = 448.0  # vLLM's "fp8" is e4m3fn
 _MESSAGE_CHARS = 300
 _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*:")
@@ -61,8 +62,7 @@ def find_python(explicit: str | os.PathLike | None = None) -> Path:
         if not _runs(path):
             raise EngineUnavailable(f"{PYTHON_ENV}={path}: no such Python")
         return path
-    repo_root = Path(__file__).resolve().parents[3]
-    for base in (repo_root, Path.cwd()):
+    for base in (REPO_ROOT, Path.cwd()):
         candidate = base / VENV_NAME / "bin" / "python"
         if _runs(candidate):
             return candidate
