@@ -12,7 +12,8 @@ from kvlab.cli.engine_python import engine_python_option
 @click.argument("scales", metavar="SCALES")
 @click.option("--into", "model_dir", required=True, metavar="MODEL_DIR",
               help="The unquantized model folder (config.json + safetensors); `smollm2` for the default model.")
-@click.option("--out", "-o", required=True, metavar="CHECKPOINT", help="Checkpoint folder to write (replaced if it is one).")
+@click.option("--out", "-o", required=True, metavar="CHECKPOINT",
+              help="Checkpoint folder to write (replaced if it is one).")
 @click.option("--granularity", type=click.Choice(["tensor", "head"]), default=None,
               help="Per tensor (per-head scales folded to their maximum) or per head (default: as SCALES are).")
 @json_option
