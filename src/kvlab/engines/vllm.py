@@ -175,11 +175,12 @@ class WorkerRun:
 
 def run_worker(model_dir: Path, prompt: list[int] | str, forced: list[int] | None, settings: Settings,
                folder: Path, *, max_new_tokens: int = 32, stop_at_eos: bool = True, python: str | None = None,
-               tokenizer_dir: Path | None = None, max_prompt_tokens: int = 256) -> WorkerRun:
+               tokenizer_dir: Path | None = None, max_prompt_tokens: int = 256, plain: bool = False) -> WorkerRun:
     """Start vLLM's Python on one request; its files land in `folder`. One `error:` line on failure.
 
     prompt: token ids, or a text that vLLM's tokenizer turns into at most `max_prompt_tokens` ids.
     forced: the tokens to feed after the prompt (teacher forcing), or None for greedy generation.
+    plain: vLLM's own greedy generation of `max_new_tokens` only, timed (no cache recorded).
     """
     exe = find_python(python)
     request = {
@@ -190,6 +191,7 @@ def run_worker(model_dir: Path, prompt: list[int] | str, forced: list[int] | Non
         "stop_at_eos": stop_at_eos,
         "kv_cache_dtype": settings.kv_cache_dtype,
         "out": str(folder),
+        "plain": plain,
     }
     if isinstance(prompt, str):
         request.update(prompt_text=prompt, max_prompt_tokens=max_prompt_tokens)

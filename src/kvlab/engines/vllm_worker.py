@@ -11,7 +11,10 @@ Only vLLM's public interfaces are used:
 - `LLM.apply_model` with the in-process engine: forward hooks on the attention layers record the
   K/V each layer was given before the cache write (what an fp8 cache quantized), and the scales
   each layer loaded and uses;
-- `SamplingParams(prompt_logprobs=-1)`: the log-probabilities at every fed position.
+- `SamplingParams(prompt_logprobs=1)`: vLLM then computes the logits of every fed position; a
+  forward hook on the model's `logits_processor` keeps them whole (full-vocabulary logprobs as
+  Python objects would cost minutes at a few hundred positions), and each row is checked against
+  the logprob vLLM reports for the token that follows.
 
 Files written (all tensors in one `vllm.safetensors`):
 - `{layer}.blocks`: the request's blocks of that layer's cache as vLLM stores them, in block
@@ -134,12 +137,38 @@ def _scales(model) -> dict[str, dict]:
     return out
 
 
-def _logprob_rows(entries, vocab: int) -> torch.Tensor:
-    rows = torch.full((len(entries), vocab), float("-inf"), dtype=torch.float32)
-    for j, entry in enumerate(entries):
-        ids = torch.tensor(list(entry.keys()), dtype=torch.long)
-        values = torch.tensor([lp.logprob for lp in entry.values()], dtype=torch.float32)
-        rows[j, ids] = values
+class _Logits:
+    """A forward hook on the model's logits processor: the logits of every call, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[torch.Tensor] = []
+
+    def install(self, model) -> bool:
+        model.logits_processor.register_forward_hook(self._hook)
+        return True
+
+    def _hook(self, module, args, output) -> None:
+        if output is not None:
+            self.calls.append(output.detach().float().cpu().clone())
+
+
+def _logprob_rows(calls: list[torch.Tensor], result, fed: list[int]) -> torch.Tensor:
+    """`[len(fed), vocab]` log-probabilities: the prompt positions' rows, then the sampled one.
+
+    vLLM computes the sampled position's logits first, then the prompt's (in chunks); each row
+    must give the logprob vLLM reported for the token after it, else the order is not this one.
+    """
+    if len(calls) < 2 or calls[0].shape[0] != 1:
+        raise RuntimeError(f"unexpected logits calls: {[tuple(c.shape) for c in calls]}")
+    rows = torch.log_softmax(torch.cat(calls[1:] + calls[:1]), dim=-1)
+    if rows.shape[0] != len(fed):
+        raise RuntimeError(f"{rows.shape[0]} logits rows for {len(fed)} fed tokens")
+    sampled = result.outputs[0].token_ids[0]
+    for j in range(len(fed)):
+        entry = result.prompt_logprobs[j + 1] if j + 1 < len(fed) else result.outputs[0].logprobs[0]
+        token = fed[j + 1] if j + 1 < len(fed) else sampled
+        if abs(float(rows[j, token]) - entry[token].logprob) > 1e-3:
+            raise RuntimeError(f"logits row {j} disagrees with vLLM's logprob of token {token}")
     return rows
 
 
@@ -161,6 +190,12 @@ def run(request: dict) -> dict:
     forced = request.get("forced_ids")
     total = len(prompt) + (len(forced) if forced is not None else int(request.get("max_new_tokens", 1)))
     max_model_len = max(_MIN_MODEL_LEN, -(-(total + 1) // 32) * 32)
+    plain = bool(request.get("plain"))  # vLLM alone, no connector or hooks: the baseline for timings
+    connector = None if plain else KVTransferConfig(
+        kv_connector="KvlabCaptureConnector",
+        kv_connector_module_path=MODULE,
+        kv_role="kv_producer",
+    )
     started = time.perf_counter()
     llm = LLM(
         model=request["model"],
@@ -172,17 +207,16 @@ def run(request: dict) -> dict:
         max_num_seqs=1,
         enforce_eager=True,
         enable_prefix_caching=False,
-        max_logprobs=-1,
         seed=0,
-        kv_transfer_config=KVTransferConfig(
-            kv_connector="KvlabCaptureConnector",
-            kv_connector_module_path=MODULE,
-            kv_role="kv_producer",
-        ),
+        kv_transfer_config=connector,
     )
     load_seconds = time.perf_counter() - started
+    if plain:
+        return _plain(llm, prompt, request, out, load_seconds)
     inputs = _Inputs()
     layer_names = llm.apply_model(inputs.install)[0]  # one result per worker: one worker
+    logits = _Logits()
+    llm.apply_model(logits.install)
     scales = llm.apply_model(_scales)[0]
 
     greedy_seconds = None
@@ -199,15 +233,13 @@ def run(request: dict) -> dict:
     _BLOCKS.clear()
     inputs.keys.clear()
     inputs.values.clear()
+    logits.calls.clear()
     started = time.perf_counter()
-    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=-1, logprobs=-1, detokenize=False)
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, logprobs=1, detokenize=False)
     result = llm.generate([{"prompt_token_ids": fed}], params, use_tqdm=False)[0]
     forced_seconds = time.perf_counter() - started
     vocab = llm.llm_engine.model_config.get_vocab_size()
-    # prompt_logprobs[j] scores token j given those before it (None for j = 0); the generated
-    # token's logprobs are those after the last fed one
-    entries = list(result.prompt_logprobs[1:]) + [result.outputs[0].logprobs[0]]
-    tensors = {"logprobs": _logprob_rows(entries, vocab)}
+    tensors = {"logprobs": _logprob_rows(logits.calls, result, fed)}
     blocks = sys.modules[MODULE]._BLOCKS if MODULE in sys.modules else _BLOCKS
     for name in layer_names:
         if name not in blocks:
@@ -238,6 +270,21 @@ def run(request: dict) -> dict:
         "settings": {"enforce_eager": True, "enable_prefix_caching": False,
                      "max_model_len": max_model_len, "dtype": request.get("dtype", "float32")},
     }
+    (out / "result.json").write_text(json.dumps(summary))
+    return summary
+
+
+def _plain(llm, prompt: list[int], request: dict, out: Path, load_seconds: float) -> dict:
+    """Greedy generation of max_new_tokens, timed, nothing recorded."""
+    import vllm
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=int(request["max_new_tokens"]), ignore_eos=True,
+                            detokenize=False)
+    started = time.perf_counter()
+    result = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    summary = {"vllm_version": vllm.__version__, "token_ids": prompt + list(result.outputs[0].token_ids),
+               "n_prompt": len(prompt), "seconds": {"load": load_seconds, "generate": time.perf_counter() - started}}
     (out / "result.json").write_text(json.dumps(summary))
     return summary
 
