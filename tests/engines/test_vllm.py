@@ -180,11 +180,13 @@ def test_vllm_codes_against_kvlabs_fp8_quantization(planted):
 
     _, layers = planted
     for layer in layers:
-        nearest = quantize(layer.key_inputs, layer.k_scale_used).view(torch.uint8)
-        steps = ((nearest & 0x7F).int() - (layer.key_codes & 0x7F).int())
-        assert steps.min() >= 0 and steps.max() <= 1
-        away = nearest.view(torch.float8_e4m3fn).float().abs() > (layer.key_inputs / layer.k_scale_used).abs()
-        assert torch.equal(steps == 1, away)
+        for inputs, codes, scale in ((layer.key_inputs, layer.key_codes, layer.k_scale_used),
+                                     (layer.value_inputs, layer.value_codes, layer.v_scale_used)):
+            nearest = quantize(inputs, scale).view(torch.uint8)
+            steps = (nearest & 0x7F).int() - (codes & 0x7F).int()
+            assert steps.min() >= 0 and steps.max() <= 1
+            away = nearest.view(torch.float8_e4m3fn).float().abs() > (inputs / scale).abs()
+            assert torch.equal(steps == 1, away)
 
 
 def test_verify_catches_the_x4_layer(planted):

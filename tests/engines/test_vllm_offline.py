@@ -121,7 +121,7 @@ def test_python_finder_order(tmp_path, monkeypatch):
 
 
 def test_capture_cli_without_vllm_is_one_error_line(cli, tmp_path, monkeypatch):
-    monkeypatch.delenv(engine.PYTHON_ENV, raising=False)
+    monkeypatch.setenv(engine.PYTHON_ENV, "")  # --engine-python sets it: undone after the test
     code, out, err = cli("capture", "--engine", "vllm", "--engine-python", tmp_path / "none", "--model",
                          "smollm2", "--prompt", "hi", "--out", tmp_path / "snap")
     assert code == 2 and err.count("\n") == 1 and "no such Python" in err
