@@ -3,7 +3,8 @@
 1. Capture overhead: vLLM's plain greedy generation of N tokens (its own process, no connector,
    no hooks) against `kvlab capture --engine vllm` teacher-forced on the same N tokens (KV
    connector, input hooks, per-position logits, files, kvlab reading them back). Both include
-   vLLM's start; the in-engine seconds are listed apart.
+   vLLM's start; the in-engine seconds are listed apart, with vLLM's own prefill of the same
+   tokens (what the teacher-forced capture runs, without connector, hooks or logits).
 2. Precision study, all teacher-forced on the float32 golden run's N greedy tokens, K/V error and
    logits (KL, top-1) against it, beside bench/precision_study.py's rows:
      transformers fp8 (built-in)  QuantizedCache(backend="fp8") (cache=hf-fp8)
@@ -12,7 +13,7 @@
      vLLM fp8 with kvlab scales   engine=vllm,kv_cache_dtype=fp8 on `kvlab scales export` of the same scales
      vLLM fp8 without scales      engine=vllm,kv_cache_dtype=fp8 (scale 1.0: the silent fallback)
 
-    python bench/engines.py [--new-tokens 256] [--json FILE]      (needs .venv-vllm or KVLAB_VLLM_PYTHON)
+    python bench/engines.py [--new-tokens 256] [--json FILE] [--overhead-only]      (needs .venv-vllm or KVLAB_VLLM_PYTHON)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--json", default=None, metavar="FILE")
+    parser.add_argument("--overhead-only", action="store_true", help="skip the precision study")
     args = parser.parse_args()
     python = engine.find_python()
 
@@ -52,13 +54,15 @@ def main() -> None:
         from kvlab.quant.api import calibrate_to_files
         from kvlab.quant.vllm_export import export_checkpoint
 
-        calibrate_to_files(golden_model, work / "scales", granularity="tensor", fmt="compressed-tensors")
-        checkpoint = export_checkpoint(work / "scales", embedded.ensure_converted(), work / "ckpt").path
         scales_file = work / "scales" / "kv_cache_scales.safetensors"
+        checkpoint = work / "ckpt"
+        if not args.overhead_only:
+            calibrate_to_files(golden_model, work / "scales", granularity="tensor", fmt="compressed-tensors")
+            export_checkpoint(work / "scales", embedded.ensure_converted(), checkpoint)
 
         overhead = _overhead(golden, work, args.new_tokens)
         rows = []
-        for label, run in (
+        for label, run in () if args.overhead_only else (
             ("transformers fp8 (built-in)", "cache=hf-fp8"),
             ("kvlab fp8 cache", f"cache=fp8:scales={scales_file}"),
             ("vLLM auto", "engine=vllm"),
@@ -76,7 +80,8 @@ def main() -> None:
 
     print(f"capture overhead over {args.new_tokens} tokens (wall, including vLLM's start):")
     print(f"  vLLM plain greedy generation   {overhead['plain_wall']:7.1f} s  "
-          f"(load {overhead['plain_load']:.1f} s, generate {overhead['plain_generate']:.1f} s)")
+          f"(load {overhead['plain_load']:.1f} s, generate {overhead['plain_generate']:.1f} s, the same tokens as "
+          f"one prefill {overhead['plain_prefill']:.1f} s)")
     print(f"  kvlab capture --engine vllm    {overhead['capture_wall']:7.1f} s  "
           f"(load {overhead['capture_load']:.1f} s, teacher-forced prefill {overhead['capture_forced']:.1f} s)")
     header = f"{'run':30}{'K rel':>9}{'K max':>9}{'V rel':>9}{'V max':>9}{'KL mean':>10}{'KL max':>9}{'top1':>7}"
@@ -96,7 +101,8 @@ def _overhead(golden: kvlab.Snapshot, work: Path, new_tokens: int) -> dict:
     prompt = golden.token_ids[: golden.n_prompt]
     settings = engine.Settings()
     t0 = time.perf_counter()
-    plain = engine.run_worker(embedded.ensure_converted(), prompt, None, settings, work / "plain",
+    forced = golden.token_ids[golden.n_prompt:]
+    plain = engine.run_worker(embedded.ensure_converted(), prompt, forced, settings, work / "plain",
                               max_new_tokens=new_tokens, plain=True)
     plain_wall = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -104,7 +110,8 @@ def _overhead(golden: kvlab.Snapshot, work: Path, new_tokens: int) -> dict:
     capture_wall = time.perf_counter() - t0
     seconds = snap.meta["engine"]["seconds"]
     return {"plain_wall": plain_wall, "plain_load": plain.result["seconds"]["load"],
-            "plain_generate": plain.result["seconds"]["generate"], "capture_wall": capture_wall,
+            "plain_generate": plain.result["seconds"]["generate"], "plain_prefill": plain.result["seconds"]["prefill"],
+            "capture_wall": capture_wall,
             "capture_load": seconds["load"], "capture_forced": seconds["forced"]}
 
 

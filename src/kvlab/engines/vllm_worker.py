@@ -275,7 +275,7 @@ def run(request: dict) -> dict:
 
 
 def _plain(llm, prompt: list[int], request: dict, out: Path, load_seconds: float) -> dict:
-    """Greedy generation of max_new_tokens, timed, nothing recorded."""
+    """Greedy generation of max_new_tokens, and with forced ids the same tokens as one prompt, timed."""
     import vllm
     from vllm import SamplingParams
 
@@ -283,8 +283,15 @@ def _plain(llm, prompt: list[int], request: dict, out: Path, load_seconds: float
                             detokenize=False)
     started = time.perf_counter()
     result = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    seconds = {"load": load_seconds, "generate": time.perf_counter() - started}
+    forced = request.get("forced_ids")
+    if forced:
+        started = time.perf_counter()
+        llm.generate([{"prompt_token_ids": prompt + [int(t) for t in forced[:-1]]}],
+                     SamplingParams(temperature=0.0, max_tokens=1, detokenize=False), use_tqdm=False)
+        seconds["prefill"] = time.perf_counter() - started
     summary = {"vllm_version": vllm.__version__, "token_ids": prompt + list(result.outputs[0].token_ids),
-               "n_prompt": len(prompt), "seconds": {"load": load_seconds, "generate": time.perf_counter() - started}}
+               "n_prompt": len(prompt), "seconds": seconds}
     (out / "result.json").write_text(json.dumps(summary))
     return summary
 
