@@ -8,8 +8,8 @@ The Python is `--engine-python`, else `$KVLAB_VLLM_PYTHON`, else `.venv-vllm/bin
 repository root or the current directory.
 
 The golden tokens are fed as one prompt (vLLM's prefill; kvlab's own capture feeds one token per
-step after the prompt, which only changes the rounding order), with `prompt_logprobs` giving the
-log-probabilities at every position. Snapshot: `layers.{i}.keys` / `.values` float32
+step after the prompt, which only changes the rounding order); `prompt_logprobs` makes vLLM
+compute every position's logits, which the worker keeps. Snapshot: `layers.{i}.keys` / `.values` float32
 `[1, kv_heads, seq, head_dim]` (an fp8 cache dequantized, codes x the scale the kernel used), and
 for an fp8 cache `layers.{i}.keys.q` uint8 (the e4m3 codes as vLLM stores them) and
 `layers.{i}.keys.scale` float32 `[1]` (that scale); the same for values. The step logits are
@@ -395,7 +395,7 @@ def capture(
         },
         "scales": [{"k_used": layer.k_scale_used, "v_used": layer.v_scale_used, "k_loaded": layer.k_scale_loaded,
                     "v_loaded": layer.v_scale_loaded} for layer in layers],
-        "logits": "log-probabilities from prompt_logprobs (logits minus their log-sum-exp)",
+        "logits": "log-probabilities of every fed position (logits minus their log-sum-exp)",
         "seconds": worker.result["seconds"],
     }
     meta: dict[str, Any] = {
