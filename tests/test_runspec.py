@@ -110,7 +110,7 @@ def test_engine_run_specs_take_their_own_keys_only():
     ("engine=llama.cpp,cache=q8_0:bits=4", "take no parameters"),
     ("engine=llama.cpp,fa=maybe", "fa=maybe is not on or off"),
     ("engine=llama.cpp,rope_base=-1", "not a positive number"),
-    ("engine=vllm", "not one of transformers, llama.cpp"),
+    ("engine=sglang", "not one of transformers, llama.cpp, vllm"),
     ("dtype=float16,fa=on", "engine setting"),
 ])
 def test_bad_engine_specs_are_one_line(text, message):

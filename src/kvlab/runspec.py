@@ -2,6 +2,7 @@
 
 `dtype=bfloat16,attn=sdpa,cache=mixed:bits=4,hot=128,tp=2,device=cpu`
 `engine=llama.cpp,cache=q8_0,fa=on`
+`engine=vllm,kv_cache_dtype=fp8,scales=runs/scales`
 
 The cache policy's own parameters follow its name after a colon; a comma-separated item
 belongs to the cache policy until the next top-level key. Keys left out mean "as the model
@@ -10,7 +11,8 @@ is loaded" (`resolve`) or the defaults (`with_defaults`).
 `engine` names who runs the model: transformers (the default, left out of the string) or
 another implementation of the same model (`kvlab.engines`). An engine run takes its own keys:
 `cache` is then the engine's cache type (`f16`, `q8_0`, ...), `fa` and `rope_base` are its
-settings, and transformers' keys (`dtype`, `attn`, `tp`, `device`) do not apply.
+settings, and transformers' keys (`dtype`, `attn`, `tp`, `device`) do not apply. vLLM spells
+its cache type `kv_cache_dtype=auto|fp8` and takes `scales=DIR` (fp8 KV scales).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ if TYPE_CHECKING:
 
     from kvlab.caches.registry import CachePolicy
 
-KEYS = ("engine", "dtype", "attn", "cache", "tp", "device", "fa", "rope_base")
+KEYS = ("engine", "dtype", "attn", "cache", "tp", "device", "fa", "rope_base", "kv_cache_dtype", "scales")
 TRANSFORMERS_KEYS = ("dtype", "attn", "cache", "tp", "device")
-ENGINE_KEYS = ("cache", "fa", "rope_base")  # the keys an engine run (engine=llama.cpp) takes
+ENGINE_KEYS = ("cache", "fa", "rope_base", "scales")  # the keys an engine run takes (each engine some)
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULTS = {"dtype": "float32", "attn": "sdpa", "cache": "dynamic", "tp": 1, "device": "cpu"}
 TRANSFORMERS = "transformers"
@@ -60,6 +62,7 @@ class RunSpec:
     engine: str | None = None  # None: transformers
     fa: bool | None = None  # engine runs: flash attention
     rope_base: float | None = None  # engine runs: RoPE base override (llama.cpp's rope_freq_base)
+    scales: str | None = None  # engine=vllm: fp8 KV scales (a `kvlab scales calibrate` folder or a checkpoint)
 
     # ---- parsing -------------------------------------------------------------------------
     @classmethod
@@ -103,9 +106,10 @@ class RunSpec:
         engine = values.get("engine")
         if engine is not None and engine != TRANSFORMERS:
             return cls._engine_from_strings(engine, values, cache_items)
-        for key in ENGINE_KEYS[1:]:
+        for key in (*ENGINE_KEYS[1:], "kv_cache_dtype"):
             if key in values:
-                raise RunSpecError(f"run spec: {key}= is an engine setting; use it with engine=llama.cpp")
+                owner = "engine=vllm" if key in ("scales", "kv_cache_dtype") else "engine=llama.cpp"
+                raise RunSpecError(f"run spec: {key}= is an engine setting; use it with {owner}")
         dtype = values.get("dtype")
         if dtype is not None and dtype not in DTYPES:
             raise RunSpecError(f"run spec: dtype={dtype} is not one of {', '.join(DTYPES)}")
@@ -136,14 +140,21 @@ class RunSpec:
 
     @classmethod
     def _engine_from_strings(cls, engine: str, values: dict[str, str], cache_items: list[str]) -> "RunSpec":
-        from kvlab.engines import engine_cache, engine_names
+        from kvlab.engines import CACHE_KEY, engine_cache, engine_names, engine_settings
 
         if engine not in engine_names():
             raise RunSpecError(f"run spec: engine={engine} is not one of {', '.join(engine_names())}")
-        foreign = [k for k in values if k not in ("engine", *ENGINE_KEYS)]
+        takes = engine_settings(engine)
+        foreign = [k for k in values if k not in ("engine", *takes)]
         if foreign:
+            shown = [k for k in takes if k != "cache" or engine not in CACHE_KEY]
             raise RunSpecError(f"run spec: {foreign[0]}= does not apply to engine={engine}; "
-                               f"it takes {', '.join(ENGINE_KEYS)}")
+                               f"it takes {', '.join(shown)}")
+        if "kv_cache_dtype" in values:
+            if "cache" in values:
+                raise RunSpecError("run spec: cache= and kv_cache_dtype= name the same setting; give one")
+            values = {**values, "cache": values["kv_cache_dtype"]}
+        scales = values.get("scales") or None
         if cache_items:
             raise RunSpecError(f"run spec: engine={engine} cache types take no parameters ({', '.join(cache_items)})")
         cache = engine_cache(engine, values["cache"]) if "cache" in values else None
@@ -160,7 +171,7 @@ class RunSpec:
                 rope_base = -1.0
             if not 0 < rope_base < float("inf"):
                 raise RunSpecError(f"run spec: rope_base={values['rope_base']} is not a positive number")
-        return cls(cache=cache, engine=engine, fa=fa, rope_base=rope_base)
+        return cls(cache=cache, engine=engine, fa=fa, rope_base=rope_base, scales=scales)
 
     @property
     def engine_name(self) -> str:
@@ -175,10 +186,10 @@ class RunSpec:
     def with_defaults(self) -> "RunSpec":
         """Every unset key at kvlab's default (float32, sdpa, dynamic, tp=1, cpu; an engine's own)."""
         if self.is_engine:
-            from kvlab.engines import engine_cache
+            from kvlab.engines import engine_cache, engine_settings
 
-            return replace(self, cache=self.cache or engine_cache(self.engine_name, None),
-                           fa=True if self.fa is None else self.fa)
+            fa = self.fa if self.fa is not None or "fa" not in engine_settings(self.engine_name) else True
+            return replace(self, cache=self.cache or engine_cache(self.engine_name, None), fa=fa)
         changes = {}
         for f in fields(self):
             if f.name not in DEFAULTS:
@@ -230,10 +241,18 @@ class RunSpec:
     def __str__(self) -> str:
         parts = []
         for key in KEYS:
-            value = getattr(self, key)
+            value = getattr(self, key, None)  # kv_cache_dtype= is read into cache
             if value is not None and not (key == "engine" and value == TRANSFORMERS):
-                parts.append(f"{key}={value_text(key, value)}")
+                parts.append(f"{self._key_text(key)}={value_text(key, value)}")
         return ",".join(parts)
+
+    def _key_text(self, key: str) -> str:
+        """The key as this run writes it (an engine may spell its cache type otherwise)."""
+        if key == "cache" and self.is_engine:
+            from kvlab.engines import CACHE_KEY
+
+            return CACHE_KEY.get(self.engine_name, key)
+        return key
 
 
 def check_device_available(device: str) -> None:

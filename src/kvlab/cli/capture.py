@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from kvlab.cli.common import console, json_option, output_dir, quiet_option, read_prompt, snapshot_dir, write_json
+from kvlab.cli.engine_python import engine_python_option
 
 
 @click.command("capture")
@@ -18,10 +19,12 @@ from kvlab.cli.common import console, json_option, output_dir, quiet_option, rea
 @click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--run", "run_text", default="", metavar="SPEC",
               help="Run spec, e.g. 'dtype=bfloat16,attn=eager,cache=dynamic'; with --engine llama.cpp "
-                   "'cache=f16|f32|q8_0|q4_0,fa=on|off,rope_base=X'.")
-@click.option("--engine", default=None, type=click.Choice(["transformers", "llama.cpp"]),
-              help="Who runs the model (same as engine= in --run): transformers (default) or llama.cpp "
-                   "(the model's GGUF through llama-cpp-python).")
+                   "'cache=f16|f32|q8_0|q4_0,fa=on|off,rope_base=X'; with --engine vllm "
+                   "'kv_cache_dtype=auto|fp8,scales=DIR'.")
+@click.option("--engine", default=None, type=click.Choice(["transformers", "llama.cpp", "vllm"]),
+              help="Who runs the model (same as engine= in --run): transformers (default), llama.cpp "
+                   "(the model's GGUF through llama-cpp-python) or vllm (vLLM in its own Python).")
+@engine_python_option
 @click.option("--force-tokens", default=None, metavar="GOLDEN",
               help="Teacher-force: feed the token ids of this golden snapshot instead of the model's own.")
 @click.option("--top-k", type=click.IntRange(min=1), default=20, show_default=True,
@@ -125,13 +128,16 @@ def with_engine(run_text: str, engine: str | None) -> str:
 def _capture_engine(model_spec, prompt, prompt_file, chat, max_new_tokens, run, force_tokens, top_k, ignore_eos,
                     out, json_path, quiet) -> None:
     """`kvlab capture --engine llama.cpp`: the engine's run, recorded as a normal snapshot."""
-    from kvlab.engines import capture_engine
-    from kvlab.engines.llamacpp import resolve_model
+    from kvlab.engines import VLLM, capture_engine
     from kvlab.progress import progress_bar
     from kvlab.snapshot import Snapshot
 
     golden = Snapshot.load(force_tokens) if force_tokens else None
     text = read_prompt(prompt, prompt_file, required=golden is None)
+    if run.engine_name == VLLM:
+        from kvlab.engines.vllm import resolve_model
+    else:
+        from kvlab.engines.llamacpp import resolve_model
     model = resolve_model(model_spec)
     tokens = model.encode(text, chat=chat) if text is not None else None
     steps = len(golden.token_ids) - golden.n_prompt if golden is not None else max_new_tokens
@@ -163,14 +169,17 @@ def _capture_engine(model_spec, prompt, prompt_file, chat, max_new_tokens, run, 
     if json_path != "-":
         con = console()
         engine = snap.meta["engine"]
+        source = engine["model_dir"] if engine["name"] == VLLM else Path(engine["gguf"]).name
         con.print(f"[bold]{model_spec}[/bold]  run: {snap.run}  ({engine['package']} {engine['version']}, "
-                  f"{Path(engine['gguf']).name})")
+                  f"{source})")
         con.print(f"prompt: {snap.n_prompt} tokens  generated: {len(generated)} tokens "
                   f"in {elapsed:.2f}s ({summary['tokens_per_s']:.1f} tok/s)"
                   + ("  (teacher-forced)" if golden is not None else ""))
         cache = engine["cache"]
-        con.print(f"cache: {snap.n_layers} layers x {tuple(k0.shape)} {k0.dtype} (llama.cpp K {cache['k_type']}, "
-                  f"V {cache['v_type']}), {cache_bytes / 2**20:.2f} MiB")
+        stored = (f"vLLM kv_cache_dtype {cache['kv_cache_dtype']}" if engine["name"] == VLLM
+                  else f"llama.cpp K {cache['k_type']}, V {cache['v_type']}")
+        con.print(f"cache: {snap.n_layers} layers x {tuple(k0.shape)} {k0.dtype} ({stored}), "
+                  f"{cache_bytes / 2**20:.2f} MiB")
         if decoded is not None:
             con.rule("generated text")
             con.print(decoded, markup=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from kvlab.cli.common import console, json_option, output_dir, output_file, quiet_option, read_prompt, write_json
+from kvlab.cli.engine_python import engine_python_option
 
 
 @click.command("diff")
@@ -27,6 +28,7 @@ from kvlab.cli.common import console, json_option, output_dir, output_file, quie
 @click.option("--out", "-o", default=None, metavar="DIR", callback=output_dir,
               help="Capture mode: write the snapshots (and, unless --report says otherwise, report.html) to DIR.")
 @click.option("--report", "report_path", default=None, metavar="FILE", callback=output_file, help="Write the HTML report to FILE.")
+@engine_python_option
 @json_option
 @quiet_option
 def diff_command(snapshots, model_spec, prompt, prompt_file, chat, golden_spec, test_specs, max_new_tokens,

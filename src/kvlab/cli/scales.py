@@ -205,4 +205,9 @@ def _floats(t) -> str:
     return " ".join(f"{x:.4g}" for x in t.reshape(-1).tolist())
 
 
+from kvlab.cli.scales_vllm import export_command, verify_command  # noqa: E402  (vLLM checkpoints)
+
+scales_group.add_command(export_command)
+scales_group.add_command(verify_command)
+
 COMMANDS = [scales_group]

@@ -16,7 +16,7 @@ values clean but keys off -> RoPE; layer 0 clean and a later layer off -> the at
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvlab.runspec import ENGINE_KEYS, TRANSFORMERS_KEYS, RunSpec, value_text
 
@@ -88,7 +88,8 @@ def diagnose(golden: RunSpec | None, test: RunSpec | None, diverged: bool, where
                 else "same run spec and the caches agree")
         return Diagnosis(differs, "same", text)
     if differs == ("engine",):
-        return _engine_verdict(golden.with_defaults(), test.with_defaults(), diverged, at, evidence)
+        verdict = _engine_verdict(golden.with_defaults(), test.with_defaults(), diverged, at, evidence)
+        return replace(verdict, text=verdict.text + _fp8_note(test.with_defaults()))
     if len(differs) > 1:
         names = " and ".join(_LABELS[k] for k in differs)
         return Diagnosis(differs, "several", f"the runs differ in {names}: a divergence cannot be pinned on one "
@@ -186,6 +187,16 @@ def _engine_verdict(golden: RunSpec, test: RunSpec, diverged: bool, at: str,
         f"{change}: kernel: layer 0 keys and values agree ({layer0}) but layer {evidence.first_layer} diverges"
         f"{at}: the attention of the layers before it (kernel, mask, softmax scale, accumulation) differs; "
         "record a trace of that layer (kvlab trace record --engine llama.cpp) and check it"))
+
+
+def _fp8_note(run: RunSpec) -> str:
+    """What a vLLM fp8 cache adds to an engine verdict: how it rounds and whose scales it ran with."""
+    if run.engine_name != "vllm" or run.policy.spec() != "fp8":
+        return ""
+    scales = (f"scales from {run.scales}" if run.scales
+              else "no scales given, so scale 1.0 (check a checkpoint with kvlab scales verify)")
+    return (f"; fp8 rows: vLLM's e4m3 cache rounds x / scale toward zero (up to one e4m3 step, 1/8 relative, "
+            f"per element), {scales}")
 
 
 def _text(spec: RunSpec, key: str) -> str:

@@ -122,7 +122,7 @@ def resolve_test_runs(golden: RunSpec, tests: Sequence[str]) -> list[RunSpec]:
         if spec.engine_name != golden.engine_name:
             runs.append(spec)
             continue
-        given = {k: getattr(spec, k) for k in ("dtype", "attn", "cache", "tp", "device", "fa", "rope_base")
+        given = {k: getattr(spec, k) for k in ("dtype", "attn", "cache", "tp", "device", "fa", "rope_base", "scales")
                  if getattr(spec, k) is not None}
         runs.append(replace(golden, **given))
     return runs
@@ -201,10 +201,11 @@ def capture_run(models: "ModelCache", run: RunSpec, tokens: list[int] | None, *,
 
     steps = len(force.token_ids) - force.n_prompt if force is not None else max_new_tokens
     if run.is_engine:
-        from kvlab.engines import capture_engine
+        from kvlab.engines import VLLM, capture_engine
 
+        model = models.spec if run.engine_name == VLLM else models.gguf()  # vLLM runs the model folder
         with progress_bar(steps, label, enabled=progress) as bar:
-            return capture_engine(models.gguf(), tokens, run, force=force, max_new_tokens=max_new_tokens,
+            return capture_engine(model, tokens, run, force=force, max_new_tokens=max_new_tokens,
                                   on_step=bar, stop_at_eos=stop_at_eos)
     with progress_bar(steps, label, enabled=progress and reports_steps(run)) as bar:
         result = capture_any(models.get(run), tokens, run, force=force, max_new_tokens=max_new_tokens, on_step=bar,

@@ -6,6 +6,8 @@ compares it with a transformers golden run like any other test run. Engines so f
 
 - `llama.cpp` (`kvlab.engines.llamacpp`, through llama-cpp-python's low-level bindings):
   cache types `f32`, `f16`, `q8_0`, `q4_0` (K and V alike), `fa=on|off`, `rope_base=X`.
+- `vllm` (`kvlab.engines.vllm`, vLLM in its own virtual environment and process):
+  `kv_cache_dtype=auto|fp8` (the engine's cache type), `scales=DIR` (fp8 KV scales).
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ if TYPE_CHECKING:
     from kvlab.snapshot import Snapshot
 
 LLAMA_CPP = "llama.cpp"
-_CACHE_TYPES = {LLAMA_CPP: ("f16", "f32", "q8_0", "q4_0")}  # the first is the default
-_LOSSLESS_TYPES = ("f32", "f16")  # rounding only: the tolerance follows their precision
+VLLM = "vllm"
+_CACHE_TYPES = {LLAMA_CPP: ("f16", "f32", "q8_0", "q4_0"), VLLM: ("auto", "fp8")}  # the first is the default
+_LOSSLESS_TYPES = ("f32", "f16", "auto")  # rounding only: the tolerance follows their precision
+_PRECISIONS = {"f32": "float32", "f16": "float16", "auto": "float32", "fp8": "float8_e4m3fn"}
+# the run-spec keys each engine takes besides engine= (vLLM spells its cache type kv_cache_dtype=)
+_SETTINGS = {LLAMA_CPP: ("cache", "fa", "rope_base"), VLLM: ("cache", "kv_cache_dtype", "scales")}
+CACHE_KEY = {VLLM: "kv_cache_dtype"}  # how an engine's cache type is written in a run spec (default cache=)
 
 
 def engine_names() -> list[str]:
@@ -43,7 +50,7 @@ class EngineCache(CachePolicy):
     @property
     def precision(self) -> str | None:
         """The torch dtype its rows round to, for the diff's tolerance (None: quantized)."""
-        return {"f32": "float32", "f16": "float16"}.get(self.type)
+        return _PRECISIONS.get(self.type)
 
     def build(self, model, *, batch_size: int = 1, max_length: int | None = None):
         raise KvlabError(f"cache={self.type} is a {self.engine} cache type: run it with engine={self.engine}")
@@ -55,6 +62,11 @@ class EngineCache(CachePolicy):
         return self.type
 
 
+def engine_settings(engine: str) -> tuple[str, ...]:
+    """The run-spec keys `engine` takes besides engine= itself."""
+    return _SETTINGS[engine]
+
+
 def engine_cache(engine: str, name: str | None) -> EngineCache:
     """The cache type `name` of `engine` (its default when None), or one line listing the allowed ones."""
     from kvlab.runspec import RunSpecError
@@ -63,7 +75,8 @@ def engine_cache(engine: str, name: str | None) -> EngineCache:
     if name is None:
         return EngineCache(engine, allowed[0])
     if name not in allowed:
-        raise RunSpecError(f"run spec: cache={name} is not a {engine} cache type; allowed: {', '.join(allowed)}")
+        key = CACHE_KEY.get(engine, "cache")
+        raise RunSpecError(f"run spec: {key}={name} is not a {engine} cache type; allowed: {', '.join(allowed)}")
     return EngineCache(engine, name)
 
 
@@ -73,4 +86,8 @@ def capture_engine(model_spec: str, tokens: list[int] | None, run: "RunSpec", **
         from kvlab.engines import llamacpp
 
         return llamacpp.capture(model_spec, tokens, run, **kwargs)
+    if run.engine_name == VLLM:
+        from kvlab.engines import vllm
+
+        return vllm.capture(model_spec, tokens, run, **kwargs)
     raise KvlabError(f"engine={run.engine_name} has no capture")
