@@ -15,6 +15,10 @@ Each step time is the median of `--steps` decode steps after two warm-up steps; 
 the baseline measured in the same run.
 
     python bench/engines.py [--contexts 4096,8192] [--steps 8] [--capture-tokens 64] [--json FILE]
+
+vLLM (its own venv; capture overhead against its plain generation, and its fp8 cache in the
+precision study) is `python bench/engines.py --engine vllm [--new-tokens 256] [--overhead-only]`,
+which runs bench/engines_vllm.py.
 """
 
 from __future__ import annotations
@@ -124,7 +128,20 @@ def capture_overhead(gguf, prompt: list[int], n: int, repeats: int) -> dict:
 
 
 def main() -> None:
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--engine", choices=("llama.cpp", "vllm"), default="llama.cpp")
+    known, rest = first.parse_known_args()
+    if known.engine == "vllm":
+        import sys
+
+        import engines_vllm  # beside this file
+
+        sys.argv = [sys.argv[0], *rest]
+        engines_vllm.main()
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", choices=("llama.cpp", "vllm"), default="llama.cpp",
+                        help="llama.cpp beside kvlab's mixed cache (default), or vLLM (bench/engines_vllm.py)")
     parser.add_argument("--contexts", default="4096,8192")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--capture-tokens", type=int, default=64)
