@@ -25,7 +25,7 @@ from transformers import DynamicCache
 from kvlab.caches.model_parts import decoder_layers
 from kvlab.caches.taps import attention_taps, rows_attention
 from kvlab.compare.cachediff import CacheDiff, Divergence, diff_caches
-from kvlab.fusion.fused import Prefill, eos_ids, greedy_decode
+from kvlab.fusion.fused import Prefill, eos_ids, greedy_decode, prefill
 from kvlab.fusion.prompt import FusionPrompt
 from kvlab.fusion.store.base import ChunkStore
 from kvlab.fusion.strategies import Strategy, make_strategy
@@ -181,8 +181,6 @@ def question_attention(model, cache, prompt: FusionPrompt, positions: list[int])
 def explain(loaded: "LoadedModel", prompt: FusionPrompt, task: Task, strategy: Strategy, store: ChunkStore, *,
             tol: float = DEFAULT_TOL, max_new_tokens: int = 24) -> Explanation:
     """Full prefill and `strategy` on one task, their caches diffed, the evidence and attention on it."""
-    from kvlab.fusion.fused import prefill
-
     model = loaded.model
     full = prefill(loaded, prompt, make_strategy("full"), store)
     fused = prefill(loaded, prompt, strategy, store)

@@ -36,7 +36,8 @@ from kvlab.errors import KvlabError
 from kvlab.fusion.chunks import ChunkKV, chunk_key, compute_chunk_kv
 from kvlab.fusion.prompt import FusionPrompt
 from kvlab.fusion.rope import rope_shift
-from kvlab.fusion.store.base import ChunkStore, CorruptChunkError
+from kvlab.fusion.store.base import ChunkStore
+from kvlab.fusion.store.errors import CorruptChunkError
 from kvlab.fusion.strategies import SelectionInputs, Strategy
 
 if TYPE_CHECKING:

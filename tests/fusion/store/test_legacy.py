@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvlab.fusion.chunks import CHECKSUM_PREFIX, ChunkKV, is_legacy_checksum
-from kvlab.fusion.store import open_store
-from kvlab.fusion.store.base import CorruptChunkError
+from kvlab.fusion.store import CorruptChunkError, open_store
 from tests.fusion.store.synthetic import make_chunk, make_key, same_chunk
 
 # Written by kvlab's LocalStore before the checksum changed (synthetic chunks 0, 1, 2).

@@ -9,8 +9,7 @@ import time
 import pytest
 import redis
 
-from kvlab.fusion.store import open_store
-from kvlab.fusion.store.base import StoreError
+from kvlab.fusion.store import StoreError, open_store
 from kvlab.fusion.store.resp import BulkReader, RespError
 from tests.fusion.store.conftest import _free_port
 from tests.fusion.store.synthetic import make_chunk, make_key, same_chunk

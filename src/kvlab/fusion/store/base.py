@@ -13,32 +13,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kvlab.errors import KvlabError
 from kvlab.fusion.chunks import ChunkKey, ChunkKV, is_legacy_checksum
-
-
-class StoreError(KvlabError):
-    """A store that cannot be opened or used (bad URL, unreachable server, wrong format)."""
-
-
-class CorruptChunkError(StoreError):
-    """A stored chunk whose bytes no longer match its checksum."""
-
-
-@contextlib.contextmanager
-def store_errors(errors: type[BaseException] | tuple[type[BaseException], ...], what: str) -> Iterator[None]:
-    """Turn a backend's own failures (lost server, unusable index) into one StoreError line."""
-    try:
-        yield
-    except errors as err:
-        text = str(err).strip()
-        raise StoreError(f"{what}: {text.splitlines()[0] if text else type(err).__name__}") from None
+from kvlab.fusion.store.errors import CorruptChunkError
 
 
 @dataclass(frozen=True)
@@ -190,46 +171,6 @@ def check_entry(key: ChunkKey, chunk: ChunkKV, where: str) -> ChunkKV:
     return chunk
 
 
-class MemoryStore(ChunkStore):
-    """A store in this process's memory (`memory://`), for tests and one-off runs."""
-
-    def __init__(self, url: str = "memory://") -> None:
-        self.url = url
-        self._data: dict[str, tuple[ChunkKey, ChunkKV]] = {}
-
-    def get(self, key: ChunkKey) -> ChunkKV | None:
-        item = self._data.get(key.digest())
-        return None if item is None else check_entry(key, item[1], self.url)
-
-    def put(self, key: ChunkKey, chunk: ChunkKV) -> bool:
-        digest = key.digest()
-        if digest in self._data:
-            return False
-        from kvlab.fusion.store.codec import sealed_meta
-
-        chunk.meta["checksum"] = sealed_meta(chunk)["checksum"]
-        self._data[digest] = (key, chunk)
-        return True
-
-    def contains(self, key: ChunkKey) -> bool:
-        return key.digest() in self._data
-
-    def delete(self, key: ChunkKey) -> bool:
-        return self._data.pop(key.digest(), None) is not None
-
-    def entries(self) -> Iterator[EntryInfo]:
-        for digest, (key, chunk) in list(self._data.items()):
-            yield EntryInfo(digest, chunk.meta.get("model", ""), key.dtype, len(key.token_ids), key.position_base,
-                            chunk.nbytes(), chunk.meta.get("created", ""))
-
-    def read_entry(self, digest: str) -> tuple[ChunkKey, ChunkKV]:
-        key, chunk = self._data[digest]
-        return key, check_entry(key, chunk, self.url)
-
-    def delete_digest(self, digest: str) -> bool:
-        return self._data.pop(digest, None) is not None
-
-
 def _model_counts(infos: list[EntryInfo]) -> list[dict[str, Any]]:
     """Entries and bytes per (model, dtype), for `stats`."""
     groups: dict[tuple[str, str], list[int]] = {}
@@ -238,50 +179,3 @@ def _model_counts(infos: list[EntryInfo]) -> list[dict[str, Any]]:
         group[0] += 1
         group[1] += info.nbytes
     return [{"model": m, "dtype": d, "entries": n, "bytes": b} for (m, d), (n, b) in sorted(groups.items())]
-
-
-def open_store(url: str, *, create: bool = True) -> ChunkStore:
-    """A store from its URL: a folder path (LocalStore), `redis://host:port/db`, or `memory://`.
-
-    `file://PATH?capacity=SIZE` bounds a LocalStore (e.g. `capacity=20GB`);
-    `redis://host:port/db?ttl=SECONDS&prefix=NAME` sets a RedisStore's expiry and key prefix.
-    With `create=False` a folder must already be a store (see LocalStore).
-    """
-    if url.startswith("memory://"):
-        return MemoryStore(url)
-    if url.startswith("redis://") or url.startswith("rediss://"):
-        from kvlab.fusion.store.redis import RedisStore
-
-        return RedisStore(url)
-    if "://" in url and not url.startswith("file://"):
-        raise StoreError(f"unknown store URL {url!r}: use a folder path, file://PATH, redis://host:port/db or memory://")
-    from kvlab.fusion.store.local import LocalStore
-
-    capacity = None
-    if url.startswith("file://"):
-        from urllib.parse import parse_qs, urlsplit
-
-        parts = urlsplit(url)
-        query = parse_qs(parts.query)
-        unknown = sorted(set(query) - {"capacity"})
-        if unknown:
-            raise StoreError(f"unknown option {unknown[0]!r} in store URL {url!r}: allowed: capacity")
-        if "capacity" in query:
-            capacity = parse_size(query["capacity"][-1])
-        url = parts.netloc + parts.path
-    return LocalStore(url, capacity=capacity, create=create)
-
-
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from '512MiB', '20GB', '1e9' or '1048576'; StoreError otherwise."""
-    import re
-
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
-    if match is None or match.group(2) not in _SIZE_UNITS:
-        raise StoreError(f"bad size {text!r}: use a number of bytes with an optional unit "
-                         f"(KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from kvlab.fusion.chunks import ChunkKey, ChunkKV
+from kvlab.fusion.store.errors import CorruptChunkError
 
 FORMAT = "kvlab.chunk/1"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -73,8 +74,6 @@ def sealed_meta(chunk: ChunkKV) -> dict[str, Any]:
     refused before it reaches a store, not discovered by the first reader. The sealed checksum is
     always of the current scheme.
     """
-    from kvlab.fusion.store.base import CorruptChunkError
-
     actual = chunk.checksum()
     stated = chunk.meta.get("checksum")
     if stated is not None and stated != actual and not chunk.checksum_matches(stated):
@@ -116,8 +115,6 @@ def decode(data: torch.Tensor | bytearray, where: str) -> tuple[ChunkKey, ChunkK
     Any malformed header, offset or size is a CorruptChunkError; the checksum is not checked here
     (`check_entry` does that for the key a caller asked for).
     """
-    from kvlab.fusion.store.base import CorruptChunkError
-
     buf = data if isinstance(data, torch.Tensor) else torch.frombuffer(data, dtype=torch.uint8)
     try:
         key, meta, tensors = _parse(buf)

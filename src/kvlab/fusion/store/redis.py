@@ -29,16 +29,9 @@ import torch
 
 from kvlab.fusion.chunks import ChunkKey, ChunkKV
 from kvlab.fusion.store import codec
-from kvlab.fusion.store.base import (
-    ChunkStore,
-    CorruptChunkError,
-    EntryInfo,
-    StoreError,
-    VerifyReport,
-    check_entry,
-    store_errors,
-)
+from kvlab.fusion.store.base import ChunkStore, EntryInfo, VerifyReport, check_entry
 from kvlab.fusion.store.claims import new_owner, owner_is_dead
+from kvlab.fusion.store.errors import CorruptChunkError, StoreError, store_errors
 from kvlab.fusion.store.resp import BulkReader, RespError
 
 DEFAULT_PREFIX = "kvlab:chunk"

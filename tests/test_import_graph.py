@@ -1,0 +1,35 @@
+"""The import graph read from source: every kind of import counts, and circles are found."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.import_graph import import_circles, import_graph
+
+
+def _package(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def test_function_local_relative_and_lazy_imports_close_circles(tmp_path):
+    src = _package(tmp_path, {
+        "pkg/__init__.py": '_EXPORTS = {"run": "pkg.low"}\n',
+        "pkg/low.py": "def helper():\n    from pkg.high import run\n",
+        "pkg/high.py": "from . import low\nfrom .sub import leaf\n",
+        "pkg/sub/__init__.py": "",
+        "pkg/sub/leaf.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import high\n",
+        "pkg/alone.py": "import pkg.sub.leaf\nimport os\n",
+    })
+    graph = import_graph(src, "pkg")
+    assert graph["pkg"] == {"pkg.low"}
+    assert graph["pkg.high"] == {"pkg.low", "pkg.sub.leaf"}
+    assert graph["pkg.alone"] == {"pkg.sub.leaf"}
+    assert import_circles(graph) == [["pkg.high", "pkg.low", "pkg.sub.leaf"]]
+
+
+def test_a_graph_that_runs_one_way_has_no_circle():
+    assert import_circles({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
