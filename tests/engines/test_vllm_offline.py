@@ -237,3 +237,14 @@ def test_verify_tells_the_checkpoints_scale_from_the_fallback_and_a_bad_range():
     assert [c.status for c in checks] == ["checkpoint", "fallback 1.0", "range"]
     assert checks[2].k.range_use == pytest.approx(0.25, rel=1e-6)
     assert checks[0].k.fitted == pytest.approx(right, rel=0.05)
+
+
+def test_only_an_engine_with_its_own_arithmetic_takes_the_engine_tolerance():
+    """llama.cpp multiplies GGUF weights with 8-bit activations; vLLM runs transformers' float weights in
+    the same dtype, so its auto cache is held to the dtype's tolerance (it agrees to 3e-6 in float32)."""
+    from kvlab.compare.tolerance import tolerance_for
+    from kvlab.engines import LLAMA_CPP, VLLM, own_arithmetic
+
+    assert own_arithmetic(LLAMA_CPP) and not own_arithmetic(VLLM) and not own_arithmetic("transformers")
+    assert tolerance_for(["float32", "float32"], False, other_arithmetic=own_arithmetic(VLLM)).rel_l2 == 1e-4
+    assert tolerance_for(["float32", "float16"], False, other_arithmetic=own_arithmetic(LLAMA_CPP)).rel_l2 == 0.25

@@ -19,6 +19,7 @@ from kvlab.compare.diagnosis import Diagnosis, EngineEvidence, change_label, dia
 from kvlab.compare.logitsdiff import LogitsDiff, diff_logits
 from kvlab.compare.source import TENSORS, SnapshotSource
 from kvlab.compare.tolerance import Tolerance, ToleranceOverride, tolerance_for
+from kvlab.engines import own_arithmetic
 from kvlab.errors import KvlabError
 from kvlab.runspec import RunSpec
 from kvlab.snapshot import Snapshot
@@ -114,7 +115,8 @@ def diff_snapshots(
     precisions = [_precision(run, src) for run, src in ((g_run, g_src), (t_run, t_src))]
     lossy = t_run is not None and not getattr(t_run.policy, "lossless", True)
     across = g_run is not None and t_run is not None and g_run.engine_name != t_run.engine_name
-    tolerance = tolerance_for(precisions, lossy, override, across_engines=across)
+    own = across and (own_arithmetic(g_run.engine_name) or own_arithmetic(t_run.engine_name))
+    tolerance = tolerance_for(precisions, lossy, override, other_arithmetic=own)
     first = cache.first_divergence(tolerance.rel_l2)
     where = ""
     if first is not None:

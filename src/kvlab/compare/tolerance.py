@@ -11,14 +11,14 @@ two runs, because rounding alone already moves every row by about that much:
 | bfloat16 | 0.25 | 0.080 at 1k tokens, 0.133 at 4k (99.99th percentile 0.097) |
 | float8 (e4m3 / e5m2) | 0.25 / 0.5 | 3 / 2 mantissa bits against bfloat16's 7 |
 | a lossy cache policy | 0.5 | at least the dtype's figure; set `--tol` to the policy's bound |
-| another engine (llama.cpp) | 0.25 | f16 cache vs float32: 0.14 (8-bit matmul activations on Q4_1 weights) |
+| another engine with its own arithmetic (llama.cpp; not vLLM, which runs the float weights in the same dtype) | 0.25 | f16 cache vs float32: 0.14 (8-bit matmul activations on Q4_1 weights) |
 
 so a default run flags rows that drift about twice past the worst that rounding gave at 4k tokens, and
 a clean precision study reports no divergence. `--tol` overrides: one number for every run
 (`--tol 0.02`) or per precision (`--tol bfloat16=0.1,float16=0.02,lossy=0.3,engine=0.2`).
-A run on another engine than transformers brings its own arithmetic (llama.cpp multiplies
-quantized weights with activations rounded to 8 bits), so a comparison across engines takes at
-least the `engine` figure, whatever its cache type.
+An engine with its own arithmetic (llama.cpp multiplies quantized weights with activations
+rounded to 8 bits) takes at least the `engine` figure against transformers, whatever its cache
+type; vLLM runs the same float weights in the run's dtype and keeps the dtype's figure.
 """
 
 from __future__ import annotations
@@ -78,10 +78,10 @@ class ToleranceOverride:
 
 
 def tolerance_for(precisions: list[str], lossy_cache: bool, override: ToleranceOverride | None = None,
-                  across_engines: bool = False) -> Tolerance:
+                  other_arithmetic: bool = False) -> Tolerance:
     """The rel-L2 tolerance for a comparison whose runs use `precisions` (e.g. float32, bfloat16).
 
-    across_engines: one run is not transformers' (its arithmetic differs beyond the dtype).
+    other_arithmetic: one run is an engine whose arithmetic differs from transformers' beyond the dtype.
     """
     override = override or ToleranceOverride()
     if override.value is not None:
@@ -92,7 +92,7 @@ def tolerance_for(precisions: list[str], lossy_cache: bool, override: ToleranceO
     keys = [p for p in precisions if p in table] or ["float32"]
     if lossy_cache:
         keys.append(LOSSY)
-    if across_engines:
+    if other_arithmetic:
         keys.append(ENGINE)
     key = max(keys, key=lambda k: table[k])
     origin = "--tol" if key in given else "default"

@@ -30,6 +30,9 @@ _PRECISIONS = {"f32": "float32", "f16": "float16", "auto": "float32", "fp8": "fl
 # the run-spec keys each engine takes besides engine= (vLLM spells its cache type kv_cache_dtype=)
 _SETTINGS = {LLAMA_CPP: ("cache", "fa", "rope_base"), VLLM: ("cache", "kv_cache_dtype", "scales")}
 CACHE_KEY = {VLLM: "kv_cache_dtype"}  # how an engine's cache type is written in a run spec (default cache=)
+# engines whose matmuls round beyond the run's dtype (llama.cpp: GGUF weights times 8-bit activations);
+# vLLM runs the same float weights in the same dtype as transformers
+_OWN_ARITHMETIC = (LLAMA_CPP,)
 
 
 def engine_names() -> list[str]:
@@ -60,6 +63,11 @@ class EngineCache(CachePolicy):
 
     def spec(self) -> str:
         return self.type
+
+
+def own_arithmetic(engine: str) -> bool:
+    """Whether `engine` computes with other numbers than transformers would in the same dtype."""
+    return engine in _OWN_ARITHMETIC
 
 
 def engine_settings(engine: str) -> tuple[str, ...]:
