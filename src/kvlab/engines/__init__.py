@@ -70,6 +70,22 @@ def own_arithmetic(engine: str) -> bool:
     return engine in _OWN_ARITHMETIC
 
 
+def engine_run(run: "RunSpec | str | None", engine: str) -> "RunSpec":
+    """`run` as a spec of `engine` (settings alone, such as `cache=q8_0,fa=on`, mean that engine)."""
+    from kvlab.runspec import RunSpec
+
+    if isinstance(run, RunSpec):
+        spec = run
+    else:
+        text = (run or "").strip()
+        if "engine=" not in text:
+            text = f"engine={engine}" + ("," + text if text else "")
+        spec = RunSpec.parse(text)
+    if spec.engine_name != engine:
+        raise KvlabError(f"a {engine} capture needs engine={engine}, not engine={spec.engine_name}")
+    return spec
+
+
 def engine_settings(engine: str) -> tuple[str, ...]:
     """The run-spec keys `engine` takes besides engine= itself."""
     return _SETTINGS[engine]

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvlab.engines import LLAMA_CPP
+from kvlab.engines import LLAMA_CPP, engine_run
 from kvlab.engines.ggml_rows import deinterleave, raw_heads, rows_to_float, to_heads, type_name, unrotate
 from kvlab.errors import KvlabError
 from kvlab.runspec import RunSpec
@@ -77,7 +77,7 @@ class Settings:
 
     @classmethod
     def from_run(cls, run: RunSpec | str | None, threads: int | None = None) -> "Settings":
-        spec = _engine_run(run).with_defaults()
+        spec = engine_run(run, LLAMA_CPP).with_defaults()
         return cls(cache=spec.policy.spec(), flash_attn=bool(spec.fa), rope_base=spec.rope_base, threads=threads)
 
     def validate(self) -> None:
@@ -86,20 +86,6 @@ class Settings:
         if self.cache not in ("f32", "f16") and not self.flash_attn:
             raise KvlabError(f"cache={self.cache} needs fa=on: llama.cpp quantizes the V cache only under flash "
                              "attention")
-
-
-def _engine_run(run: RunSpec | str | None) -> RunSpec:
-    """The run spec as an engine=llama.cpp spec (`cache=q8_0,fa=on` alone means llama.cpp too)."""
-    if isinstance(run, RunSpec):
-        spec = run
-    else:
-        text = (run or "").strip()
-        if "engine=" not in text:
-            text = f"engine={LLAMA_CPP}" + ("," + text if text else "")
-        spec = RunSpec.parse(text)
-    if spec.engine_name != LLAMA_CPP:
-        raise KvlabError(f"a llama.cpp capture needs engine=llama.cpp, not engine={spec.engine_name}")
-    return spec
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -312,7 +298,7 @@ def capture(
     """
     from kvlab.capture import _plan
 
-    spec = _engine_run(run).with_defaults()
+    spec = engine_run(run, LLAMA_CPP).with_defaults()
     settings = Settings.from_run(spec, threads=threads)
     settings.validate()
     gguf = resolve_model(model) if isinstance(model, str) else model

@@ -201,12 +201,13 @@ def record_trace(
 
     Step 0 is the prompt's forward pass (recorded with `prefill`), 1.. the decode steps.
     """
-    from kvlab.engines.llamacpp import Session, Settings, _engine_run, resolve_model, session_threads, tokenize
+    from kvlab.engines import LLAMA_CPP, engine_run
+    from kvlab.engines.llamacpp import Session, Settings, resolve_model, session_threads, tokenize
     from kvlab.trace.format import LAYOUT_KEY
     from kvlab.trace.writer import TraceWriter, check_writable
 
     started = time.perf_counter()
-    spec = _engine_run(run).with_defaults()
+    spec = engine_run(run, LLAMA_CPP).with_defaults()
     settings = Settings.from_run(spec, threads=threads)
     gguf = resolve_model(model) if isinstance(model, str) else model
     if tokens is None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kvlab.engines import VLLM
+from kvlab.engines import VLLM, engine_run
 from kvlab.errors import KvlabError
 from kvlab.runspec import RunSpec
 from kvlab.snapshot import Snapshot
@@ -93,26 +93,12 @@ class Settings:
 
     @classmethod
     def from_run(cls, run: RunSpec | str | None) -> "Settings":
-        spec = engine_run(run).with_defaults()
+        spec = engine_run(run, VLLM).with_defaults()
         return cls(kv_cache_dtype=spec.policy.spec(), scales=spec.scales)
 
     def validate(self) -> None:
         if self.scales is not None and self.kv_cache_dtype != "fp8":
             raise KvlabError("scales= needs kv_cache_dtype=fp8: vLLM ignores KV scales for an unquantized cache")
-
-
-def engine_run(run: RunSpec | str | None) -> RunSpec:
-    """The run spec as an engine=vllm spec (`kv_cache_dtype=fp8` alone means vLLM too)."""
-    if isinstance(run, RunSpec):
-        spec = run
-    else:
-        text = (run or "").strip()
-        if "engine=" not in text:
-            text = f"engine={VLLM}" + ("," + text if text else "")
-        spec = RunSpec.parse(text)
-    if spec.engine_name != VLLM:
-        raise KvlabError(f"a vLLM capture needs engine=vllm, not engine={spec.engine_name}")
-    return spec
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -345,7 +331,7 @@ def capture(
     """
     from kvlab.capture import _plan
 
-    spec = engine_run(run).with_defaults()
+    spec = engine_run(run, VLLM).with_defaults()
     settings = Settings.from_run(spec)
     settings.validate()
     hf = resolve_model(model) if isinstance(model, str) else model
