@@ -25,7 +25,7 @@ _EXPORTS = {
     "Snapshot": "kvlab.snapshot",
     "load_model": "kvlab.models",
     "list_models": "kvlab.models",
-    "LoadedModel": "kvlab.models",
+    "LoadedModel": "kvlab.model_facts",
 }
 
 __all__ = sorted([*_EXPORTS, "capture"]) + ["__version__"]

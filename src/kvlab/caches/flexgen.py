@@ -22,6 +22,7 @@ import torch
 from kvlab.caches.registry import CachePolicy, register
 from kvlab.caches.split import SplitCache, SplitLayer, compact_spec
 from kvlab.errors import KvlabError
+from kvlab.model_facts import model_shape
 
 GIB = 2**30
 
@@ -131,8 +132,6 @@ class FlexGenPolicy(CachePolicy):
                 raise ValueError(f"{name}={value} is negative")
 
     def build(self, model, *, batch_size: int = 1, max_length: int | None = None):
-        from kvlab.models import model_shape
-
         rule = self._rule(model, batch_size, max_length)
         return FlexGenCache(model_shape(model.config)["n_layers"], device=model.device, rule=rule,
                             tier=self.tier, directory=self.dir, max_length=max_length)

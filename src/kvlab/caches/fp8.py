@@ -29,6 +29,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvlab.caches.registry import CachePolicy, register
+from kvlab.model_facts import model_shape
 from kvlab.quant import fp8
 
 if TYPE_CHECKING:
@@ -151,7 +152,6 @@ class FP8Policy(CachePolicy):
 
     def resolve_scales(self, model) -> "KVScales | None":
         """This model's scales at the policy's granularity (None for scales=prefill)."""
-        from kvlab.models import model_shape
         from kvlab.quant.scales import ScalesError
 
         if self.scales == "prefill":
@@ -172,8 +172,6 @@ class FP8Policy(CachePolicy):
         return found.fitted(shape["n_layers"], shape["n_kv_heads"], self.granularity)
 
     def build(self, model, *, batch_size: int = 1, max_length: int | None = None) -> Cache:
-        from kvlab.models import model_shape
-
         scales = self.resolve_scales(model)
         exact = self.prefill == "exact"
         per_head = self.granularity == "head"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kvlab.caches.registry import CachePolicy, register
+from kvlab.model_facts import model_shape
 
 SCHEME_BITS = {"q8_0": 8, "q4_0": 4, "fp8": 8}  # kivi takes bits=2, 4 or 8
 
@@ -63,7 +64,6 @@ class MixedPolicy(CachePolicy):
         from transformers import Cache
 
         from kvlab.caches.mixed_layer import MixedLayer
-        from kvlab.models import model_shape
 
         shape = model_shape(model.config)
         spec = self.scheme_spec()

@@ -14,52 +14,28 @@ against the keys the model itself produced.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from kvlab.errors import KvlabError
+from kvlab.model_facts import attention_modules, model_shape, modeling_function, rotary_module
 
 CHECK_ROWS = 4
 _CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 _HALF_TOLERANCE = 3e-2
 
 
-def attention_modules(model) -> dict[int, torch.nn.Module]:
-    """The model's attention modules by layer index (those with k_proj, v_proj and layer_idx)."""
-    found: dict[int, torch.nn.Module] = {}
-    for module in model.modules():
-        index = getattr(module, "layer_idx", None)
-        if isinstance(index, int) and hasattr(module, "k_proj") and hasattr(module, "v_proj"):
-            found[index] = module
-    return found
-
-
-def rotary_module(model) -> torch.nn.Module:
-    """The model's one rotary embedding module (called as `rotary(x, position_ids)`)."""
-    candidates = [m for name, m in model.named_modules()
-                  if name.split(".")[-1] == "rotary_emb" or type(m).__name__.endswith("RotaryEmbedding")]
-    unique = list({id(m): m for m in candidates}.values())
-    if len(unique) != 1:
-        raise KvlabError(f"cache=kvpr: expected one rotary embedding module in {type(model).__name__}, "
-                         f"found {len(unique)}")
-    return unique[0]
-
-
 class KVRecomputer:
     """Recomputes K (with RoPE) and V of any layer of `model` from its attention inputs."""
 
     def __init__(self, model) -> None:
-        from kvlab.models import model_shape
-
         shape = model_shape(model.config)
         self.modules = attention_modules(model)
         family = shape["family"]
-        if sorted(self.modules) != list(range(shape["n_layers"])):
+        if not all(hasattr(m, "k_proj") and hasattr(m, "v_proj") for m in self.modules):
             raise KvlabError(f"cache=kvpr: {family} attention has no separate k_proj/v_proj in every layer; "
                              "K/V cannot be recomputed from activations")
         first = self.modules[0]
-        self.apply_rope = getattr(inspect.getmodule(type(first)), "apply_rotary_pos_emb", None)
+        self.apply_rope = modeling_function(first, "apply_rotary_pos_emb")
         if self.apply_rope is None:
             raise KvlabError(f"cache=kvpr: {family} attention has no apply_rotary_pos_emb function")
         self.rotary = rotary_module(model)

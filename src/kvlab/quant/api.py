@@ -5,16 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from kvlab.model_facts import LoadedModel, model_shape
 from kvlab.quant import vllm_json
 from kvlab.quant.calibrate import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Calibration, calibrate
 from kvlab.quant.extract import FP8_FORMAT_KEY, Extracted, extract
 from kvlab.quant.files import VLLM_FILE, check_expressible, export_scales
 from kvlab.quant.scales import KVScales, ScalesError
-
-if TYPE_CHECKING:
-    from kvlab.models import LoadedModel
 
 
 @dataclass
@@ -32,7 +30,6 @@ def calibrate_to_files(loaded: "LoadedModel", out: str | Path, *, data: str | Pa
                        fp8_format: str = "e4m3fn", tp: int = 1, fmt: str = "both", chat: bool | None = None,
                        on_sample: Callable[[int], None] | None = None) -> CalibrationResult:
     """Calibrate `loaded` and write its scales to `out` in the chosen format(s)."""
-    from kvlab.models import model_shape
     from kvlab.quant.engine_tp import vllm_tp_problem
     from kvlab.quant.fp8 import fp8_dtype
     from kvlab.quant.rank_heads import heads_of_rank
