@@ -15,6 +15,7 @@ import torch
 
 from kvlab.errors import KvlabError
 from kvlab.model_facts import LoadedModel, apply_attention, model_shape
+from kvlab.models import model_fingerprint
 from kvlab.runspec import RunSpec
 from kvlab.snapshot import Snapshot
 
@@ -120,8 +121,6 @@ def _in_tp_group(tp: int) -> bool:
 
 
 def _unwrap(model) -> tuple[Any, dict[str, Any]]:
-    from kvlab.models import model_fingerprint
-
     if isinstance(model, LoadedModel):
         return model.model, model.describe()
     spec = getattr(model.config, "name_or_path", "") or type(model).__name__

@@ -13,6 +13,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+from kvlab.atomic import atomic_dir
 from kvlab.errors import KvlabError
 from kvlab.filelock import file_lock
 from kvlab.model_facts import quiet_transformers
@@ -59,7 +60,6 @@ def ensure_converted(progress: bool = False) -> Path:
             from rich.console import Console
 
             Console(stderr=True).print(f"[dim]converting {source.name} once into {target} ...[/dim]")
-        from kvlab.atomic import atomic_dir
 
         if target.exists():  # a leftover without its marker: never trust it
             shutil.rmtree(target)

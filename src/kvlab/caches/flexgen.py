@@ -23,6 +23,8 @@ from kvlab.caches.registry import CachePolicy, register
 from kvlab.caches.split import SplitCache, SplitLayer, compact_spec
 from kvlab.errors import KvlabError
 from kvlab.model_facts import model_shape
+from kvlab.offload import costmodel
+from kvlab.offload.hw import load_metrics
 
 GIB = 2**30
 
@@ -147,7 +149,6 @@ class FlexGenPolicy(CachePolicy):
             return lambda first: self.gpu_len
         if self.gpu_ratio is not None:
             return lambda first: math.floor(self.gpu_ratio * (max_length or first))
-        from kvlab.offload import costmodel
 
         shape = costmodel.ModelShape.from_model(model, batch=batch_size)
         budget = self._budget_bytes(model)
@@ -164,7 +165,6 @@ class FlexGenPolicy(CachePolicy):
     def _budget_bytes(self, model) -> int:
         if self.budget_gb is not None:
             return int(self.budget_gb * GIB)
-        from kvlab.offload.hw import load_metrics
 
         metrics = load_metrics(str(model.device), need="device_memory_bytes", what="cache=flexgen:auto")
         budget = metrics.get("device_memory_bytes")

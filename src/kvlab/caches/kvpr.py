@@ -30,6 +30,8 @@ from kvlab.caches.registry import CachePolicy, register
 from kvlab.caches.split import SplitCache, SplitLayer, compact_spec
 from kvlab.errors import KvlabError
 from kvlab.model_facts import attention_modules, model_shape
+from kvlab.offload import costmodel
+from kvlab.offload.hw import load_metrics
 
 
 class KVPRLayer(SplitLayer):
@@ -195,8 +197,6 @@ class KVPRPolicy(CachePolicy):
             return lambda first: min(self.recompute_len, first)
         if self.ratio is not None:
             return lambda first: math.floor(self.ratio * first)
-        from kvlab.offload import costmodel
-        from kvlab.offload.hw import load_metrics
 
         shape = costmodel.ModelShape.from_model(model, batch=batch_size)
         metrics = load_metrics(str(model.device), need="gemm_flops_per_s", what="cache=kvpr:auto")

@@ -28,7 +28,7 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
-from kvlab.attention import flash_decoding
+from kvlab.attention import flash_decoding, native
 from kvlab.caches.blockstore import BlockStore
 from kvlab.model_facts import attention_modules
 from kvlab.quant.blocks import SchemeSpec
@@ -126,7 +126,6 @@ class MixedLayer(DynamicLayer):
         None where this layer reads them with PyTorch ops (flash_decoding.ColdSource)."""
         if not self.native or self.device.type != "cpu":
             return None
-        from kvlab.attention import native
 
         try:
             return [native.Part(native.codec_role(self.key_store.codec, k),

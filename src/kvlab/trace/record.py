@@ -32,12 +32,12 @@ from typing import Any
 
 import torch
 
-from kvlab import __version__
 from kvlab.errors import KvlabError
 from kvlab.model_facts import apply_attention, model_shape
 from kvlab.runspec import RunSpec
 from kvlab.trace.format import HOT_PART, PAYLOAD_PART, TraceError, layer_key, step_key, tensor_name
 from kvlab.trace.writer import TraceWriter, check_writable
+from kvlab.version import __version__
 
 ATTENTION_NAME = "kvlab_trace"
 _ACTIVE: contextvars.ContextVar["TraceRecorder | None"] = contextvars.ContextVar("kvlab_trace_recorder", default=None)
