@@ -3,9 +3,10 @@
 For attention of the Llama kind (llama, qwen2, mistral, ... and SmolLM2), the cached keys are
 `RoPE(k_proj(X))` and the values `v_proj(X)`, where X is the normalised hidden state the
 attention module receives. Everything needed is found through the model itself, nothing is
-written per family: the attention modules (those with `k_proj`, `v_proj` and a `layer_idx`),
-the model's rotary embedding module (called with the positions the tokens had), and the
-`apply_rotary_pos_emb` function of the module that defines the attention class.
+written per family: each decoder layer's attention module (which must have `k_proj` and
+`v_proj`), the model's rotary embedding module (called with the positions the tokens had), and
+the `apply_rotary_pos_emb` function of the module that defines the attention class, all found
+by `kvlab.model_facts`.
 
 A family whose attention does more to K (a k_norm, a fused qkv projection, ...) is refused
 when the parts are looked up, or, at the latest, when the first recomputed rows are checked
