@@ -39,7 +39,10 @@ class KVRecomputer:
         self.apply_rope = modeling_function(first, "apply_rotary_pos_emb")
         if self.apply_rope is None:
             raise KvlabError(f"cache=kvpr: {family} attention has no apply_rotary_pos_emb function")
-        self.rotary = rotary_module(model)
+        try:
+            self.rotary = rotary_module(model)
+        except KvlabError as err:
+            raise KvlabError(f"cache=kvpr: {err}") from None
         self.head_dim = int(getattr(first, "head_dim", None) or shape["head_dim"])
         self.hidden_size = int(shape["hidden_size"])
         self.family = family
