@@ -2,8 +2,9 @@
 
 Every import counts wherever it is written: at the top, inside a function (an import moved
 into a function still runs, only later) or under `if TYPE_CHECKING:`. A string constant that
-is exactly the name of one of the package's modules counts too: that is how lazy exports
-(`importlib.import_module(name)` from a table) name what they load. An edge goes to the module
+is exactly the dotted name of one of the package's submodules counts too: that is how lazy
+exports (`importlib.import_module(name)` from a table) name what they load (the bare package
+name is a word, `~/.cache/kvlab`, not a lazy import). An edge goes to the module
 imported, not to the packages above it: `from a.b import c` is an edge to `a.b.c` when that is
 a module, else to `a.b` (whose `__init__` then defines `c`).
 
@@ -40,7 +41,7 @@ def imports_of(path: Path, module: str, modules: set[str]) -> set[str]:
                 anchor = module.split(".")[: module.count(".") + 1 - node.level + is_package]
                 base = ".".join([*anchor, base] if base else anchor)
             names.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names)
-        elif isinstance(node, ast.Constant) and node.value in modules:
+        elif isinstance(node, ast.Constant) and node.value in modules and "." in node.value:
             names.add(node.value)
     targets = set()
     for name in names:

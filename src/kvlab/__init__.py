@@ -12,11 +12,10 @@ _os.environ["HF_HUB_OFFLINE"] = "1"
 _os.environ["TRANSFORMERS_OFFLINE"] = "1"
 _os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-__version__ = "0.1.0"
-
 # `capture` is both a submodule and the function it exports. Importing the submodule would
 # bind the module over a lazily exported function, so the function is bound here, eagerly.
 from kvlab.capture import capture  # noqa: E402
+from kvlab.version import __version__  # noqa: E402
 
 # Other public names are imported lazily.
 _EXPORTS = {
@@ -25,7 +24,7 @@ _EXPORTS = {
     "Snapshot": "kvlab.snapshot",
     "load_model": "kvlab.models",
     "list_models": "kvlab.models",
-    "LoadedModel": "kvlab.models",
+    "LoadedModel": "kvlab.model_facts",
 }
 
 __all__ = sorted([*_EXPORTS, "capture"]) + ["__version__"]

@@ -9,16 +9,16 @@ Token index equals position: the K/V at position t were computed when token t wa
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from kvlab.errors import KvlabError
+from kvlab.model_facts import LoadedModel, apply_attention, model_shape
+from kvlab.models import model_fingerprint
 from kvlab.runspec import RunSpec
 from kvlab.snapshot import Snapshot
 
-if TYPE_CHECKING:
-    from kvlab.models import LoadedModel
 
 DEFAULT_TOP_K = 20
 
@@ -53,8 +53,6 @@ def capture(
     check_forcing_model(force, describe, prompt + (forced or []))
     policy = run.policy
     eos = _eos_ids(hf_model) if stop_at_eos and forced is None else set()
-
-    from kvlab.models import apply_attention
 
     previous_attn = hf_model.config._attn_implementation
     apply_attention(hf_model, run.attn)
@@ -123,8 +121,6 @@ def _in_tp_group(tp: int) -> bool:
 
 
 def _unwrap(model) -> tuple[Any, dict[str, Any]]:
-    from kvlab.models import LoadedModel, model_fingerprint, model_shape
-
     if isinstance(model, LoadedModel):
         return model.model, model.describe()
     spec = getattr(model.config, "name_or_path", "") or type(model).__name__

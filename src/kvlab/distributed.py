@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Any
 from kvlab.capture import DEFAULT_TOP_K, capture
 from kvlab.capture import _plan as plan_steps
 from kvlab.errors import KvlabError
+from kvlab.model_facts import LoadedModel, apply_attention, model_shape, quiet_transformers
 from kvlab.runspec import RunSpec
 from kvlab.tp_launch import launch
 
 if TYPE_CHECKING:
-    from kvlab.models import LoadedModel
     from kvlab.snapshot import Snapshot
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -123,8 +123,6 @@ class Captured:
 
 def check_tp_fits(config, tp: int) -> None:
     """transformers' tp plan splits query and KV heads contiguously: both must divide by tp."""
-    from kvlab.models import model_shape
-
     shape = model_shape(config)
     q, kv = shape["n_heads"], shape["n_kv_heads"]
     if q % tp or kv % tp:
@@ -205,7 +203,7 @@ def capture_tp(
     Under torchrun this process runs its own rank; otherwise N ranks are started here, their
     output kept (in `SHARDS/logs`, or a temporary folder) when one fails.
     """
-    from kvlab.models import LoadedModel, load_model
+    from kvlab.models import load_model
     from kvlab.snapshot import Snapshot
 
     run = RunSpec.parse(run)
@@ -273,8 +271,6 @@ def _model_dir(loaded: "LoadedModel", where: Path | None = None) -> Iterator[Pat
     """A Hugging Face folder `from_pretrained` can shard: tiny models are built in memory, so save them."""
     from kvlab.tinymodels import TINY_MODELS
 
-    from kvlab.models import quiet_transformers
-
     if loaded.spec in TINY_MODELS:
         tmp = Path(tempfile.mkdtemp(prefix="kvlab-model-")) if where is None else where
         try:
@@ -321,7 +317,6 @@ def _capture_rank(job: Job, run: RunSpec, env: RankEnv, on_step) -> Captured:
     import torch.distributed as dist
 
     from kvlab.layouts import make_layout, reconstruct
-    from kvlab.models import LoadedModel, apply_attention, quiet_transformers
 
     model = _load_sharded(Path(job.model_dir), run, env.world_size)
     apply_attention(model, run.attn or "sdpa")
@@ -366,8 +361,6 @@ def _load_sharded(model_dir: Path, run: RunSpec, tp: int):
     """`from_pretrained` with transformers' tensor-parallel plan over the current process group."""
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
-
-    from kvlab.models import quiet_transformers
 
     try:
         with quiet_transformers():

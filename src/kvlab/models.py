@@ -6,19 +6,18 @@ local Hugging Face model folder. Nothing is ever fetched from a hub.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvlab.errors import KvlabError
+from kvlab.model_facts import LoadedModel, apply_attention, quiet_transformers
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
     from kvlab.runspec import RunSpec
 
@@ -43,54 +42,6 @@ class ModelSpec:
     kind: str  # "embedded" | "tiny" | "local"
     summary: str
     status: str = ""
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to run, with the tokenizer and the identity snapshots record."""
-
-    model: "PreTrainedModel"
-    tokenizer: "PreTrainedTokenizerBase"
-    spec: str
-    fingerprint: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def encode(self, text: str, chat: bool = False) -> list[int]:
-        """Prompt token ids; with `chat`, the text is one user turn in the model's chat template."""
-        if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise KvlabError(f"model {self.spec} has no chat template: drop --chat")
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-            )
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(self.tokenizer(text)["input_ids"])
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    def describe(self) -> dict[str, Any]:
-        """The `model` block of a snapshot's meta.json."""
-        return {"spec": self.spec, "fingerprint": self.fingerprint, **model_shape(self.model.config)}
-
-
-def model_shape(config) -> dict[str, Any]:
-    """Family and attention geometry: what a reader of a cache needs to know."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    return {
-        "family": text.model_type,
-        "n_layers": text.num_hidden_layers,
-        "n_heads": heads,
-        "n_kv_heads": getattr(text, "num_key_value_heads", None) or heads,
-        "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads,
-        "hidden_size": text.hidden_size,
-        "vocab_size": text.vocab_size,
-    }
 
 
 def list_models() -> list[ModelSpec]:
@@ -200,17 +151,6 @@ def _cast(model, dtype: "torch.dtype", device: str):
     return model
 
 
-def apply_attention(model, attn: str) -> None:
-    """Switch the attention kernel, with one clear line when the kernel is not usable here."""
-    if getattr(model.config, "_attn_implementation", None) == attn:
-        return
-    try:
-        model.set_attn_implementation(attn)
-    except (ValueError, ImportError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise KvlabError(f"attn={attn} cannot be used with this model here: {first}") from None
-
-
 def _load_raw(spec: str, progress: bool = False):
     from kvlab.tinymodels import TINY_MODELS
 
@@ -249,23 +189,6 @@ def _load_folder(path: Path, spec: str):
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise KvlabError(f"cannot load model from {path}: {first}") from None
     return model, tokenizer
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' own progress bars and info logs for the block, then restore them."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    level = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def config_digest(config) -> str:

@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
+from kvlab.atomic import atomic_dir
 from kvlab.errors import KvlabError
+from kvlab.version import __version__
 
 FORMAT_NAME = "kvlab.snapshot"
 FORMAT_VERSION = 1
@@ -84,7 +86,7 @@ class Snapshot:
         for name, tensor in (extras or {}).items():
             tensors[name] = tensor.detach()
         full = {"format": FORMAT, "created": now_iso(), **meta, "n_layers": len(layers)}
-        full.setdefault("kvlab_version", _version())
+        full.setdefault("kvlab_version", __version__)
         return cls(full, tensors, logits)
 
     @classmethod
@@ -229,8 +231,6 @@ class Snapshot:
         """Write atomically to `path` (a folder); an existing snapshot there is replaced."""
         from safetensors.torch import save_file
 
-        from kvlab.atomic import atomic_dir
-
         path = check_snapshot_target(path)
         with atomic_dir(path) as tmp:
             if self._tensors is None and self.path is not None:
@@ -316,12 +316,6 @@ def read_meta(path: Path) -> dict[str, Any]:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def _version() -> str:
-    from kvlab import __version__
-
-    return __version__
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -8,7 +8,8 @@ import torch
 import kvlab
 from kvlab.caches import parse_policy
 from kvlab.compare import kl_divergence, tensor_errors
-from kvlab.models import LoadedModel, model_fingerprint
+from kvlab.model_facts import LoadedModel
+from kvlab.models import model_fingerprint
 from kvlab.quant import fp8, vllm_json
 from kvlab.quant.compressed_tensors import write as write_ct
 from kvlab.quant.scales import KVScales

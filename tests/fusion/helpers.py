@@ -6,7 +6,8 @@ import torch
 from transformers import DynamicCache
 
 from kvlab.fusion.prompt import FusionPrompt, build_prompt
-from kvlab.models import LoadedModel, model_fingerprint
+from kvlab.model_facts import LoadedModel
+from kvlab.models import model_fingerprint
 from kvlab.tokenizer_bytes import VOCAB_SIZE, byte_tokenizer
 
 DOCS = [

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kvlab.models import quiet_transformers
+from kvlab.model_facts import quiet_transformers
 from kvlab.tasks import Task, write_task_file
 from tests.conftest import tiny
 from tests.fusion.helpers import llama_from_config

@@ -10,11 +10,11 @@ from transformers import DynamicCache
 
 from kvlab.caches import parse_policy
 from kvlab.caches.eviction import EvictingLayer, SnapKVPolicy, StreamingPolicy
-from kvlab.caches.model_parts import decoder_layers
 from kvlab.errors import KvlabError
 from kvlab.fusion.fused import prefill
 from kvlab.fusion.store import MemoryStore
 from kvlab.fusion.strategies import make_strategy
+from kvlab.model_facts import decoder_layers
 from kvlab.runspec import RunSpec
 from tests.conftest import tiny
 from tests.fusion.helpers import decode, tiny_prompt

@@ -8,6 +8,7 @@ from kvlab.fusion.fused import answer, prefill
 from kvlab.fusion.prompt import FusionPrompt
 from kvlab.fusion.store import MemoryStore, open_store
 from kvlab.fusion.strategies import make_strategy
+from kvlab.model_facts import decoder_layers
 from tests.conftest import tiny
 from tests.fusion.helpers import QUESTION, full_run, llama_from_config, tiny_prompt
 
@@ -161,7 +162,6 @@ def test_full_prefill_needs_no_store_and_fused_needs_one():
 
 
 def test_hooks_and_attention_are_restored_even_when_a_strategy_fails(monkeypatch):
-    from kvlab.caches.model_parts import decoder_layers
     from kvlab.fusion.strategies import A3
 
     loaded = tiny("tiny-llama")

@@ -190,10 +190,10 @@ def test_kvpr_with_nothing_to_recompute_needs_no_session():
 
 
 def test_session_removes_its_hooks_even_on_error():
-    from kvlab.caches.recompute import attention_modules
+    from kvlab.model_facts import attention_modules
 
     loaded, ids, policy, cache = _prefilled("cache=kvpr:ratio=0.5")
-    modules = attention_modules(loaded.model).values()
+    modules = attention_modules(loaded.model)
     with pytest.raises(RuntimeError, match="boom"), policy.session(loaded.model):
         assert all(len(m._forward_pre_hooks) == 1 for m in modules)
         raise RuntimeError("boom")

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from kvlab.model_facts import model_shape
 from kvlab.quant import vllm_json
 from kvlab.quant.scales import ScalesError
 
@@ -179,7 +180,7 @@ def test_check_cli_null_model_type_and_no_model_type(cli, tmp_path):
 
 
 def test_check_cli_with_a_model_flags_a_tp_vllm_cannot_run(cli, tmp_path):
-    from kvlab.models import load_model, model_shape
+    from kvlab.models import load_model
 
     shape = model_shape(load_model("tiny-llama").config)  # 4 heads, 2 KV heads, 2 layers
     assert (shape["n_heads"], shape["n_kv_heads"]) == (4, 2)

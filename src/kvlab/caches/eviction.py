@@ -27,10 +27,10 @@ from typing import Literal
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from kvlab.caches.model_parts import attention_modules
 from kvlab.caches.registry import CachePolicy, register
 from kvlab.caches.taps import attention_taps, last_rows_attention
 from kvlab.errors import KvlabError
+from kvlab.model_facts import attention_modules
 
 
 class EvictingLayer(DynamicLayer):

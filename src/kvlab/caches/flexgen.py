@@ -22,6 +22,9 @@ import torch
 from kvlab.caches.registry import CachePolicy, register
 from kvlab.caches.split import SplitCache, SplitLayer, compact_spec
 from kvlab.errors import KvlabError
+from kvlab.model_facts import model_shape
+from kvlab.offload import costmodel
+from kvlab.offload.hw import load_metrics
 
 GIB = 2**30
 
@@ -131,8 +134,6 @@ class FlexGenPolicy(CachePolicy):
                 raise ValueError(f"{name}={value} is negative")
 
     def build(self, model, *, batch_size: int = 1, max_length: int | None = None):
-        from kvlab.models import model_shape
-
         rule = self._rule(model, batch_size, max_length)
         return FlexGenCache(model_shape(model.config)["n_layers"], device=model.device, rule=rule,
                             tier=self.tier, directory=self.dir, max_length=max_length)
@@ -148,7 +149,6 @@ class FlexGenPolicy(CachePolicy):
             return lambda first: self.gpu_len
         if self.gpu_ratio is not None:
             return lambda first: math.floor(self.gpu_ratio * (max_length or first))
-        from kvlab.offload import costmodel
 
         shape = costmodel.ModelShape.from_model(model, batch=batch_size)
         budget = self._budget_bytes(model)
@@ -165,7 +165,6 @@ class FlexGenPolicy(CachePolicy):
     def _budget_bytes(self, model) -> int:
         if self.budget_gb is not None:
             return int(self.budget_gb * GIB)
-        from kvlab.offload.hw import load_metrics
 
         metrics = load_metrics(str(model.device), need="device_memory_bytes", what="cache=flexgen:auto")
         budget = metrics.get("device_memory_bytes")

@@ -23,16 +23,17 @@ update, the first included, reads the dequantized cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvlab.caches.registry import CachePolicy, register
+from kvlab.model_facts import model_shape
 from kvlab.quant import fp8
-
-if TYPE_CHECKING:
-    from kvlab.quant.scales import KVScales
+from kvlab.quant.calibrate import builtin_calibration
+from kvlab.quant.files import load_scales
+from kvlab.quant.scales import KVScales, ScalesError
 
 
 class FP8Layer(CacheLayerMixin):
@@ -151,19 +152,12 @@ class FP8Policy(CachePolicy):
 
     def resolve_scales(self, model) -> "KVScales | None":
         """This model's scales at the policy's granularity (None for scales=prefill)."""
-        from kvlab.models import model_shape
-        from kvlab.quant.scales import ScalesError
-
         if self.scales == "prefill":
             return None
         shape = model_shape(model.config)
         if self.scales == "calibrate":
-            from kvlab.quant.calibrate import builtin_calibration
-
             found = builtin_calibration(model).scales("head", self.format)
         else:
-            from kvlab.quant.files import load_scales
-
             found = load_scales(self.scales, n_layers=shape["n_layers"], n_heads=shape["n_heads"],
                                 n_kv_heads=shape["n_kv_heads"])
             if found.fp8_format != self.format and fp8.fp8_max(found.fp8_format) > fp8.fp8_max(self.format):
@@ -172,8 +166,6 @@ class FP8Policy(CachePolicy):
         return found.fitted(shape["n_layers"], shape["n_kv_heads"], self.granularity)
 
     def build(self, model, *, batch_size: int = 1, max_length: int | None = None) -> Cache:
-        from kvlab.models import model_shape
-
         scales = self.resolve_scales(model)
         exact = self.prefill == "exact"
         per_head = self.granularity == "head"

@@ -25,10 +25,13 @@ from typing import Literal
 
 import torch
 
-from kvlab.caches.recompute import KVRecomputer, attention_modules
+from kvlab.caches.recompute import KVRecomputer
 from kvlab.caches.registry import CachePolicy, register
 from kvlab.caches.split import SplitCache, SplitLayer, compact_spec
 from kvlab.errors import KvlabError
+from kvlab.model_facts import attention_modules, model_shape
+from kvlab.offload import costmodel
+from kvlab.offload.hw import load_metrics
 
 
 class KVPRLayer(SplitLayer):
@@ -175,8 +178,6 @@ class KVPRPolicy(CachePolicy):
         return self.auto or self.recompute_len == "auto"
 
     def build(self, model, *, batch_size: int = 1, max_length: int | None = None):
-        from kvlab.models import model_shape
-
         recomputer = KVRecomputer(model)
         return KVPRCache(model_shape(model.config)["n_layers"], recomputer, device=model.device,
                          rule=self._rule(model, batch_size), tier=self.tier, directory=self.dir,
@@ -196,8 +197,6 @@ class KVPRPolicy(CachePolicy):
             return lambda first: min(self.recompute_len, first)
         if self.ratio is not None:
             return lambda first: math.floor(self.ratio * first)
-        from kvlab.offload import costmodel
-        from kvlab.offload.hw import load_metrics
 
         shape = costmodel.ModelShape.from_model(model, batch=batch_size)
         metrics = load_metrics(str(model.device), need="gemm_flops_per_s", what="cache=kvpr:auto")
@@ -212,12 +211,9 @@ class KVPRPolicy(CachePolicy):
 
 @contextlib.contextmanager
 def _hooks(model):
-    modules = attention_modules(model)
-    if not modules:
-        raise KvlabError("cache=kvpr: no attention module with k_proj/v_proj found in the model")
     handles = []
     try:
-        for module in modules.values():
+        for module in attention_modules(model):
             handles.append(module.register_forward_pre_hook(_capture_attention_input, with_kwargs=True))
         yield
     finally:

@@ -10,7 +10,12 @@ import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
+from kvlab.attention import native
+from kvlab.caches.mixed_layer import MixedLayer, flash_session
 from kvlab.caches.registry import CachePolicy, register
+from kvlab.errors import KvlabError
+from kvlab.model_facts import model_shape
+from kvlab.quant.blocks import SchemeSpec
 
 SCHEME_BITS = {"q8_0": 8, "q4_0": 4, "fp8": 8}  # kivi takes bits=2, 4 or 8
 
@@ -55,25 +60,18 @@ class MixedPolicy(CachePolicy):
             raise ValueError(f"scheme {self.scheme} stores {fixed} bits; drop bits= or set bits={fixed}")
 
     def scheme_spec(self):
-        from kvlab.quant.blocks import SchemeSpec
-
         return SchemeSpec(self.scheme, self.n_bits, self.group, self.group)
 
     def build(self, model, *, batch_size: int = 1, max_length: int | None = None):
         from transformers import Cache
 
-        from kvlab.caches.mixed_layer import MixedLayer
-        from kvlab.models import model_shape
-
         shape = model_shape(model.config)
         spec = self.scheme_spec()
-        native = self._native()
+        use_native = self._native()
         try:
-            layers = [MixedLayer(spec, shape["head_dim"], self.hot, self.split // self.group, native=native)
+            layers = [MixedLayer(spec, shape["head_dim"], self.hot, self.split // self.group, native=use_native)
                       for _ in range(shape["n_layers"])]
         except ValueError as err:
-            from kvlab.errors import KvlabError
-
             raise KvlabError(f"cache={self.spec()}: {err} (head_dim {shape['head_dim']})") from None
         return Cache(layers=layers)
 
@@ -81,28 +79,20 @@ class MixedPolicy(CachePolicy):
         """Whether decode steps on CPU use the compiled kernel (built here, once, if need be)."""
         if self.kernel == "torch":
             return False
-        from kvlab.attention import native
-
         reason = native.unavailable_reason()
         if reason is None:
             return True
         if self.kernel == "native":
-            from kvlab.errors import KvlabError
-
             raise KvlabError(f"cache={self.spec()}: the native kernel is unavailable: {reason}")
         native.note_fallback(reason)
         return False
 
     def session(self, model) -> contextlib.AbstractContextManager:
-        from kvlab.caches.mixed_layer import flash_session
-
         return flash_session(model)
 
     def export(self, cache):
         """The dequantized view per layer, plus the raw blocks: `layers.{i}.keys.q`, `.keys.scale`,
         `.keys.zero` (kivi), `.keys.hot` and the same for values."""
-        from kvlab.caches.mixed_layer import MixedLayer
-
         layers, extras = [], {}
         for i, layer in enumerate(cache.layers):
             if not isinstance(layer, MixedLayer) or not layer.is_initialized:

@@ -28,8 +28,9 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
-from kvlab.attention import flash_decoding
+from kvlab.attention import flash_decoding, native
 from kvlab.caches.blockstore import BlockStore
+from kvlab.model_facts import attention_modules
 from kvlab.quant.blocks import SchemeSpec
 from kvlab.quant.intq import tensor_bytes
 
@@ -125,7 +126,6 @@ class MixedLayer(DynamicLayer):
         None where this layer reads them with PyTorch ops (flash_decoding.ColdSource)."""
         if not self.native or self.device.type != "cpu":
             return None
-        from kvlab.attention import native
 
         try:
             return [native.Part(native.codec_role(self.key_store.codec, k),
@@ -184,10 +184,6 @@ def cache_nbytes(cache: Cache) -> int:
     return total
 
 
-def _attention_modules(model) -> list[torch.nn.Module]:
-    return [m for name, m in model.named_modules() if name.endswith("self_attn") and hasattr(m, "layer_idx")]
-
-
 @contextlib.contextmanager
 def flash_session(model) -> Iterator[None]:
     """Flash-decoding attention on, plus hooks that hand each decode step's mixed layer to it."""
@@ -213,7 +209,7 @@ def flash_session(model) -> Iterator[None]:
     handles = []
     with flash_decoding.enabled(model):
         try:
-            for module in _attention_modules(model):
+            for module in attention_modules(model):
                 handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
                 handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
             yield

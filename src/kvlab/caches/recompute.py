@@ -3,9 +3,10 @@
 For attention of the Llama kind (llama, qwen2, mistral, ... and SmolLM2), the cached keys are
 `RoPE(k_proj(X))` and the values `v_proj(X)`, where X is the normalised hidden state the
 attention module receives. Everything needed is found through the model itself, nothing is
-written per family: the attention modules (those with `k_proj`, `v_proj` and a `layer_idx`),
-the model's rotary embedding module (called with the positions the tokens had), and the
-`apply_rotary_pos_emb` function of the module that defines the attention class.
+written per family: each decoder layer's attention module (which must have `k_proj` and
+`v_proj`), the model's rotary embedding module (called with the positions the tokens had), and
+the `apply_rotary_pos_emb` function of the module that defines the attention class, all found
+by `kvlab.model_facts`.
 
 A family whose attention does more to K (a k_norm, a fused qkv projection, ...) is refused
 when the parts are looked up, or, at the latest, when the first recomputed rows are checked
@@ -14,55 +15,34 @@ against the keys the model itself produced.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from kvlab.errors import KvlabError
+from kvlab.model_facts import attention_modules, model_shape, modeling_function, rotary_module
 
 CHECK_ROWS = 4
 _CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 _HALF_TOLERANCE = 3e-2
 
 
-def attention_modules(model) -> dict[int, torch.nn.Module]:
-    """The model's attention modules by layer index (those with k_proj, v_proj and layer_idx)."""
-    found: dict[int, torch.nn.Module] = {}
-    for module in model.modules():
-        index = getattr(module, "layer_idx", None)
-        if isinstance(index, int) and hasattr(module, "k_proj") and hasattr(module, "v_proj"):
-            found[index] = module
-    return found
-
-
-def rotary_module(model) -> torch.nn.Module:
-    """The model's one rotary embedding module (called as `rotary(x, position_ids)`)."""
-    candidates = [m for name, m in model.named_modules()
-                  if name.split(".")[-1] == "rotary_emb" or type(m).__name__.endswith("RotaryEmbedding")]
-    unique = list({id(m): m for m in candidates}.values())
-    if len(unique) != 1:
-        raise KvlabError(f"cache=kvpr: expected one rotary embedding module in {type(model).__name__}, "
-                         f"found {len(unique)}")
-    return unique[0]
-
-
 class KVRecomputer:
     """Recomputes K (with RoPE) and V of any layer of `model` from its attention inputs."""
 
     def __init__(self, model) -> None:
-        from kvlab.models import model_shape
-
         shape = model_shape(model.config)
         self.modules = attention_modules(model)
         family = shape["family"]
-        if sorted(self.modules) != list(range(shape["n_layers"])):
+        if not all(hasattr(m, "k_proj") and hasattr(m, "v_proj") for m in self.modules):
             raise KvlabError(f"cache=kvpr: {family} attention has no separate k_proj/v_proj in every layer; "
                              "K/V cannot be recomputed from activations")
         first = self.modules[0]
-        self.apply_rope = getattr(inspect.getmodule(type(first)), "apply_rotary_pos_emb", None)
+        self.apply_rope = modeling_function(first, "apply_rotary_pos_emb")
         if self.apply_rope is None:
             raise KvlabError(f"cache=kvpr: {family} attention has no apply_rotary_pos_emb function")
-        self.rotary = rotary_module(model)
+        try:
+            self.rotary = rotary_module(model)
+        except KvlabError as err:
+            raise KvlabError(f"cache=kvpr: {err}") from None
         self.head_dim = int(getattr(first, "head_dim", None) or shape["head_dim"])
         self.hidden_size = int(shape["hidden_size"])
         self.family = family

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from kvlab.caches.model_parts import attention_modules, modeling_function
 from kvlab.errors import KvlabError
+from kvlab.model_facts import apply_attention, attention_modules, modeling_function
 
 # tap(module, query, key, attention_mask, kwargs): query [b, heads, q, d], key [b, kv_heads, k, d]
 Tap = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Any, dict[str, Any]], None]
@@ -75,8 +75,6 @@ def inner_attention(model) -> str:
 @contextlib.contextmanager
 def attention_taps(model, taps: Mapping[int, Tap], routes: Mapping[int, Route] | None = None) -> Iterator[None]:
     """Call `taps[layer]` with each attention call's query and key, and run the kernel through `routes[layer]`."""
-    from kvlab.models import apply_attention
-
     routes = routes or {}
     if not taps and not routes:
         yield

@@ -10,8 +10,8 @@ import sys
 
 import click
 
-from kvlab import __version__
 from kvlab.errors import KvlabError
+from kvlab.version import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -158,7 +158,7 @@ def check_command(file, model_spec, layers, tp, model_type, no_model_type, json_
         raise click.UsageError("give --model-type or --no-model-type, not both")
     n_heads = n_kv_heads = None
     if model_spec is not None:
-        from kvlab.models import load_model, model_shape
+        from kvlab.models import load_model
 
         config = load_model(model_spec).config
         shape = model_shape(config)
@@ -206,6 +206,7 @@ def _floats(t) -> str:
 
 
 from kvlab.cli.scales_vllm import export_command, verify_command  # noqa: E402  (vLLM checkpoints)
+from kvlab.model_facts import model_shape
 
 scales_group.add_command(export_command)
 scales_group.add_command(verify_command)

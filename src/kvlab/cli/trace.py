@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from kvlab.cli.common import console, json_option, output_file, quiet_option, read_prompt, write_json
+from kvlab.model_facts import model_shape
 
 DEFAULT_PROMPT = "The key-value cache of a transformer keeps, for every layer,"
 
@@ -54,7 +55,7 @@ def record_command(model_spec, layers_text, steps, run_text, engine, prompt, pro
     shapes and permutations in kvlab.* metadata. Step n is the n-th forward pass: 0 the
     prompt, 1.. the decode steps.
     """
-    from kvlab.models import load_model, model_shape
+    from kvlab.models import load_model
     from kvlab.progress import progress_bar
     from kvlab.runspec import RunSpec
     from kvlab.trace import record_trace

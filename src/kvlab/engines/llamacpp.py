@@ -32,6 +32,7 @@ import torch
 from kvlab.engines import LLAMA_CPP, engine_run
 from kvlab.engines.ggml_rows import deinterleave, raw_heads, rows_to_float, to_heads, type_name, unrotate
 from kvlab.errors import KvlabError
+from kvlab.model_facts import LoadedModel
 from kvlab.runspec import RunSpec
 from kvlab.snapshot import Snapshot
 
@@ -106,7 +107,6 @@ class GgufModel:
                 raise KvlabError(f"{self.spec}: --chat needs the model's chat template; kvlab has it only for "
                                  "smollm2 (give the templated prompt as text)")
             return None
-        from kvlab.models import LoadedModel
 
         return LoadedModel.encode(self, text, chat=chat)  # type: ignore[arg-type]
 

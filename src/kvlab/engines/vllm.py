@@ -32,6 +32,7 @@ import torch
 
 from kvlab.engines import VLLM, engine_run
 from kvlab.errors import KvlabError
+from kvlab.model_facts import LoadedModel
 from kvlab.runspec import RunSpec
 from kvlab.snapshot import Snapshot
 
@@ -113,8 +114,6 @@ class HfModel:
     tokenizer: Any = None
 
     def encode(self, text: str, chat: bool = False) -> list[int]:
-        from kvlab.models import LoadedModel
-
         if self.tokenizer is None:
             raise KvlabError(f"{self.spec}: the folder has no tokenizer; give --force-tokens")
         return LoadedModel.encode(self, text, chat=chat)  # type: ignore[arg-type]

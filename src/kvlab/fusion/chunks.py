@@ -12,13 +12,12 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import xxhash
 
-if TYPE_CHECKING:
-    from kvlab.models import LoadedModel
+from kvlab.model_facts import LoadedModel
 
 
 CHECKSUM_PREFIX = "xxh3_128:"

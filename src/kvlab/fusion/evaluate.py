@@ -18,7 +18,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kvlab.caches.eviction import EvictionPolicy
 from kvlab.errors import KvlabError
@@ -26,13 +26,11 @@ from kvlab.fusion.fused import answer, load_chunks
 from kvlab.fusion.prompt import DEFAULT_CHUNK_TOKENS, FusionPrompt, task_prompt
 from kvlab.fusion.store.base import ChunkStore
 from kvlab.fusion.strategies import Strategy, make_strategy
+from kvlab.model_facts import LoadedModel
 from kvlab.tasks.intervals import score_interval
 from kvlab.tasks.records import Task, read_task_file
 from kvlab.tasks.scoring import SCORERS, normalize, score
 from kvlab.tasks.suite import SOURCES, generated_tasks, task_kind
-
-if TYPE_CHECKING:
-    from kvlab.models import LoadedModel
 
 
 def make_tasks(loaded: "LoadedModel", source: str, n: int, *, n_chunks: int = 8,

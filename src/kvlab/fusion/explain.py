@@ -17,23 +17,21 @@ For one task and strategy:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from kvlab.caches.model_parts import decoder_layers
 from kvlab.caches.taps import attention_taps, rows_attention
 from kvlab.compare.cachediff import CacheDiff, Divergence, diff_caches
 from kvlab.fusion.fused import Prefill, eos_ids, greedy_decode, prefill
 from kvlab.fusion.prompt import FusionPrompt
 from kvlab.fusion.store.base import ChunkStore
 from kvlab.fusion.strategies import Strategy, make_strategy
+from kvlab.model_facts import LoadedModel, decoder_layers
 from kvlab.tasks.records import Task
 from kvlab.tasks.scoring import score
 
-if TYPE_CHECKING:
-    from kvlab.models import LoadedModel
 
 DEFAULT_TOL = 1e-3  # rel-L2 per cache row: above float32 noise between two kernels, far below a lost context
 

@@ -22,7 +22,7 @@ import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -30,7 +30,6 @@ from transformers.cache_utils import Cache
 
 from kvlab.caches.eviction import EvictionPolicy
 from kvlab.caches.fusion import FusionLayer, FusionPlan
-from kvlab.caches.model_parts import decoder_layers
 from kvlab.caches.taps import attention_taps, inner_attention, last_rows_attention, rows_attention
 from kvlab.errors import KvlabError
 from kvlab.fusion.chunks import ChunkKV, chunk_key, compute_chunk_kv
@@ -39,9 +38,7 @@ from kvlab.fusion.rope import rope_shift
 from kvlab.fusion.store.base import ChunkStore
 from kvlab.fusion.store.errors import CorruptChunkError
 from kvlab.fusion.strategies import SelectionInputs, Strategy
-
-if TYPE_CHECKING:
-    from kvlab.models import LoadedModel
+from kvlab.model_facts import LoadedModel, decoder_layers
 
 
 @dataclass

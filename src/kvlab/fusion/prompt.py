@@ -20,14 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from kvlab.errors import KvlabError
 from kvlab.fusion.chunking import DEFAULT_CHUNK_TOKENS, document_chunks
+from kvlab.model_facts import LoadedModel
 from kvlab.tasks.records import DEFAULT_INSTRUCTION, Task
 
-if TYPE_CHECKING:
-    from kvlab.models import LoadedModel
 
 _MARK = "\u0000kvlab-user-text\u0000"
 

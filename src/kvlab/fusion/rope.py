@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlab.caches.model_parts import attention_modules, modeling_function
 from kvlab.errors import KvlabError
+from kvlab.model_facts import attention_modules, modeling_function
 
 # Rope types whose frequencies do not change with the sequence length (yarn's extra attention
 # factor scales cos/sin, and is divided out of a shift).

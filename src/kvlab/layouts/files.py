@@ -24,6 +24,7 @@ import torch
 
 from kvlab.layouts.layout import Layout, LayoutError
 from kvlab.layouts.reconstruct import KV, Reconstruction, reconstruct
+from kvlab.snapshot import Snapshot, read_meta
 
 PRESETS = {
     "kvlab": "layers.{layer}.keys,layers.{layer}.values",
@@ -98,8 +99,6 @@ class _Reader:
         self.meta: dict[str, Any] | None = None
         self.logits: torch.Tensor | None = None
         if path.is_dir():
-            from kvlab.snapshot import Snapshot
-
             snap = Snapshot.load(path)
             self.meta = snap.meta
             self._get = snap.tensor
@@ -279,7 +278,6 @@ def _recorded_tp(files: dict[int, Path]) -> int | None:
     first = files[min(files)]
     if not first.is_dir():
         return None
-    from kvlab.snapshot import read_meta
 
     layout = read_meta(first).get("layout") or {}
     return int(layout["tp"]) if "tp" in layout else None

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
 from kvlab.layouts.layout import Layout, LayoutError
+from kvlab.snapshot import Snapshot
 
-if TYPE_CHECKING:
-    from kvlab.snapshot import Snapshot
 
 KV = tuple[torch.Tensor, torch.Tensor]
 TENSORS = ("keys", "values")
@@ -132,8 +131,6 @@ class Reconstruction:
 
     def to_snapshot(self, meta: dict[str, Any] | None = None, logits: torch.Tensor | None = None) -> "Snapshot":
         """The rebuilt cache as a Snapshot; `meta` (e.g. rank 0's) gets `layout: null` and the check summary."""
-        from kvlab.snapshot import Snapshot
-
         meta = {k: v for k, v in (meta or {}).items() if k not in ("format", "created", "n_layers")}
         meta["layout"] = None
         meta["reconstructed_from"] = {
@@ -409,8 +406,6 @@ def shard(full, layout: Layout):
     layer (-> per rank, a list of `(keys, values)`), or a Snapshot (-> per rank, a shard Snapshot
     whose `meta.layout` says what it holds).
     """
-    from kvlab.snapshot import Snapshot
-
     if isinstance(full, torch.Tensor):
         return shard_tensor(full, layout)
     if isinstance(full, Snapshot):
@@ -423,8 +418,6 @@ def shard(full, layout: Layout):
 
 
 def _shard_snapshot(full: "Snapshot", layout: Layout) -> list["Snapshot"]:
-    from kvlab.snapshot import Snapshot
-
     layers = [full.layer(i) for i in range(full.n_layers)]
     seq = layers[0][0].shape[2] if layers else 0
     per_rank = shard(layers, layout)
@@ -467,8 +460,6 @@ def reconstruct(
     tie, which is what the rebuilt cache holds), or padding larger than `padding_atol`, is a
     Problem.
     """
-    from kvlab.snapshot import Snapshot
-
     if isinstance(shards, Sequence) and shards and all(isinstance(s, Snapshot) for s in shards):
         if layout is None or all(s.layout for s in shards):
             recorded = layout_of(shards)

@@ -25,6 +25,8 @@ import torch
 
 from kvlab.caches.registry import CachePolicy, make_policy
 from kvlab.errors import KvlabError
+from kvlab.offload.costmodel import Hardware, ModelShape, predict_step
+from kvlab.offload.hw import load_metrics
 
 METHODS = ("baseline", "offload", "flexgen", "kvpr")
 DEFAULT_PARAMS = {"flexgen": "gpu_ratio=0.5", "kvpr": "ratio=0.5"}
@@ -96,8 +98,6 @@ def bench_decode(loaded, methods: list[tuple[str, CachePolicy]], *, batch: int =
         split = getattr(run["cache"], "split", None)
         predicted = None
         if hardware is not None:
-            from kvlab.offload.costmodel import predict_step
-
             tier_hw = _tier_hardware(hardware, policy, model)
             predicted = predict_step(method, prompt_len + gen_len // 2, shape, tier_hw, split or 0)
         diff = None
@@ -200,9 +200,6 @@ def _assembled_layer_bytes(cache) -> int:
 
 
 def _cost_inputs(model, batch: int):
-    from kvlab.offload.costmodel import ModelShape
-    from kvlab.offload.hw import load_metrics
-
     shape = ModelShape.from_model(model, batch=batch)
     try:
         metrics = load_metrics(str(model.device), need="gemm_flops_per_s")
@@ -212,8 +209,6 @@ def _cost_inputs(model, batch: int):
 
 
 def _tier_hardware(metrics: dict[str, Any], policy: CachePolicy, model):
-    from kvlab.offload.costmodel import Hardware
-
     return Hardware.from_metrics(metrics, dtype=model.dtype, tier=getattr(policy, "tier", "host"))
 
 

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from kvlab.errors import KvlabError
+from kvlab.model_facts import decoder_layers, model_shape
 
 GIB = 2**30
 RESERVE_SHARE = 0.1  # of the budget, for activations and the allocator, unless reserve_gb is given
@@ -70,11 +71,9 @@ class ModelShape:
 
     @classmethod
     def from_model(cls, model, batch: int = 1) -> "ModelShape":
-        from kvlab.models import model_shape
-
         shape = model_shape(model.config)
         text = model.config.get_text_config(decoder=True)
-        layers = _decoder_layers(model)
+        layers = decoder_layers(model)
         params = sum(p.numel() for p in layers[0].parameters()) if layers else 0
         return cls(layers=shape["n_layers"], hidden=shape["hidden_size"], heads=shape["n_heads"],
                    kv_heads=shape["n_kv_heads"], head_dim=shape["head_dim"],
@@ -276,8 +275,3 @@ def predict_step(method: str, seq_len: int, shape: ModelShape, hw: Hardware, spl
     else:
         raise ValueError(f"no step model for method {method!r}")
     return shape.layers * per_layer + head
-
-
-def _decoder_layers(model):
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model
-    return list(getattr(base, "layers", []))

@@ -27,7 +27,10 @@ from typing import Any
 
 import torch
 
+from kvlab.atomic import write_text_atomic
 from kvlab.errors import KvlabError
+from kvlab.filelock import file_lock
+from kvlab.paths import kvlab_home
 
 METRICS_FILE = "hw_metrics.json"
 FORMAT = "kvlab.hw/1"
@@ -35,8 +38,6 @@ GEMM_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def metrics_path() -> Path:
-    from kvlab.paths import kvlab_home
-
     return kvlab_home() / METRICS_FILE
 
 
@@ -77,9 +78,6 @@ def load_metrics(device: str | torch.device, *, need: str | None = None, what: s
 
 def save_metrics(entry: dict[str, Any]) -> Path:
     """Merge one device's figures into the file, atomically, under a lock."""
-    from kvlab.atomic import write_text_atomic
-    from kvlab.filelock import file_lock
-
     path = metrics_path()
     with file_lock(path.with_name(METRICS_FILE + ".lock")):
         data = read_all()

@@ -5,16 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from kvlab.model_facts import LoadedModel, model_shape
 from kvlab.quant import vllm_json
 from kvlab.quant.calibrate import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Calibration, calibrate
+from kvlab.quant.engine_tp import vllm_tp_problem
 from kvlab.quant.extract import FP8_FORMAT_KEY, Extracted, extract
 from kvlab.quant.files import VLLM_FILE, check_expressible, export_scales
+from kvlab.quant.fp8 import fp8_dtype
+from kvlab.quant.rank_heads import heads_of_rank
 from kvlab.quant.scales import KVScales, ScalesError
-
-if TYPE_CHECKING:
-    from kvlab.models import LoadedModel
 
 
 @dataclass
@@ -32,11 +33,6 @@ def calibrate_to_files(loaded: "LoadedModel", out: str | Path, *, data: str | Pa
                        fp8_format: str = "e4m3fn", tp: int = 1, fmt: str = "both", chat: bool | None = None,
                        on_sample: Callable[[int], None] | None = None) -> CalibrationResult:
     """Calibrate `loaded` and write its scales to `out` in the chosen format(s)."""
-    from kvlab.models import model_shape
-    from kvlab.quant.engine_tp import vllm_tp_problem
-    from kvlab.quant.fp8 import fp8_dtype
-    from kvlab.quant.rank_heads import heads_of_rank
-
     fp8_dtype(fp8_format)
     check_expressible(fmt, fp8_format)
     if tp < 1:
@@ -90,8 +86,6 @@ def check_file(path: str | Path, *, tp: int | None = None, n_layers: int | None 
 
     With the model's head counts also kvlab's rule that vLLM can run the model at the file's tp.
     """
-    from kvlab.quant.engine_tp import vllm_tp_problem
-
     data, duplicates = vllm_json.load_text(path)
     found = vllm_json.problems(data, tp=tp, n_layers=n_layers, model_type=model_type,
                                expect_model_type=expect_model_type)

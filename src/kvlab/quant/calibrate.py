@@ -13,15 +13,14 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from kvlab.errors import KvlabError
+from kvlab.model_facts import LoadedModel
 from kvlab.quant.scales import KVScales
 
-if TYPE_CHECKING:
-    from kvlab.models import LoadedModel
 
 DEFAULT_SAMPLES = 8
 DEFAULT_SEQ_LEN = 512
@@ -169,8 +168,6 @@ def builtin_calibration(model, tokenizer=None) -> Calibration:
 
     This is what the cache policy's `scales=calibrate` uses.
     """
-    from kvlab.models import LoadedModel
-
     loaded = model if isinstance(model, LoadedModel) else None
     hf_model = loaded.model if loaded is not None else model
     if loaded is None:

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from kvlab.atomic import atomic_file, write_text_atomic
+from kvlab.quant.extract import hf_kind, hf_scales
 from kvlab.quant.scales import KVScales, ScalesError
 
 TENSORS_FILE = "kv_cache_scales.safetensors"
@@ -49,8 +51,6 @@ def write(folder: str | Path, scales: KVScales, extra_meta: dict[str, str] | Non
     """Write `kv_cache_scales.safetensors` and `kv_cache_scheme.json` into `folder`, atomically each."""
     from safetensors.torch import save
 
-    from kvlab.atomic import atomic_file, write_text_atomic
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     metadata = {FORMAT_KEY: scales.fp8_format, **(extra_meta or {})}
@@ -64,8 +64,6 @@ def write(folder: str | Path, scales: KVScales, extra_meta: dict[str, str] | Non
 def read_file(path: str | Path, n_layers: int | None = None, n_kv_heads: int | None = None) -> KVScales:
     """KVScales from one safetensors file of Hugging Face KV scale tensors (any of the known names)."""
     from safetensors import safe_open
-
-    from kvlab.quant.extract import hf_kind, hf_scales
 
     path = Path(path)
     if not path.is_file():

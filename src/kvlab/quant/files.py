@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.quant import compressed_tensors, vllm_json
+from kvlab.quant.extract import extract
 from kvlab.quant.scales import KVScales, ScalesError
 
 VLLM_FILE = "kv_cache_scales.json"
@@ -22,8 +23,6 @@ def load_scales(path: str | Path, *, n_layers: int, n_heads: int, n_kv_heads: in
     - a `.safetensors` file of compressed-tensors / ModelOpt names: separate K and V scales.
     - a checkpoint folder: whatever `kvlab scales extract` reads there.
     """
-    from kvlab.quant.extract import extract
-
     path = Path(path)
     if path.is_dir():
         found = extract(path)

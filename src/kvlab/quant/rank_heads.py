@@ -6,6 +6,8 @@ that by taking, on each rank, the largest scale among the heads the rank holds.
 
 from __future__ import annotations
 
+from kvlab.layouts import make_layout
+
 
 def heads_of_rank(tp: int, n_heads: int, n_kv_heads: int) -> list[list[int | None]]:
     """The KV head held by each local slot of each rank (None for a zero padding slot).
@@ -13,8 +15,6 @@ def heads_of_rank(tp: int, n_heads: int, n_kv_heads: int) -> list[list[int | Non
     Follows the `auto` choice of the NxDI rules (REFERENCE.md, "Tensor-parallel KV layouts").
     The rules live in `kvlab.layouts` (strategy `auto`); this is the view scales need of them.
     """
-    from kvlab.layouts import make_layout
-
     for label, value in (("tp", tp), ("heads", n_heads), ("KV heads", n_kv_heads)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be a positive integer, got {value!r}")

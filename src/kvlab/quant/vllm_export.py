@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.quant import compressed_tensors
+from kvlab.quant.files import load_scales
 from kvlab.quant.scales import KVScales, ScalesError
 
 SCALES_FILE = compressed_tensors.TENSORS_FILE
@@ -73,8 +74,6 @@ def export_checkpoint(scales_path: str | Path, model_dir: str | Path, out: str |
     granularity: `tensor` folds per-head scales to their maximum per layer; `head` needs per-head
     scales; None keeps what the scales are.
     """
-    from kvlab.quant.files import load_scales
-
     model_dir, out = Path(model_dir), Path(out)
     if granularity is not None and granularity not in GRANULARITIES:
         raise ScalesError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")

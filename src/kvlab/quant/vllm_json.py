@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvlab.atomic import write_text_atomic
 from kvlab.quant.scales import RankScales, ScalesError
 
 DTYPE = "float8_e4m3fn"
@@ -54,8 +55,6 @@ def to_json(ranks: RankScales, model_type: str | None) -> dict[str, Any]:
 
 def write(path: str | Path, ranks: RankScales, model_type: str | None) -> Path:
     """Write the file atomically after checking it against the schema."""
-    from kvlab.atomic import write_text_atomic
-
     data = to_json(ranks, model_type)
     problems = check(data, expect_model_type=False)
     if problems:

@@ -32,11 +32,12 @@ from typing import Any
 
 import torch
 
-from kvlab import __version__
 from kvlab.errors import KvlabError
+from kvlab.model_facts import apply_attention, model_shape
 from kvlab.runspec import RunSpec
 from kvlab.trace.format import HOT_PART, PAYLOAD_PART, TraceError, layer_key, step_key, tensor_name
 from kvlab.trace.writer import TraceWriter, check_writable
+from kvlab.version import __version__
 
 ATTENTION_NAME = "kvlab_trace"
 _ACTIVE: contextvars.ContextVar["TraceRecorder | None"] = contextvars.ContextVar("kvlab_trace_recorder", default=None)
@@ -101,8 +102,6 @@ class TraceRecorder:
     def __enter__(self) -> "TraceRecorder":
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-        from kvlab.models import apply_attention
-
         _register_once()
         self._previous = self.model.config._attn_implementation
         if self._previous == ATTENTION_NAME:
@@ -117,8 +116,6 @@ class TraceRecorder:
         return self
 
     def __exit__(self, *exc) -> None:
-        from kvlab.models import apply_attention
-
         try:
             apply_attention(self.model, self._previous)
         finally:
@@ -213,7 +210,6 @@ def record_trace(
     `out` in ggml conventions (see kvlab.trace.format).
     """
     from kvlab.capture import _unwrap
-    from kvlab.models import model_shape
 
     hf_model, describe = _unwrap(model)
     run = RunSpec.parse(run).resolve(hf_model)
@@ -270,8 +266,6 @@ def _decode(hf_model, run: RunSpec, prompt: list[int], layers: list[int], steps:
     Returns the token ids, the attention records by (layer, step) and the cache's raw quantized
     payloads by (layer, step).
     """
-    from kvlab.models import apply_attention
-
     policy = run.policy
     previous_attn = hf_model.config._attn_implementation
     apply_attention(hf_model, run.attn)
