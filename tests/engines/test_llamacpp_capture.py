@@ -131,7 +131,11 @@ def test_cli_capture_and_diff_take_the_engine(runs, cli, tmp_path):
                          "--force-tokens", golden, "--out", tmp_path / "q4", "-q")
     assert code == 0, err
     assert "llama.cpp K q4_0" in out
-    assert Snapshot.load(tmp_path / "q4").meta["engine"]["settings"]["cache"] == "q4_0"
+    q4 = Snapshot.load(tmp_path / "q4")
+    assert q4.meta["engine"]["settings"]["cache"] == "q4_0"
+    # the bytes llama.cpp's q4_0 cache held (raw blocks), not the float32 view kvlab dequantized
+    view = sum(q4.keys(i).nbytes + q4.values(i).nbytes for i in range(q4.n_layers))
+    assert "held (dequantized view" in out and q4.cache_nbytes() < view / 4
     code, out, err = cli("diff", golden, tmp_path / "q4", "--json", tmp_path / "d.json", "-q")
     assert code == 0, err
     data = json.loads((tmp_path / "d.json").read_text())

@@ -78,34 +78,14 @@ def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_t
     if snap is None:  # a rank other than 0 under torchrun: its shard is written, rank 0 reports
         return
 
-    generated = snap.token_ids[snap.n_prompt:]
-    k0 = snap.keys(0)
-    cache_bytes = snap.cache_nbytes()
-    summary = {
-        "out": out,
-        "model": snap.model,
-        "run": snap.run,
-        "n_prompt": snap.n_prompt,
-        "n_generated": len(generated),
-        "teacher_forced": golden is not None,
-        "seconds": elapsed,
-        "tokens_per_s": len(generated) / elapsed if elapsed > 0 else None,
-        "cache_shape": list(k0.shape),
-        "cache_bytes": cache_bytes,
-        "text": loaded.decode(generated),
-    }
+    summary = capture_summary(snap, out, golden is not None, elapsed, loaded.decode(snap.token_ids[snap.n_prompt:]))
     if result.tp > 1:
         summary["tp"] = {"ranks": result.tp, "shards": str(result.shards), **result.check}
     if json_path != "-":
         con = console()
         con.print(f"[bold]{model_spec}[/bold]  run: {snap.run}")
-        con.print(f"prompt: {snap.n_prompt} tokens  generated: {len(generated)} tokens "
-                  f"in {elapsed:.2f}s ({summary['tokens_per_s']:.1f} tok/s)"
-                  + ("  (teacher-forced)" if golden is not None else ""))
-        view = sum(snap.keys(i).nbytes + snap.values(i).nbytes for i in range(snap.n_layers))
-        stored = f" held (dequantized view {view / 2**20:.2f} MiB)" if view != cache_bytes else ""
-        con.print(f"cache: {snap.n_layers} layers x {tuple(k0.shape)} {k0.dtype}, {cache_bytes / 2**20:.2f} MiB"
-                  + stored)
+        _print_run(con, snap, summary)
+        con.print(f"cache: {_cache_line(snap, summary['cache_bytes'])}")
         if result.tp > 1:
             _print_tp(con, result)
         con.rule("generated text")
@@ -149,43 +129,57 @@ def _capture_engine(model_spec, prompt, prompt_file, chat, max_new_tokens, run, 
     elapsed = time.perf_counter() - started
     snap.save(out)
     generated = snap.token_ids[snap.n_prompt:]
-    k0 = snap.keys(0)
-    cache_bytes = sum(snap.keys(i).nbytes + snap.values(i).nbytes for i in range(snap.n_layers))
     decoded = model.tokenizer.decode(generated, skip_special_tokens=False) if model.tokenizer is not None else None
-    summary = {
-        "out": out,
-        "model": snap.model,
-        "run": snap.run,
-        "engine": snap.meta.get("engine"),
-        "n_prompt": snap.n_prompt,
-        "n_generated": len(generated),
-        "teacher_forced": golden is not None,
-        "seconds": elapsed,
-        "tokens_per_s": len(generated) / elapsed if elapsed > 0 else None,
-        "cache_shape": list(k0.shape),
-        "cache_bytes": cache_bytes,
-        "text": decoded,
-    }
+    summary = {**capture_summary(snap, out, golden is not None, elapsed, decoded), "engine": snap.meta.get("engine")}
     if json_path != "-":
         con = console()
         engine = snap.meta["engine"]
         source = engine["model_dir"] if engine["name"] == VLLM else Path(engine["gguf"]).name
         con.print(f"[bold]{model_spec}[/bold]  run: {snap.run}  ({engine['package']} {engine['version']}, "
                   f"{source})")
-        con.print(f"prompt: {snap.n_prompt} tokens  generated: {len(generated)} tokens "
-                  f"in {elapsed:.2f}s ({summary['tokens_per_s']:.1f} tok/s)"
-                  + ("  (teacher-forced)" if golden is not None else ""))
+        _print_run(con, snap, summary)
         cache = engine["cache"]
         stored = (f"vLLM kv_cache_dtype {cache['kv_cache_dtype']}" if engine["name"] == VLLM
                   else f"llama.cpp K {cache['k_type']}, V {cache['v_type']}")
-        con.print(f"cache: {snap.n_layers} layers x {tuple(k0.shape)} {k0.dtype} ({stored}), "
-                  f"{cache_bytes / 2**20:.2f} MiB")
+        con.print(f"cache ({stored}): {_cache_line(snap, summary['cache_bytes'])}")
         if decoded is not None:
             con.rule("generated text")
             con.print(decoded, markup=False)
             con.rule()
         con.print(f"snapshot written to {out}")
     write_json(json_path, summary)
+
+
+def capture_summary(snap, out, forced: bool, elapsed: float, text: str | None) -> dict:
+    """What `kvlab capture` reports of a snapshot, whoever ran it (`cache_bytes`: what the cache held)."""
+    n_generated = len(snap.token_ids) - snap.n_prompt
+    return {
+        "out": out,
+        "model": snap.model,
+        "run": snap.run,
+        "n_prompt": snap.n_prompt,
+        "n_generated": n_generated,
+        "teacher_forced": forced,
+        "seconds": elapsed,
+        "tokens_per_s": n_generated / elapsed if elapsed > 0 else None,
+        "cache_shape": list(snap.shape(0)),
+        "cache_bytes": snap.cache_nbytes(),
+        "text": text,
+    }
+
+
+def _print_run(con, snap, summary: dict) -> None:
+    con.print(f"prompt: {snap.n_prompt} tokens  generated: {summary['n_generated']} tokens "
+              f"in {summary['seconds']:.2f}s ({summary['tokens_per_s'] or 0:.1f} tok/s)"
+              + ("  (teacher-forced)" if summary["teacher_forced"] else ""))
+
+
+def _cache_line(snap, held: int) -> str:
+    """Layers, shape, dtype and the bytes held; the dequantized view's size beside them when it differs."""
+    k0 = snap.keys(0)
+    view = sum(snap.keys(i).nbytes + snap.values(i).nbytes for i in range(snap.n_layers))
+    stored = f" held (dequantized view {view / 2**20:.2f} MiB)" if view != held else ""
+    return f"{snap.n_layers} layers x {tuple(k0.shape)} {k0.dtype}, {held / 2**20:.2f} MiB{stored}"
 
 
 def _print_tp(con, result) -> None:

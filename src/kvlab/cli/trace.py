@@ -74,13 +74,7 @@ def record_command(model_spec, layers_text, steps, run_text, engine, prompt, pro
     with progress_bar(steps + 1, "record", enabled=not quiet) as advance:
         summary = record_trace(loaded, loaded.encode(text, chat=chat), run, layers=layers, steps=steps, out=out,
                                prefill=prefill, on_step=advance)
-    if json_path != "-":
-        con = console()
-        con.print(f"[bold]{model_spec}[/bold]  run: {summary.run}")
-        con.print(f"layers {', '.join(map(str, summary.layers))}  steps {summary.steps[0]}..{summary.steps[-1]}  "
-                  f"{len(summary.tensors)} tensors, {summary.bytes / 2**20:.2f} MiB in {summary.seconds:.2f}s")
-        con.print(f"trace written to {summary.path}")
-    write_json(json_path, summary.as_dict())
+    _report_record(model_spec, summary, json_path)
 
 
 def _record_engine(model_spec, layers, steps, run, text, chat, prefill, out, json_path, quiet) -> None:
@@ -98,6 +92,11 @@ def _record_engine(model_spec, layers, steps, run, text, chat, prefill, out, jso
     with progress_bar(steps + 1, "record", enabled=not quiet) as advance:
         summary = record_trace(model, tokens, run, layers=layers, steps=steps, out=out, prefill=prefill,
                                prompt_text=text, on_step=advance)
+    _report_record(model_spec, summary, json_path)
+
+
+def _report_record(model_spec: str, summary, json_path: str | None) -> None:
+    """What `trace record` prints of a recorded trace, whoever ran the model."""
     if json_path != "-":
         con = console()
         con.print(f"[bold]{model_spec}[/bold]  run: {summary.run}")
