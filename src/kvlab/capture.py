@@ -93,20 +93,8 @@ def capture(
         if previous_attn != run.attn:
             apply_attention(hf_model, previous_attn)
 
-    meta: dict[str, Any] = {
-        "model": describe,
-        "run": str(run),
-        "token_ids": ids,
-        "n_prompt": len(prompt),
-        "n_steps": len(greedy),
-        "teacher_forced": forced is not None,
-        "greedy_ids": greedy,
-        "logits": {"top_k": len(top_ids[0]) if top_ids else 0, "ids": top_ids, "values": top_values},
-        "layout": None,
-    }
-    if isinstance(force, Snapshot):
-        meta["forced_from"] = {"run": force.run, "path": str(force.path) if force.path else None}
-    meta.update(extra_meta or {})
+    meta = run_meta(describe, str(run), ids, len(prompt), greedy, top_ids, top_values, force=force,
+                    forced=forced is not None, extra_meta=extra_meta)
     logits = torch.stack(logits_rows) if logits_rows else None
     layers = [(k.detach().to("cpu"), v.detach().to("cpu")) for k, v in layers]
     extras = {name: t.detach().to("cpu") for name, t in extras.items()}
@@ -179,3 +167,24 @@ def _eos_ids(model) -> set[int]:
         return set()
     return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
 
+
+def run_meta(model: dict[str, Any], run: str, ids: list[int], n_prompt: int, greedy: list[int],
+             top_ids: list[list[int]], top_values: list[list[float]], *, force: Any = None, forced: bool = False,
+             extra_meta: dict[str, Any] | None = None, **more: Any) -> dict[str, Any]:
+    """The `meta.json` of a greedy or teacher-forced run, whoever ran it (`more`: e.g. an engine block)."""
+    meta: dict[str, Any] = {
+        "model": model,
+        "run": run,
+        **more,
+        "token_ids": ids,
+        "n_prompt": n_prompt,
+        "n_steps": len(greedy),
+        "teacher_forced": forced,
+        "greedy_ids": greedy,
+        "logits": {"top_k": len(top_ids[0]) if top_ids else 0, "ids": top_ids, "values": top_values},
+        "layout": None,
+    }
+    if isinstance(force, Snapshot):
+        meta["forced_from"] = {"run": force.run, "path": str(force.path) if force.path else None}
+    meta.update(extra_meta or {})
+    return meta

@@ -296,7 +296,7 @@ def capture(
     Same loop as `kvlab.capture.capture`: the prompt in one decode, then one token per step;
     the last fed token is not decoded, so the cache holds all token ids but the last.
     """
-    from kvlab.capture import _plan
+    from kvlab.capture import _plan, run_meta
 
     spec = engine_run(run, LLAMA_CPP).with_defaults()
     settings = Settings.from_run(spec, threads=threads)
@@ -355,21 +355,8 @@ def capture(
             "use_extra_bufts": False,
             "cache": layout,
         }
-    meta: dict[str, Any] = {
-        "model": gguf.describe,
-        "run": str(spec),
-        "engine": engine,
-        "token_ids": ids,
-        "n_prompt": len(prompt),
-        "n_steps": len(greedy),
-        "teacher_forced": forced is not None,
-        "greedy_ids": greedy,
-        "logits": {"top_k": len(top_ids[0]) if top_ids else 0, "ids": top_ids, "values": top_values},
-        "layout": None,
-    }
-    if isinstance(force, Snapshot):
-        meta["forced_from"] = {"run": force.run, "path": str(force.path) if force.path else None}
-    meta.update(extra_meta or {})
+    meta = run_meta(gguf.describe, str(spec), ids, len(prompt), greedy, top_ids, top_values, force=force,
+                    forced=forced is not None, extra_meta=extra_meta, engine=engine)
     logits_tensor = torch.stack(logits_rows) if logits_rows else None
     return Snapshot.from_layers(layers, meta, extras=extras, logits=logits_tensor)
 

@@ -328,7 +328,7 @@ def capture(
     run: `engine=vllm,kv_cache_dtype=auto|fp8,scales=DIR` (engine may be left out).
     python: vLLM's Python (see `find_python`).
     """
-    from kvlab.capture import _plan
+    from kvlab.capture import _plan, run_meta
 
     spec = engine_run(run, VLLM).with_defaults()
     settings = Settings.from_run(spec)
@@ -383,19 +383,7 @@ def capture(
         "logits": "log-probabilities of every fed position (logits minus their log-sum-exp)",
         "seconds": worker.result["seconds"],
     }
-    meta: dict[str, Any] = {
-        "model": describe,
-        "run": str(spec),
-        "engine": engine,
-        "token_ids": ids,
-        "n_prompt": len(prompt),
-        "n_steps": int(steps.shape[0]),
-        "teacher_forced": forced is not None,
-        "greedy_ids": steps.argmax(dim=-1).tolist(),
-        "logits": {"top_k": int(top_ids.shape[1]), "ids": top_ids.tolist(), "values": top_values.tolist()},
-        "layout": None,
-    }
-    if isinstance(force, Snapshot):
-        meta["forced_from"] = {"run": force.run, "path": str(force.path) if force.path else None}
-    meta.update(extra_meta or {})
+    meta = run_meta(describe, str(spec), ids, len(prompt), steps.argmax(dim=-1).tolist(), top_ids.tolist(),
+                    top_values.tolist(), force=force, forced=forced is not None, extra_meta=extra_meta,
+                    engine=engine)
     return Snapshot.from_layers(pairs, meta, extras=extras, logits=steps.contiguous() if keep_logits else None)
