@@ -52,8 +52,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="kvlab-bench-") as tmp:
         work = Path(tmp)
-        from kvlab.quant.api import calibrate_to_files
-        from kvlab.quant.vllm_export import export_checkpoint
+        from kvlab.scales.api import calibrate_to_files
+        from kvlab.scales.vllm_export import export_checkpoint
 
         scales_file = work / "scales" / "kv_cache_scales.safetensors"
         checkpoint = work / "ckpt"

@@ -62,3 +62,20 @@ def test_model_facts_is_the_ground_floor():
 def test_the_bare_package_name_in_a_string_is_no_import(tmp_path):
     src = _package(tmp_path, {"pkg/__init__.py": "from pkg import home\n", "pkg/home.py": 'DIR = "pkg"\n'})
     assert import_circles(import_graph(src, "pkg")) == []
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_quant_holds_number_formats_that_import_nothing_above_them():
+    graph = import_graph(SRC, "kvlab")
+    quant = {m: sorted(t for t in targets if not _in(t, "kvlab.quant") and t != "kvlab.errors")
+             for m, targets in graph.items() if _in(m, "kvlab.quant")}
+    assert "kvlab.quant.fp8" in quant
+    assert {m: t for m, t in quant.items() if t} == {}
+
+
+def test_the_scales_capability_is_in_no_circle():
+    circles = import_circles(import_graph(SRC, "kvlab"))
+    assert [c for c in circles if any(_in(m, "kvlab.scales") for m in c)] == []

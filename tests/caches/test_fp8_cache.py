@@ -10,14 +10,15 @@ from kvlab.caches import parse_policy
 from kvlab.compare import kl_divergence, tensor_errors
 from kvlab.model_facts import LoadedModel
 from kvlab.models import model_fingerprint
-from kvlab.quant import fp8, vllm_json
-from kvlab.quant.compressed_tensors import write as write_ct
-from kvlab.quant.scales import KVScales
+from kvlab.quant import fp8
 from kvlab.runspec import RunSpecError
+from kvlab.scales import vllm_json
+from kvlab.scales.compressed_tensors import write as write_ct
+from kvlab.scales.scales import KVScales
 from kvlab.snapshot import Snapshot
 from kvlab.tinymodels import build_tiny
 from tests.conftest import tiny
-from tests.quant.checkpoints import write_ammo
+from tests.scales.checkpoints import write_ammo
 
 PROMPT = list(b"The quick brown fox jumps over the lazy dog, again and again. ")
 # e4m3fn keeps 3 mantissa bits: a normal number is off by at most 2^-4 of itself after rounding.
@@ -224,7 +225,7 @@ def test_layer_bookkeeping_matches_a_dynamic_layer():
 
 
 def test_scales_calibrate_is_the_default_calibration_on_the_builtin_text(golden):
-    from kvlab.quant.calibrate import calibrate
+    from kvlab.scales.calibrate import calibrate
 
     snap = kvlab.capture(tiny("tiny-llama"), None, "cache=fp8:granularity=head", force=golden)
     cal = calibrate(tiny("tiny-llama"))  # a fresh run with the defaults, not the memo the cache used

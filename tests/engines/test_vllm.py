@@ -45,7 +45,7 @@ def model_dir() -> Path:
 @pytest.fixture(scope="module")
 def scales_dir(work, smollm2) -> Path:
     """kvlab's per-head calibration of smollm2 (compressed-tensors files)."""
-    from kvlab.quant.api import calibrate_to_files
+    from kvlab.scales.api import calibrate_to_files
 
     calibrate_to_files(smollm2, work / "scales", samples=2, seq_len=128, granularity="head", fmt="compressed-tensors")
     return work / "scales"
@@ -53,14 +53,14 @@ def scales_dir(work, smollm2) -> Path:
 
 @pytest.fixture(scope="module")
 def tensor_checkpoint(work, scales_dir, model_dir) -> Path:
-    from kvlab.quant.vllm_export import export_checkpoint
+    from kvlab.scales.vllm_export import export_checkpoint
 
     return export_checkpoint(scales_dir, model_dir, work / "ckpt-tensor", granularity="tensor").path
 
 
 @pytest.fixture(scope="module")
 def head_checkpoint(work, scales_dir, model_dir) -> Path:
-    from kvlab.quant.vllm_export import export_checkpoint
+    from kvlab.scales.vllm_export import export_checkpoint
 
     return export_checkpoint(scales_dir, model_dir, work / "ckpt-head", granularity="head").path
 
@@ -162,7 +162,7 @@ def _copy_checkpoint(source: Path, target: Path, skip: tuple[str, ...] = ()) -> 
 def test_per_head_scales_load_and_the_codes_are_vllms_rounding_of_its_inputs(planted):
     """vLLM loads per-head scales bit for bit; its CPU kernel quantizes with the largest of them,
     rounding toward zero: every code equals that rounding of the K/V the layer was given."""
-    from kvlab.quant.files import load_scales
+    from kvlab.scales.files import load_scales
 
     checkpoint, layers = planted
     scales = load_scales(checkpoint, n_layers=30, n_heads=9, n_kv_heads=3)
@@ -190,8 +190,8 @@ def test_vllm_codes_against_kvlabs_fp8_quantization(planted):
 
 
 def test_verify_catches_the_x4_layer(planted):
-    from kvlab.quant.files import load_scales
-    from kvlab.quant.vllm_verify import check_layers
+    from kvlab.scales.files import load_scales
+    from kvlab.scales.vllm_verify import check_layers
 
     checkpoint, layers = planted
     checks = check_layers(load_scales(checkpoint, n_layers=30, n_heads=9, n_kv_heads=3), layers)

@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 
 from kvlab.engines import vllm as engine
 from kvlab.errors import KvlabError
-from kvlab.quant import compressed_tensors
-from kvlab.quant.scales import KVScales, ScalesError
-from kvlab.quant.vllm_export import export_checkpoint
-from kvlab.quant.vllm_verify import LayerCheck, check_layers
 from kvlab.runspec import RunSpec, RunSpecError
+from kvlab.scales import compressed_tensors
+from kvlab.scales.scales import KVScales, ScalesError
+from kvlab.scales.vllm_export import export_checkpoint
+from kvlab.scales.vllm_verify import LayerCheck, check_layers
 
 E4M3 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
 

@@ -31,9 +31,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvlab.caches.registry import CachePolicy, register
 from kvlab.model_facts import model_shape
 from kvlab.quant import fp8
-from kvlab.quant.calibrate import builtin_calibration
-from kvlab.quant.files import load_scales
-from kvlab.quant.scales import KVScales, ScalesError
+from kvlab.scales.calibrate import builtin_calibration
+from kvlab.scales.files import load_scales
+from kvlab.scales.scales import KVScales, ScalesError
 
 
 class FP8Layer(CacheLayerMixin):

@@ -46,7 +46,7 @@ def calibrate_command(model_spec, run_text, data, samples, seq_len, granularity,
     """
     from kvlab.models import load_model
     from kvlab.progress import progress_bar
-    from kvlab.quant.api import calibrate_to_files
+    from kvlab.scales.api import calibrate_to_files
 
     loaded = load_model(model_spec, run_text, progress=not quiet)
     with progress_bar(samples, "calibrate", enabled=not quiet) as advance:
@@ -100,7 +100,7 @@ def extract_command(checkpoint, tp_size, load_format, model_type, out, json_path
     at all and scales that are not e4m3fn FP8 scales (an INT8 kv_cache_scheme) are errors; no
     model type, or a tp vLLM cannot run the model at, is a warning.
     """
-    from kvlab.quant.api import extract_to_file
+    from kvlab.scales.api import extract_to_file
 
     found, path = extract_to_file(checkpoint, out, tp_size=tp_size, load_format=load_format, model_type=model_type)
     summary = {
@@ -150,7 +150,7 @@ def check_command(file, model_spec, layers, tp, model_type, no_model_type, json_
     with --model a tp vLLM can run the model at.
     """
     from kvlab.errors import KvlabError
-    from kvlab.quant.api import check_file
+    from kvlab.scales.api import check_file
 
     if model_spec is not None and layers is not None:
         raise click.UsageError("give --model or --layers, not both")

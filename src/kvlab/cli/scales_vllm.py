@@ -26,7 +26,7 @@ def export_command(scales, model_dir, out, granularity, json_path, quiet) -> Non
     model.layers.{i}.self_attn.k_scale / v_scale and a complete quantization_config
     (quant_method compressed-tensors, config_groups {}, kv_cache_scheme).
     """
-    from kvlab.quant.vllm_export import export_checkpoint
+    from kvlab.scales.vllm_export import export_checkpoint
 
     result = export_checkpoint(scales, _model_folder(model_dir), out, granularity=granularity)
     summary = {"out": str(result.path), "granularity": result.scales.granularity, "n_layers": result.scales.n_layers,
@@ -57,7 +57,7 @@ def verify_command(checkpoint, engine, prompt_file, tokens, json_path) -> None:
     from pathlib import Path
 
     from kvlab.errors import KvlabError
-    from kvlab.quant.vllm_verify import verify_checkpoint
+    from kvlab.scales.vllm_verify import verify_checkpoint
 
     text = Path(prompt_file).read_text() if prompt_file else None
     result = verify_checkpoint(checkpoint, text=text, max_tokens=tokens)

@@ -300,7 +300,7 @@ def checkpoint_for(model_dir: Path, scales: str | None, staging: Path) -> Path:
     config = source / "config.json"
     if config.is_file() and "quantization_config" in json.loads(config.read_text()):
         return source  # already a checkpoint
-    from kvlab.quant.vllm_export import export_checkpoint
+    from kvlab.scales.vllm_export import export_checkpoint
 
     return export_checkpoint(source, model_dir, staging / "checkpoint").path
 

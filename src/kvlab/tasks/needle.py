@@ -26,6 +26,11 @@ THINGS = ["the blue vault", "the old library", "the captain's dog", "the north t
           "the quiet garden", "the red lighthouse", "the winter market", "the copper bridge", "the hidden valley"]
 
 
+def split_sentences(text: str) -> tuple[str, ...]:
+    """`text` cut after each `.`, `!` or `?` that whitespace follows (how haystacks and calibration cut)."""
+    return tuple(s for s in _SENTENCE_END.split(text) if s)
+
+
 @lru_cache(maxsize=1)
 def essay_sentences() -> tuple[str, ...]:
     """Every sentence of the essays, in a fixed order."""
@@ -40,7 +45,7 @@ def essay_sentences() -> tuple[str, ...]:
     sentences: list[str] = []
     for path in files:
         text = " ".join(path.read_text(encoding="utf-8", errors="replace").split())
-        sentences.extend(s for s in _SENTENCE_END.split(text) if s)
+        sentences.extend(split_sentences(text))
     return tuple(sentences)
 
 

@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from kvlab.quant.engine_tp import vllm_tp_problem
 from kvlab.quant.fp8 import FORMATS, fp8_max
-from kvlab.quant.scales import KVScales, RankScales, ScalesError
+from kvlab.scales.engine_tp import vllm_tp_problem
+from kvlab.scales.scales import KVScales, RankScales, ScalesError
 
 LOAD_FORMATS = ("auto", "safetensors", "npz", "pt")
 _EXTENSIONS = {"safetensors": (".safetensors",), "npz": (".npz",), "pt": (".pt", ".bin")}

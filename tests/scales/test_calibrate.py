@@ -5,8 +5,8 @@ import torch
 from safetensors import safe_open
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kvlab.quant.calibrate import calibrate, calibration_samples
 from kvlab.quant.fp8 import FP8_MAX
+from kvlab.scales.calibrate import calibrate, calibration_samples
 from tests.conftest import tiny
 
 

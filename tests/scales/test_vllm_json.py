@@ -3,8 +3,8 @@ import json
 import pytest
 
 from kvlab.model_facts import model_shape
-from kvlab.quant import vllm_json
-from kvlab.quant.scales import ScalesError
+from kvlab.scales import vllm_json
+from kvlab.scales.scales import ScalesError
 
 
 def valid(tp=2, layers=3):

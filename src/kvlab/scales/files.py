@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kvlab.quant import compressed_tensors, vllm_json
-from kvlab.quant.extract import extract
-from kvlab.quant.scales import KVScales, ScalesError
+from kvlab.scales import compressed_tensors, vllm_json
+from kvlab.scales.extract import extract
+from kvlab.scales.scales import KVScales, ScalesError
 
 VLLM_FILE = "kv_cache_scales.json"
 OUTPUT_FORMATS = ("vllm", "compressed-tensors", "both")

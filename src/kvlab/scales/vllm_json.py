@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.atomic import write_text_atomic
-from kvlab.quant.scales import RankScales, ScalesError
+from kvlab.scales.scales import RankScales, ScalesError
 
 DTYPE = "float8_e4m3fn"
 _INT_KEY = re.compile(r"^(0|[1-9][0-9]*)$")

@@ -16,7 +16,7 @@ import torch
 
 from kvlab.errors import KvlabError
 from kvlab.quant.fp8 import fp8_max, scale_from_amax
-from kvlab.quant.rank_heads import heads_of_rank
+from kvlab.scales.rank_heads import heads_of_rank
 
 RankScales = dict[int, dict[int, float]]  # {tp rank: {layer: scale}}, vLLM's scaling_factor
 

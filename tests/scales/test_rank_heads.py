@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kvlab.quant.rank_heads import heads_of_rank
-from kvlab.quant.scales import KVScales
+from kvlab.scales.rank_heads import heads_of_rank
+from kvlab.scales.scales import KVScales
 
 
 @pytest.mark.parametrize(

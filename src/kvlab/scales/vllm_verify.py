@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvlab.errors import KvlabError
-from kvlab.quant.scales import KVScales, ScalesError
+from kvlab.scales.scales import KVScales, ScalesError
 
 if TYPE_CHECKING:
     from kvlab.engines.vllm import LayerCache
@@ -128,7 +128,7 @@ def _same(loaded: list[float], checkpoint: list[float]) -> bool:
 
 def checkpoint_scales(checkpoint: Path) -> tuple[KVScales, list[str]]:
     """The checkpoint's KV scales (under any name kvlab knows) and notes on its quantization_config."""
-    from kvlab.quant.extract import extract
+    from kvlab.scales.extract import extract
 
     config_path = checkpoint / "config.json"
     if not config_path.is_file():
