@@ -24,6 +24,7 @@ then run with `PYTHONPATH=src:DIR`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import itertools
 import json
@@ -40,6 +41,8 @@ from kvlab.attention import native
 from kvlab.attention.flash_decoding import flash_decode, native_flash_decode
 from kvlab.caches import parse_policy
 from kvlab.compare import tensor_errors
+from kvlab.decode import decode_n_tokens
+from kvlab.intercept import intercept, register_attention
 from kvlab.progress import progress_bar
 from kvlab.tasks import score
 from kvlab.tasks.needle import haystack, needle_tasks
@@ -74,7 +77,7 @@ class QueryRecorder:
 
 def decode_inputs(loaded, ids: list[int], contexts: list[int]):
     """Per context: per layer (module, query, keys, values) of the decode step at that position."""
-    from transformers import AttentionInterface, DynamicCache
+    from transformers import DynamicCache
 
     model = loaded.model
     longest = max(contexts)
@@ -84,11 +87,9 @@ def decode_inputs(loaded, ids: list[int], contexts: list[int]):
         model(torch.tensor([ids[:longest]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
     print(f"prefill of {longest} tokens: {time.perf_counter() - started:.1f} s", flush=True)
     recorder = QueryRecorder()
-    AttentionInterface.register(recorder.name, recorder)
-    previous = model.config._attn_implementation
+    register_attention(recorder.name, recorder)
     out = {}
-    try:
-        model.set_attn_implementation(recorder.name)
+    with intercept(model, attention=recorder.name):
         for n in sorted(contexts, reverse=True):
             cache.crop(n - cache.get_seq_length()) if cache.get_seq_length() > n else None
             with torch.no_grad():
@@ -96,8 +97,6 @@ def decode_inputs(loaded, ids: list[int], contexts: list[int]):
             out[n] = [(recorder.modules[i], recorder.queries[i], layer.keys.clone(), layer.values.clone())
                       for i, layer in enumerate(cache.layers)]
             cache.crop(-1)
-    finally:
-        model.set_attn_implementation(previous)
     return out
 
 
@@ -302,21 +301,8 @@ def memory_section(loaded, contexts: list[int]) -> list[dict]:
 # ---- needles ------------------------------------------------------------------------------
 
 def greedy(model, cache, first: int, steps: int, session=None) -> list[int]:
-    out_ids = [first]
-    ctx = session if session is not None else _null()
-    with ctx, torch.no_grad():
-        for _ in range(steps - 1):
-            out = model(torch.tensor([[out_ids[-1]]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-            out_ids.append(int(out.logits[0, -1].argmax()))
-    return out_ids
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    with session if session is not None else contextlib.nullcontext():
+        return [first, *decode_n_tokens(model, cache, [first], steps - 1, attention_mask=False).ids]
 
 
 def needle_section(loaded, n: int, contexts: list[int]) -> list[dict]:

@@ -1,8 +1,9 @@
 """Capture: run a model greedily (or teacher-forced) under a RunSpec and record a Snapshot.
 
 The loop is the one `model.generate` runs (prefill, then one token per step into the same
-cache) written out, so that each step's full last-position logits can be kept and, under
-teacher forcing, the token fed back can be the golden one instead of the model's own choice.
+cache), kvlab's own (`kvlab.decode`), so that each step's full last-position logits can be kept
+(`StepLog`, its callback) and, under teacher forcing, the token fed back can be the golden one
+instead of the model's own choice.
 Token index equals position: the K/V at position t were computed when token t was fed.
 """
 
@@ -13,8 +14,10 @@ from typing import Any
 
 import torch
 
+from kvlab.decode import Step, decode_n_tokens, policy_cache
+from kvlab.decode import eos_ids as _eos_ids
 from kvlab.errors import KvlabError
-from kvlab.model_facts import LoadedModel, apply_attention, model_shape
+from kvlab.model_facts import LoadedModel, model_shape
 from kvlab.models import model_fingerprint
 from kvlab.runspec import RunSpec
 from kvlab.snapshot import Snapshot
@@ -54,48 +57,15 @@ def capture(
     policy = run.policy
     eos = _eos_ids(hf_model) if stop_at_eos and forced is None else set()
 
-    previous_attn = hf_model.config._attn_implementation
-    apply_attention(hf_model, run.attn)
-    device = hf_model.device
-    ids: list[int] = list(prompt)
-    greedy: list[int] = []
-    top_ids: list[list[int]] = []
-    top_values: list[list[float]] = []
-    logits_rows: list[torch.Tensor] = []
-    try:
-        cache = policy.build(hf_model, batch_size=1, max_length=len(prompt) + n_steps)
-        with policy.session(hf_model), torch.no_grad():
-            feed = torch.tensor([prompt], dtype=torch.long, device=device)
-            mask = torch.ones_like(feed)
-            for step in range(n_steps):
-                out = hf_model(
-                    input_ids=feed, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1
-                )
-                cache = out.past_key_values
-                last = out.logits[0, -1].float()
-                own = int(torch.argmax(last))
-                values, indices = torch.topk(last, min(top_k, last.numel()))
-                greedy.append(own)
-                top_ids.append(indices.tolist())
-                top_values.append(values.tolist())
-                if keep_logits:
-                    logits_rows.append(last.cpu())
-                nxt = forced[step] if forced is not None else own
-                ids.append(nxt)
-                if on_step is not None:
-                    on_step(1)
-                if step == n_steps - 1 or nxt in eos:
-                    break
-                feed = torch.tensor([[nxt]], dtype=torch.long, device=device)
-                mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
-            layers, extras = policy.export(cache)
-    finally:
-        if previous_attn != run.attn:
-            apply_attention(hf_model, previous_attn)
+    log = StepLog(top_k, keep_logits, on_step)
+    with policy_cache(hf_model, policy, attention=run.attn, max_length=len(prompt) + n_steps) as cache:
+        decoded = decode_n_tokens(hf_model, cache, prompt, n_steps, forced=forced, eos=eos, callback=log)
+        layers, extras = policy.export(decoded.cache)
+    ids = prompt + decoded.ids
 
-    meta = run_meta(describe, str(run), ids, len(prompt), greedy, top_ids, top_values, force=force,
+    meta = run_meta(describe, str(run), ids, len(prompt), log.greedy, log.top_ids, log.top_values, force=force,
                     forced=forced is not None, extra_meta=extra_meta)
-    logits = torch.stack(logits_rows) if logits_rows else None
+    logits = log.logits()
     layers = [(k.detach().to("cpu"), v.detach().to("cpu")) for k, v in layers]
     extras = {name: t.detach().to("cpu") for name, t in extras.items()}
     return Snapshot.from_layers(layers, meta, extras=extras, logits=logits)
@@ -161,11 +131,31 @@ def check_forcing_model(force: Snapshot | Sequence[int] | None, model: dict[str,
                          f"vocabulary of {vocab}")
 
 
-def _eos_ids(model) -> set[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+class StepLog:
+    """The decode loop's callback for a capture: the model's own token and top-k logits of every
+    step, and (with `keep_logits`) its whole logits row; the same for every engine."""
+
+    def __init__(self, top_k: int, keep_logits: bool = True, on_step: Callable[[int], None] | None = None) -> None:
+        self.top_k, self.keep_logits, self.on_step = top_k, keep_logits, on_step
+        self.greedy: list[int] = []
+        self.top_ids: list[list[int]] = []
+        self.top_values: list[list[float]] = []
+        self.rows: list[torch.Tensor] = []
+
+    def __call__(self, step: Step) -> None:
+        last = step.logits[0].float()
+        values, indices = torch.topk(last, min(self.top_k, last.numel()))
+        self.greedy.append(int(step.greedy[0]))
+        self.top_ids.append(indices.tolist())
+        self.top_values.append(values.tolist())
+        if self.keep_logits:
+            self.rows.append(last.cpu())
+        if self.on_step is not None:
+            self.on_step(1)
+
+    def logits(self) -> torch.Tensor | None:
+        """Every kept row, `[steps, vocab]` float32 on CPU (None when none was kept)."""
+        return torch.stack(self.rows) if self.rows else None
 
 
 def run_meta(model: dict[str, Any], run: str, ids: list[int], n_prompt: int, greedy: list[int],

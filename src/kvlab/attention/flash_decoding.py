@@ -7,7 +7,7 @@ M = max m_c, L = sum l_c e^(m_c - M), out = sum e^(m_c - M) l_c o_c / L.
 Only one part is dequantized at a time, so the working memory is one part, not the cache.
 
 Transformers reaches it through `AttentionInterface` under the name `kvlab_split_k`:
-`enabled(model)` registers it and switches the model to it for a `with` block. A cache layer
+`register()` makes it known, and a model runs it inside a `kvlab.intercept` block. A cache layer
 that holds quantized blocks is `bind`-ed to an attention module for one forward call; for a
 single-token query with a bound source, the keys and values handed over by the cache are the
 hot window and the source yields the older parts. Anything else (prefill, an unbound module)
@@ -18,7 +18,6 @@ block dequantized inside the loop; `flash_decode` below is the PyTorch path.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import weakref
 from collections.abc import Iterable, Iterator
@@ -28,6 +27,7 @@ from typing import Protocol
 import torch
 
 from kvlab.attention import native
+from kvlab.intercept import register_attention
 
 # transformers treats any kernel name containing "flash" as a flash-attention build to import
 NAME = "kvlab_split_k"
@@ -254,23 +254,9 @@ def flash_decoding_attention(module: torch.nn.Module, query: torch.Tensor, key: 
 
 
 def register() -> None:
-    """Make `kvlab_split_k` known to transformers (idempotent); masks are built as for SDPA."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    """Make `kvlab_split_k` known to transformers (idempotent); masks are built as for SDPA.
 
-    if AttentionInterface._global_mapping.get(NAME) is not flash_decoding_attention:
-        AttentionInterface.register(NAME, flash_decoding_attention)
-    if ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(NAME) is not sdpa_mask:
-        AttentionMaskInterface.register(NAME, sdpa_mask)
+    A model runs it inside `kvlab.intercept.intercept(model, attention=NAME)`."""
+    from transformers.masking_utils import sdpa_mask
 
-
-@contextlib.contextmanager
-def enabled(model) -> Iterator[None]:
-    """Switch `model` to flash-decoding attention for the block; the previous kernel comes back after."""
-    register()
-    previous = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    model.set_attn_implementation(NAME)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
+    register_attention(NAME, flash_decoding_attention, sdpa_mask)

@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from kvlab.caches.registry import CachePolicy, register
 from kvlab.caches.taps import attention_taps, last_rows_attention
 from kvlab.errors import KvlabError
+from kvlab.intercept import intercept
 from kvlab.model_facts import attention_modules
 
 
@@ -126,14 +127,9 @@ class EvictionPolicy(CachePolicy):
         n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         return Cache(layers=[self.layer() for _ in range(n_layers)])
 
-    @contextlib.contextmanager
-    def session(self, model):
+    def session(self, model) -> contextlib.AbstractContextManager[None]:
         """Refuse a padded batch: eviction would count padding as tokens and keep it in place of them."""
-        handle = model.register_forward_pre_hook(_refuse_padding, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
+        return intercept(model, pre=[(model, _refuse_padding)])
 
     def reduce(self, probs: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
         """Observation attention `[heads, rows, keys]` -> one score per KV head and key `[kv, keys]`."""
@@ -262,13 +258,9 @@ class SnapKVPolicy(EvictionPolicy):
                     self.compress(layer, item[0], item[1])
 
         modules = attention_modules(model)
-        handles = [m.register_forward_hook(after, with_kwargs=True) for m in modules]
-        try:
-            with super().session(model), attention_taps(model, {i: tap for i in range(len(modules))}):
-                yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        with intercept(model, post=[(m, after) for m in modules]), super().session(model), \
+                attention_taps(model, {i: tap for i in range(len(modules))}):
+            yield
 
 
 def _refuse_padding(module, args, kwargs) -> None:

@@ -29,6 +29,7 @@ from kvlab.caches.recompute import KVRecomputer
 from kvlab.caches.registry import CachePolicy, register
 from kvlab.caches.split import SplitCache, SplitLayer, compact_spec
 from kvlab.errors import KvlabError
+from kvlab.intercept import intercept
 from kvlab.model_facts import attention_modules, model_shape
 from kvlab.offload import costmodel
 from kvlab.offload.hw import load_metrics
@@ -183,8 +184,9 @@ class KVPRPolicy(CachePolicy):
                          rule=self._rule(model, batch_size), tier=self.tier, directory=self.dir,
                          max_length=max_length)
 
-    def session(self, model):
-        return _hooks(model)
+    def session(self, model) -> contextlib.AbstractContextManager[None]:
+        """Each attention module's input, kept for the recomputation (forward pre-hooks)."""
+        return intercept(model, pre=[(module, _capture_attention_input) for module in attention_modules(model)])
 
     def export(self, cache):
         return cache.export_layers(), {}
@@ -207,15 +209,3 @@ class KVPRPolicy(CachePolicy):
             return split.recompute_len, split.reason
 
         return rule
-
-
-@contextlib.contextmanager
-def _hooks(model):
-    handles = []
-    try:
-        for module in attention_modules(model):
-            handles.append(module.register_forward_pre_hook(_capture_attention_input, with_kwargs=True))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -30,6 +30,7 @@ from transformers.cache_utils import DynamicLayer
 
 from kvlab.attention import flash_decoding, native
 from kvlab.caches.blockstore import BlockStore
+from kvlab.intercept import intercept
 from kvlab.model_facts import attention_modules
 from kvlab.quant.blocks import SchemeSpec
 from kvlab.quant.intq import tensor_bytes
@@ -206,16 +207,13 @@ def flash_session(model) -> Iterator[None]:
             layer.defer_cold = False
         flash_decoding.unbind(module)
 
-    handles = []
-    with flash_decoding.enabled(model):
-        try:
-            for module in attention_modules(model):
-                handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-                handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
+    modules = attention_modules(model)
+    flash_decoding.register()
+    try:
+        with intercept(model, attention=flash_decoding.NAME, pre=[(m, before) for m in modules],
+                       post=[(m, after) for m in modules], always_call=True):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            for module, layer in list(bound.items()):
-                layer.defer_cold = False
-                flash_decoding.unbind(module)
+    finally:
+        for module, layer in list(bound.items()):
+            layer.defer_cold = False
+            flash_decoding.unbind(module)

@@ -13,6 +13,7 @@ model's own kernel back.
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -20,7 +21,8 @@ from typing import Any
 import torch
 
 from kvlab.errors import KvlabError
-from kvlab.model_facts import apply_attention, attention_modules, modeling_function
+from kvlab.intercept import current_attention, intercept, register_attention
+from kvlab.model_facts import attention_modules, modeling_function
 
 # tap(module, query, key, attention_mask, kwargs): query [b, heads, q, d], key [b, kv_heads, k, d]
 Tap = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Any, dict[str, Any]], None]
@@ -33,6 +35,7 @@ _TAPS: "weakref.WeakKeyDictionary[torch.nn.Module, Tap]" = weakref.WeakKeyDictio
 _ROUTES: "weakref.WeakKeyDictionary[torch.nn.Module, Route]" = weakref.WeakKeyDictionary()
 
 
+@functools.cache
 def _tapped(inner: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -56,13 +59,10 @@ def _tapped(inner: str) -> Callable:
 
 def _register(inner: str) -> str:
     """Register the wrapper around `inner` (once) and return its name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     name = _PREFIX + inner
-    if name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, _tapped(inner))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    register_attention(name, _tapped(inner), ALL_MASK_ATTENTION_FUNCTIONS[inner])
     return name
 
 
@@ -79,7 +79,6 @@ def attention_taps(model, taps: Mapping[int, Tap], routes: Mapping[int, Route] |
     if not taps and not routes:
         yield
         return
-    previous = model.config._attn_implementation
     inner = inner_attention(model)
     if inner not in TAPPABLE:
         raise KvlabError(f"attn={inner} cannot be observed; use attn=sdpa or attn=eager for this run")
@@ -91,15 +90,14 @@ def attention_taps(model, taps: Mapping[int, Tap], routes: Mapping[int, Route] |
             for index, fn in items.items():
                 registry[modules[index]] = fn
                 installed.append((registry, modules[index]))
-        apply_attention(model, name)
-        if model.config._attn_implementation != name:
-            raise KvlabError(f"{type(model).__name__} does not route attention through transformers' AttentionInterface")
-        yield
+        with intercept(model, attention=name):
+            if current_attention(model) != name:
+                raise KvlabError(f"{type(model).__name__} does not route attention through transformers' "
+                                 "AttentionInterface")
+            yield
     finally:
         for registry, module in installed:
             registry.pop(module, None)
-        if model.config._attn_implementation != previous:
-            apply_attention(model, previous)
 
 
 def rows_attention(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,

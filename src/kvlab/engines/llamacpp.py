@@ -293,10 +293,12 @@ def capture(
     model: `smollm2` or a `.gguf` path (or a resolved `GgufModel`).
     run: a parsed `engine=llama.cpp,cache=f16|f32|q8_0|q4_0,fa=on|off,rope_base=X` (None: the defaults).
     prompt_text: when `tokens` is None and nothing is forced, llama.cpp tokenizes this text.
-    Same loop as `kvlab.capture.capture`: the prompt in one decode, then one token per step;
+    Same loop as `kvlab.capture.capture` (`kvlab.decode.run_steps`, its callback `StepLog`): the
+    prompt in one decode, then one token per step;
     the last fed token is not decoded, so the cache holds all token ids but the last.
     """
-    from kvlab.capture import _plan, run_meta
+    from kvlab.capture import StepLog, _plan, run_meta
+    from kvlab.decode import run_steps
 
     spec = engine_run(run, LLAMA_CPP).with_defaults()
     settings = Settings.from_run(spec, threads=threads)
@@ -310,10 +312,7 @@ def capture(
             tokens = tokenize(gguf.path, prompt_text)
     prompt, forced, n_steps = _plan(tokens, force, max_new_tokens)
     watch = RotationWatch()
-    greedy: list[int] = []
-    top_ids: list[list[int]] = []
-    top_values: list[list[float]] = []
-    logits_rows: list[torch.Tensor] = []
+    log = StepLog(top_k, keep_logits, on_step)
     with Session(gguf.path, settings, n_ctx=len(prompt) + n_steps, n_batch=len(prompt),
                  eval_callback=watch.callback) as session:
         if gguf.describe.get("n_layers") is None:
@@ -323,26 +322,14 @@ def capture(
         if session.architecture != "llama":
             raise KvlabError(f"kvlab reads llama.cpp caches of LLaMA-architecture GGUFs; {gguf.path.name} is "
                              f"{session.architecture!r}")
-        ids = list(prompt)
-        feed = list(prompt)
-        for step in range(n_steps):
-            logits = session.decode(feed)
+
+        def forward(feed: torch.Tensor) -> tuple[torch.Tensor, None]:
+            logits = session.decode(feed[0].tolist())
             watch.callback.enabled = False  # the first decode's graph told all there is
-            last = torch.from_numpy(logits)
-            own = int(torch.argmax(last))
-            values, indices = torch.topk(last, min(top_k, last.numel()))
-            greedy.append(own)
-            top_ids.append(indices.tolist())
-            top_values.append(values.tolist())
-            if keep_logits:
-                logits_rows.append(last)
-            nxt = forced[step] if forced is not None else own
-            ids.append(nxt)
-            if on_step is not None:
-                on_step(1)
-            if step == n_steps - 1 or (forced is None and stop_at_eos and session.is_end(nxt)):
-                break
-            feed = [nxt]
+            return torch.from_numpy(logits)[None], None
+
+        ends = _EndOfGeneration(session) if forced is None and stop_at_eos else ()
+        ids = prompt + run_steps(forward, prompt, n_steps, forced=forced, eos=ends, callback=log).ids
         layers, extras, layout = _read_cache(session, n_positions=len(ids) - 1,
                                              rotated=(watch.rotates_k, watch.rotates_v))
         engine = {
@@ -355,10 +342,19 @@ def capture(
             "use_extra_bufts": False,
             "cache": layout,
         }
-    meta = run_meta(gguf.describe, str(spec), ids, len(prompt), greedy, top_ids, top_values, force=force,
-                    forced=forced is not None, extra_meta=extra_meta, engine=engine)
-    logits_tensor = torch.stack(logits_rows) if logits_rows else None
-    return Snapshot.from_layers(layers, meta, extras=extras, logits=logits_tensor)
+    meta = run_meta(gguf.describe, str(spec), ids, len(prompt), log.greedy, log.top_ids, log.top_values,
+                    force=force, forced=forced is not None, extra_meta=extra_meta, engine=engine)
+    return Snapshot.from_layers(layers, meta, extras=extras, logits=log.logits())
+
+
+class _EndOfGeneration:
+    """The vocabulary's end-of-generation tokens, as the container the decode loop asks."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def __contains__(self, token: object) -> bool:
+        return self.session.is_end(int(token))
 
 
 def tokenize(path: Path, text: str) -> list[int]:

@@ -31,6 +31,7 @@ from transformers.cache_utils import Cache
 from kvlab.caches.eviction import EvictionPolicy
 from kvlab.caches.fusion import FusionLayer, FusionPlan
 from kvlab.caches.taps import attention_taps, inner_attention, last_rows_attention, rows_attention
+from kvlab.decode import decode_n_tokens, eos_ids
 from kvlab.errors import KvlabError
 from kvlab.fusion.chunks import ChunkKV, chunk_key, compute_chunk_kv
 from kvlab.fusion.prompt import FusionPrompt
@@ -38,6 +39,7 @@ from kvlab.fusion.rope import rope_shift
 from kvlab.fusion.store.base import ChunkStore
 from kvlab.fusion.store.errors import CorruptChunkError
 from kvlab.fusion.strategies import SelectionInputs, Strategy
+from kvlab.intercept import intercept
 from kvlab.model_facts import LoadedModel, decoder_layers
 
 
@@ -232,15 +234,9 @@ class _Selector:
         self.inputs = inputs
         self.state: dict[str, Any] | None = None
 
-    @contextlib.contextmanager
-    def hooks(self, indices: range) -> Iterator[None]:
+    def hooks(self, indices: range) -> contextlib.AbstractContextManager[None]:
         layers = decoder_layers(self.model)
-        handles = [layers[i].register_forward_pre_hook(self._pre_hook, with_kwargs=True) for i in indices]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        return intercept(self.model, pre=[(layers[i], self._pre_hook) for i in indices])
 
     def _select(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         plan = self.plan
@@ -365,23 +361,10 @@ class Decoded:
 def greedy_decode(model, cache: Cache, logits: torch.Tensor, max_new_tokens: int, eos: set[int]) -> Decoded:
     """Greedy tokens from the first token's logits on, each fed back through `cache`."""
     token = int(torch.argmax(logits))
-    tokens, steps = [token], []
-    with torch.no_grad():
-        while len(tokens) < max_new_tokens and token not in eos:
-            started = time.perf_counter()
-            out = model(input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True,
-                        logits_to_keep=1)
-            token = int(torch.argmax(out.logits[0, -1]))
-            steps.append(time.perf_counter() - started)
-            tokens.append(token)
-    return Decoded(tokens, steps)
-
-
-def eos_ids(model) -> set[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+    if max_new_tokens <= 1 or token in eos:
+        return Decoded([token], [])
+    decoded = decode_n_tokens(model, cache, [token], max_new_tokens - 1, eos=eos, attention_mask=False)
+    return Decoded([token, *decoded.ids], decoded.seconds)
 
 
 @dataclass

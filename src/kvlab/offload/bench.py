@@ -16,7 +16,6 @@ rotary rows for the split caches) and one layer's K/V assembled for attention.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from kvlab.caches.registry import CachePolicy, make_policy
+from kvlab.decode import Step, decode_n_tokens, policy_cache
 from kvlab.errors import KvlabError
 from kvlab.offload.costmodel import Hardware, ModelShape, predict_step
 from kvlab.offload.hw import load_metrics
@@ -128,43 +128,34 @@ def _run(model, policy: CachePolicy, ids: torch.Tensor, prompt_len: int, on_step
     device = model.device
     cuda = device.type == "cuda"
     batch, total = ids.shape
-    cache = policy.build(model, batch_size=batch, max_length=total)
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    peak_cache = 0
-    steps: list[float] = []
+    peak_cache = moved = moved_before = 0
     logits: list[torch.Tensor] = []
-    moved = 0
-    with policy.session(model), torch.no_grad():
-        start = _now(device)
-        out = model(input_ids=ids[:, :prompt_len], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        prefill_s = _now(device) - start
-        logits.append(out.logits[:, -1].float().cpu())
-        moved_before = _bytes_moved(cache)
-        for position in range(prompt_len, total):
-            start = _now(device)
-            out = model(input_ids=ids[:, position:position + 1], past_key_values=cache, use_cache=True)
-            steps.append(_now(device) - start)
-            logits.append(out.logits[:, -1].float().cpu())
-            moved += _step_bytes(cache)
-            peak_cache = max(peak_cache, _cache_device_bytes(cache, device))
-            if on_step is not None:
-                on_step(1)
+
+    def observe(step: Step) -> None:
+        nonlocal peak_cache, moved, moved_before
+        logits.append(step.logits.float().cpu())
+        if step.index == 0:  # the prefill
+            moved_before = _bytes_moved(step.cache)
+            return
+        moved += _step_bytes(step.cache)
+        peak_cache = max(peak_cache, _cache_device_bytes(step.cache, device))
+        if on_step is not None:
+            on_step(1)
+
+    with policy_cache(model, policy, batch_size=batch, max_length=total) as cache:
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        decoded = decode_n_tokens(model, cache, ids[:, :prompt_len], total - prompt_len + 1,
+                                  forced=ids[:, prompt_len:], callback=observe, attention_mask=False)
         moved += _bytes_moved(cache) - moved_before
     if cuda:
         peak, source = int(torch.cuda.max_memory_allocated(device)), "cuda.max_memory_allocated"
     else:
         peak, source = weights + peak_cache + _assembled_layer_bytes(cache), "accounted"
-    return {"cache": cache, "prefill_s": prefill_s, "steps": steps, "logits": logits, "bytes_moved": moved,
-            "peak_bytes": peak, "peak_source": source}
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+    return {"cache": cache, "prefill_s": decoded.seconds[0], "steps": decoded.seconds[1:], "logits": logits,
+            "bytes_moved": moved, "peak_bytes": peak, "peak_source": source}
 
 
 def _bytes_moved(cache) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kvlab.decode import decode_n_tokens
 from kvlab.errors import KvlabError
 from kvlab.model_facts import LoadedModel
 from kvlab.scales.scales import KVScales
@@ -133,13 +134,9 @@ def observe_amax(model, samples: list[list[int]], on_sample: Callable[[int], Non
 
     key_amax: list[torch.Tensor] | None = None
     value_amax: list[torch.Tensor] | None = None
-    device = model.device
     with torch.no_grad():
         for ids in samples:
-            cache = DynamicCache(config=model.config)
-            feed = torch.tensor([ids], dtype=torch.long, device=device)
-            model(input_ids=feed, attention_mask=torch.ones_like(feed), past_key_values=cache, use_cache=True,
-                  logits_to_keep=1)
+            cache = decode_n_tokens(model, DynamicCache(config=model.config), ids, 1).cache  # the prefill only
             k_now = [layer.keys.detach().abs().float().amax(dim=(0, 2, 3)).cpu() for layer in cache.layers]
             v_now = [layer.values.detach().abs().float().amax(dim=(0, 2, 3)).cpu() for layer in cache.layers]
             if key_amax is None:

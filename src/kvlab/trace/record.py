@@ -20,6 +20,7 @@ recorded k ends with it.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import re
@@ -32,8 +33,10 @@ from typing import Any
 
 import torch
 
+from kvlab.decode import Step, decode_n_tokens, policy_cache
 from kvlab.errors import KvlabError
-from kvlab.model_facts import apply_attention, model_shape
+from kvlab.intercept import current_attention, intercept, register_attention
+from kvlab.model_facts import model_shape
 from kvlab.runspec import RunSpec
 from kvlab.trace.format import HOT_PART, PAYLOAD_PART, TraceError, layer_key, step_key, tensor_name
 from kvlab.trace.writer import TraceWriter, check_writable
@@ -71,21 +74,13 @@ def _traced_mask(*args, **kwargs):
     return build(*args, **kwargs) if build is not None else None
 
 
-def _register_once() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    if AttentionInterface._global_mapping.get(ATTENTION_NAME) is not _traced_attention:
-        AttentionInterface.register(ATTENTION_NAME, _traced_attention)
-    if AttentionMaskInterface._global_mapping.get(ATTENTION_NAME) is not _traced_mask:
-        AttentionMaskInterface.register(ATTENTION_NAME, _traced_mask)
-
-
 class TraceRecorder:
     """`with TraceRecorder(model, layers):` records the attention of `layers` while `active`.
 
     The attention implementation the model had on entry keeps computing; on exit (error or
-    not) the model gets it back. `step` names the forward pass the records belong to.
+    not) the model gets it back. `step` names the forward pass the records belong to. Called
+    with a `kvlab.decode.Step`, the recorder is the decode loop's observer: the pass after it
+    is step `step.index + 1`, recorded.
     """
 
     def __init__(self, model, layers: Sequence[int]) -> None:
@@ -95,31 +90,29 @@ class TraceRecorder:
         self.active = True
         self.records: dict[tuple[int, int], AttentionRecord] = {}
         self._previous: str | None = None
-        self._token = None
+        self._exit: contextlib.ExitStack | None = None
         self.mask_function: Callable | None = None
         self._modules = {id(m) for m in model.modules()}
 
     def __enter__(self) -> "TraceRecorder":
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-        _register_once()
-        self._previous = self.model.config._attn_implementation
+        register_attention(ATTENTION_NAME, _traced_attention, _traced_mask)
+        self._previous = current_attention(self.model)
         if self._previous == ATTENTION_NAME:
             raise KvlabError("a trace is already being recorded on this model")
         self.mask_function = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(self._previous)
-        self._token = _ACTIVE.set(self)
-        try:
-            apply_attention(self.model, ATTENTION_NAME)
-        except BaseException:
-            _ACTIVE.reset(self._token)
-            raise
+        with contextlib.ExitStack() as stack:
+            stack.callback(_ACTIVE.reset, _ACTIVE.set(self))
+            stack.enter_context(intercept(self.model, attention=ATTENTION_NAME))
+            self._exit = stack.pop_all()
         return self
 
     def __exit__(self, *exc) -> None:
-        try:
-            apply_attention(self.model, self._previous)
-        finally:
-            _ACTIVE.reset(self._token)
+        self._exit.close()
+
+    def __call__(self, step: Step) -> None:
+        self.step, self.active = step.index + 1, True
 
     def _delegate(self, module) -> Callable:
         from transformers import AttentionInterface
@@ -268,32 +261,20 @@ def _decode(hf_model, run: RunSpec, prompt: list[int], layers: list[int], steps:
     payloads by (layer, step).
     """
     policy = run.policy
-    previous_attn = hf_model.config._attn_implementation
-    apply_attention(hf_model, run.attn)
-    ids = list(prompt)
     payloads: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    try:
-        cache = policy.build(hf_model, batch_size=1, max_length=len(prompt) + steps + 1)
-        with policy.session(hf_model), TraceRecorder(hf_model, layers) as recorder, torch.no_grad():
-            feed = torch.tensor([prompt], dtype=torch.long, device=hf_model.device)
-            mask = torch.ones_like(feed)
-            for step in range(steps + 1):
-                recorder.step, recorder.active = step, step > 0 or prefill
-                result = hf_model(input_ids=feed, attention_mask=mask, past_key_values=cache, use_cache=True,
-                                  logits_to_keep=1)
-                cache = result.past_key_values
-                if recorder.active:
-                    payloads.update(_quant_payloads(policy, cache, layers, step))
-                nxt = int(torch.argmax(result.logits[0, -1]))
-                ids.append(nxt)
-                if on_step is not None:
-                    on_step(1)
-                feed = torch.tensor([[nxt]], dtype=torch.long, device=hf_model.device)
-                mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
-    finally:
-        if hf_model.config._attn_implementation != previous_attn:
-            apply_attention(hf_model, previous_attn)
-    return ids, recorder.records, payloads
+    with policy_cache(hf_model, policy, attention=run.attn, max_length=len(prompt) + steps + 1) as cache, \
+            TraceRecorder(hf_model, layers) as recorder:
+
+        def observe(step: Step) -> None:
+            if recorder.active:
+                payloads.update(_quant_payloads(policy, step.cache, layers, step.index))
+            recorder(step)
+            if on_step is not None:
+                on_step(1)
+
+        recorder.step, recorder.active = 0, prefill
+        decoded = decode_n_tokens(hf_model, cache, prompt, steps + 1, callback=observe)
+    return prompt + decoded.ids, recorder.records, payloads
 
 
 def _add_records(writer: TraceWriter, records: dict[tuple[int, int], AttentionRecord],
