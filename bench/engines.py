@@ -36,6 +36,7 @@ import kvlab
 from kvlab.attention import native
 from kvlab.caches import parse_policy
 from kvlab.engines.llamacpp import Session, Settings, capture, resolve_model
+from kvlab.runspec import RunSpec
 from kvlab.tasks.needle import haystack
 
 LLAMA_CACHES = ("f16", "q8_0", "q4_0")
@@ -117,11 +118,12 @@ def plain_generate(gguf, prompt: list[int], n: int, settings: Settings) -> float
 
 def capture_overhead(gguf, prompt: list[int], n: int, repeats: int) -> dict:
     settings = Settings(cache="f16", flash_attn=True)
+    run = RunSpec.parse("engine=llama.cpp,cache=f16,fa=on")
     plain, kv = [], []
     for _ in range(repeats):  # alternate, so drifting load hits both alike
         plain.append(plain_generate(gguf, prompt, n, settings))
         started = time.perf_counter()
-        capture(gguf, prompt, "cache=f16,fa=on", max_new_tokens=n, stop_at_eos=False)
+        capture(gguf, prompt, run, max_new_tokens=n, stop_at_eos=False)
         kv.append(time.perf_counter() - started)
     return {"tokens": n, "prompt": len(prompt), "plain_s": statistics.median(plain), "capture_s": statistics.median(kv),
             "ratio": statistics.median(kv) / statistics.median(plain)}

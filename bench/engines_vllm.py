@@ -28,6 +28,7 @@ from pathlib import Path
 import kvlab
 from kvlab import embedded
 from kvlab.engines import vllm as engine
+from kvlab.runspec import RunSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from precision_study import PROMPT, cache_errors, logit_figures  # noqa: E402
@@ -71,7 +72,7 @@ def main() -> None:
         ):
             t0 = time.perf_counter()
             if run.startswith("engine="):
-                test = engine.capture("smollm2", None, run, force=golden)
+                test = engine.capture("smollm2", None, RunSpec.parse(run), force=golden)
             else:
                 test = kvlab.capture(golden_model, None, run, force=golden)
             rows.append({"label": label, "run": run, **cache_errors(golden, test), **logit_figures(golden, test),
@@ -106,7 +107,7 @@ def _overhead(golden: kvlab.Snapshot, work: Path, new_tokens: int) -> dict:
                               max_new_tokens=new_tokens, plain=True)
     plain_wall = time.perf_counter() - t0
     t0 = time.perf_counter()
-    snap = engine.capture("smollm2", None, "engine=vllm", force=golden)
+    snap = engine.capture("smollm2", None, RunSpec(engine="vllm"), force=golden)
     capture_wall = time.perf_counter() - t0
     seconds = snap.meta["engine"]["seconds"]
     return {"plain_wall": plain_wall, "plain_load": plain.result["seconds"]["load"],

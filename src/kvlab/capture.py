@@ -43,13 +43,13 @@ def capture(
 
     model: a `LoadedModel` (from `kvlab.load_model`) or a transformers causal LM.
     tokens: prompt token ids; may be None when `force` gives them.
-    run: the RunSpec; keys it leaves out are taken from the model as loaded.
+    run: the RunSpec (or its text, parsed here); keys it leaves out are taken from the model as loaded.
     force: a golden Snapshot (or its full token id list) to teacher-force: the model is fed the
         golden tokens and runs as many steps as the golden run did; its own greedy choices are
         still recorded (`greedy_ids`).
     """
     hf_model, describe = _unwrap(model)
-    run = RunSpec.parse(run).resolve(hf_model)
+    run = (run if isinstance(run, RunSpec) else RunSpec.parse(run or "")).resolve(hf_model)
     if run.tp != 1 and not _in_tp_group(run.tp):
         raise KvlabError("tp > 1 runs on torch.distributed: use `kvlab capture --tp N` (kvlab.distributed.capture_tp)")
     prompt, forced, n_steps = _plan(tokens, force, max_new_tokens)

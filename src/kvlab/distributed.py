@@ -27,17 +27,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kvlab.capture import DEFAULT_TOP_K, capture
 from kvlab.capture import _plan as plan_steps
 from kvlab.errors import KvlabError
 from kvlab.model_facts import LoadedModel, apply_attention, model_shape, quiet_transformers
+from kvlab.progress import progress_bar
 from kvlab.runspec import RunSpec
+from kvlab.snapshot import Snapshot
 from kvlab.tp_launch import launch
-
-if TYPE_CHECKING:
-    from kvlab.snapshot import Snapshot
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 LAYOUT = "contiguous"  # what transformers' tp_plan does with k_proj / v_proj
@@ -65,9 +64,8 @@ def torchrun_env(environ: dict[str, str] | None = None) -> RankEnv | None:
         raise KvlabError("RANK, WORLD_SIZE and LOCAL_RANK must be integers in a torchrun environment") from None
 
 
-def tp_degree(run: RunSpec | str | None, tp: int | None = None) -> int:
+def tp_degree(run: RunSpec, tp: int | None = None) -> int:
     """The tensor-parallel degree from `--tp`, the run spec's `tp=` and torchrun's WORLD_SIZE, which must agree."""
-    run = RunSpec.parse(run)
     given = {value for value in (tp, run.tp) if value is not None}
     if len(given) > 1:
         raise KvlabError(f"--tp {tp} and the run spec's tp={run.tp} disagree")
@@ -135,14 +133,13 @@ def check_tp_fits(config, tp: int) -> None:
 
 
 # ---- local or tensor parallel: chosen here only ------------------------------------------
-def settle_tp(run: RunSpec | str | None, tp: int | None = None) -> RunSpec:
+def settle_tp(run: RunSpec, tp: int | None = None) -> RunSpec:
     """`run` with `tp=` set to `tp_degree` when that is above 1: checked before any model is loaded."""
-    run = RunSpec.parse(run)
     degree = tp_degree(run, tp)
     return replace(run, tp=degree) if degree > 1 else run
 
 
-def reports_steps(run: RunSpec | str | None) -> bool:
+def reports_steps(run: RunSpec) -> bool:
     """Whether a capture of `run` calls `on_step` in this process: a local one, or rank 0 under torchrun."""
     env = torchrun_env()
     return tp_degree(run) == 1 or (env is not None and env.rank == 0)
@@ -151,7 +148,7 @@ def reports_steps(run: RunSpec | str | None) -> bool:
 def capture_any(
     model: "LoadedModel",
     tokens: Sequence[int] | None,
-    run: RunSpec | str | None = None,
+    run: RunSpec | None = None,
     *,
     force: "Snapshot | Sequence[int] | None" = None,
     max_new_tokens: int = 32,
@@ -160,18 +157,23 @@ def capture_any(
     out: str | Path | None = None,
     shards: str | Path | None = None,
     on_step: Callable[[int], None] | None = None,
+    progress: str | None = None,
 ) -> Captured:
     """Capture `run` in this process or on its tensor-parallel ranks: the one place that chooses.
 
-    The arguments are those of `capture_tp` (the model loaded without `tp=`); with `out` the
-    full snapshot is written there either way.
+    The arguments are those of `capture_tp` (the model loaded without `tp=`; None: the run as
+    loaded); with `out` the full snapshot is written there either way. `progress`: the label of a
+    progress bar over the steps, drawn by the process that sees them (instead of `on_step`).
     """
-    run = RunSpec.parse(run)
-    if tp_degree(run) > 1:
-        return capture_tp(model, tokens, run, force=force, max_new_tokens=max_new_tokens, top_k=top_k,
-                          stop_at_eos=stop_at_eos, out=out, shards=shards, on_step=on_step)
-    snapshot = capture(model, tokens, run, force=force, max_new_tokens=max_new_tokens, top_k=top_k,
-                       stop_at_eos=stop_at_eos, on_step=on_step)
+    run = RunSpec() if run is None else run
+    steps = len(force.token_ids) - force.n_prompt if isinstance(force, Snapshot) else max_new_tokens
+    with progress_bar(steps, progress or "capture", enabled=progress is not None and reports_steps(run)) as bar:
+        on_step = bar if progress is not None else on_step
+        if tp_degree(run) > 1:
+            return capture_tp(model, tokens, run, force=force, max_new_tokens=max_new_tokens, top_k=top_k,
+                              stop_at_eos=stop_at_eos, out=out, shards=shards, on_step=on_step)
+        snapshot = capture(model, tokens, run, force=force, max_new_tokens=max_new_tokens, top_k=top_k,
+                           stop_at_eos=stop_at_eos, on_step=on_step)
     if out is not None:
         snapshot.save(out)
     return Captured(tp=1, rank=0, snapshot=snapshot, shards=None)
@@ -181,7 +183,7 @@ def capture_any(
 def capture_tp(
     model: "str | LoadedModel",
     tokens: Sequence[int] | None,
-    run: RunSpec | str | None = None,
+    run: RunSpec,
     *,
     force: "Snapshot | Sequence[int] | None" = None,
     max_new_tokens: int = 32,
@@ -204,9 +206,7 @@ def capture_tp(
     output kept (in `SHARDS/logs`, or a temporary folder) when one fails.
     """
     from kvlab.models import load_model
-    from kvlab.snapshot import Snapshot
 
-    run = RunSpec.parse(run)
     tp = tp_degree(run)
     run = replace(run, tp=tp)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, replace(run, tp=None))
@@ -242,8 +242,6 @@ def capture_tp(
 
 def _forcing(tokens, force) -> tuple[list[int] | None, list[int] | None, dict[str, Any] | None]:
     """Prompt ids, the golden token ids to force (or None), and where they came from."""
-    from kvlab.snapshot import Snapshot
-
     prompt = None if tokens is None else [int(t) for t in tokens]
     if force is None:
         return prompt, None, None

@@ -83,12 +83,11 @@ def load_model(
     """Load `spec` in the run's dtype, on its device, with its attention implementation.
 
     The fingerprint is taken before the cast to the run's dtype, so one model has one
-    fingerprint whichever dtype a run uses.
+    fingerprint whichever dtype a run uses. `run` may be a run spec's text, parsed here.
     """
     from kvlab.runspec import RunSpec
 
-    run = RunSpec.parse(run) if not isinstance(run, RunSpec) else run
-    run = run.with_defaults()
+    run = (run if isinstance(run, RunSpec) else RunSpec.parse(run or "")).with_defaults()
     model, tokenizer = _load_raw(spec, progress=progress)
     fingerprint = model_fingerprint(model)
     model = _cast(model, run.torch_dtype, run.device)

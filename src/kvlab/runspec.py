@@ -66,12 +66,11 @@ class RunSpec:
 
     # ---- parsing -------------------------------------------------------------------------
     @classmethod
-    def parse(cls, text: "str | RunSpec | None", *, check_device: bool = True) -> "RunSpec":
-        """Parse and validate a spec; with `check_device`, a device this torch cannot use is refused
-        here, before any model is loaded (a recorded run, read to describe it, is parsed without)."""
-        if isinstance(text, RunSpec):
-            return text
-        if text is None or not text.strip():
+    def parse(cls, text: str, *, check_device: bool = True) -> "RunSpec":
+        """Parse and validate a spec where it enters (the CLI, a public entry point, a recorded run);
+        with `check_device`, a device this torch cannot use is refused here, before any model is
+        loaded (a recorded run, read to describe it, is parsed without)."""
+        if not text or not text.strip():
             return cls()
         values: dict[str, str] = {}
         cache_items: list[str] = []
@@ -140,7 +139,7 @@ class RunSpec:
 
     @classmethod
     def _engine_from_strings(cls, engine: str, values: dict[str, str], cache_items: list[str]) -> "RunSpec":
-        from kvlab.engines import CACHE_KEY, engine_cache, engine_names, engine_settings
+        from kvlab.engines.settings import CACHE_KEY, engine_cache, engine_names, engine_settings
 
         if engine not in engine_names():
             raise RunSpecError(f"run spec: engine={engine} is not one of {', '.join(engine_names())}")
@@ -157,7 +156,10 @@ class RunSpec:
         scales = values.get("scales") or None
         if cache_items:
             raise RunSpecError(f"run spec: engine={engine} cache types take no parameters ({', '.join(cache_items)})")
-        cache = engine_cache(engine, values["cache"]) if "cache" in values else None
+        try:
+            cache = engine_cache(engine, values["cache"]) if "cache" in values else None
+        except ParamError as err:
+            raise RunSpecError(f"run spec: {err}") from None
         fa = None
         if "fa" in values:
             if values["fa"] not in ("on", "off"):
@@ -186,7 +188,7 @@ class RunSpec:
     def with_defaults(self) -> "RunSpec":
         """Every unset key at kvlab's default (float32, sdpa, dynamic, tp=1, cpu; an engine's own)."""
         if self.is_engine:
-            from kvlab.engines import engine_cache, engine_settings
+            from kvlab.engines.settings import engine_cache, engine_settings
 
             fa = self.fa if self.fa is not None or "fa" not in engine_settings(self.engine_name) else True
             return replace(self, cache=self.cache or engine_cache(self.engine_name, None), fa=fa)
@@ -249,7 +251,7 @@ class RunSpec:
     def _key_text(self, key: str) -> str:
         """The key as this run writes it (an engine may spell its cache type otherwise)."""
         if key == "cache" and self.is_engine:
-            from kvlab.engines import CACHE_KEY
+            from kvlab.engines.settings import CACHE_KEY
 
             return CACHE_KEY.get(self.engine_name, key)
         return key

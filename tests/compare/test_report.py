@@ -8,7 +8,8 @@ import pytest
 from kvlab.compare.diff import diff_snapshots
 from kvlab.compare.plots import short_token
 from kvlab.compare.report import render_report, write_report
-from kvlab.compare.study import Study, snapshot_decoder
+from kvlab.compare.study import Study
+from kvlab.study import snapshot_decoder
 from tests.compare.helpers import edited_copy, golden_run
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -23,6 +23,7 @@ import torch
 import kvlab
 from kvlab.distributed import capture_any, main, reports_steps, settle_tp, torchrun_env, tp_degree
 from kvlab.errors import KvlabError
+from kvlab.runspec import RunSpec
 from kvlab.snapshot import Snapshot
 from kvlab.tp_launch import RankFailed, launch
 from tests.conftest import tiny
@@ -183,7 +184,7 @@ def test_ctrl_c_stops_every_rank_and_reaches_the_caller_as_keyboard_interrupt(tm
 def test_capture_any_captures_tp1_in_this_process(tmp_path):
     loaded = tiny("tiny-llama")
     steps = []
-    result = capture_any(loaded, [1, 2, 3], "tp=1", max_new_tokens=2, out=tmp_path / "o", on_step=steps.append)
+    result = capture_any(loaded, [1, 2, 3], RunSpec(tp=1), max_new_tokens=2, out=tmp_path / "o", on_step=steps.append)
     assert (result.tp, result.rank, result.shards, result.layout, steps) == (1, 0, None, None, [1, 1])
     assert Snapshot.load(tmp_path / "o").token_ids == result.snapshot.token_ids
     assert result.snapshot.token_ids == kvlab.capture(loaded, [1, 2, 3], max_new_tokens=2).token_ids
@@ -200,8 +201,9 @@ def test_tp_that_the_model_cannot_split_is_refused_before_any_rank_starts(cli, t
 def test_torchrun_environment_is_detected(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    assert torchrun_env() is None and tp_degree("tp=2") == 2 and tp_degree(None, 3) == 3 and tp_degree("") == 1
-    assert settle_tp("", 2).tp == 2 and settle_tp("dtype=float32").tp is None and reports_steps("tp=2") is False
+    assert torchrun_env() is None and tp_degree(RunSpec(tp=2)) == 2 and tp_degree(RunSpec(), 3) == 3
+    assert tp_degree(RunSpec()) == 1 and settle_tp(RunSpec(), 2).tp == 2
+    assert settle_tp(RunSpec(dtype="float32")).tp is None and reports_steps(RunSpec(tp=2)) is False
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -209,10 +211,10 @@ def test_torchrun_environment_is_detected(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "29500")
     env = torchrun_env()
     assert (env.rank, env.world_size, env.local_rank) == (1, 2, 1)
-    assert tp_degree(None) == 2 and tp_degree("tp=2") == 2
-    assert settle_tp("").tp == 2 and reports_steps("") is False  # rank 0 reports the steps
+    assert tp_degree(RunSpec()) == 2 and tp_degree(RunSpec(tp=2)) == 2
+    assert settle_tp(RunSpec()).tp == 2 and reports_steps(RunSpec()) is False  # rank 0 reports the steps
     with pytest.raises(KvlabError, match="tp=3 but torchrun started 2 processes"):
-        tp_degree(None, 3)
+        tp_degree(RunSpec(), 3)
 
 
 def test_rank_entry_point_without_a_launch_is_one_error_line(capsys, monkeypatch):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kvlab.compare.diff import diff_snapshots
+from kvlab.runspec import RunSpec
 from kvlab.snapshot import Snapshot
 from tests.engines.helpers import need_llama_cpp
 
@@ -33,7 +34,7 @@ def runs(tmp_path_factory):
     out = {"golden": golden, "model": model, "root": root}
     for name, run in [("f16", "cache=f16"), ("q8_0", "cache=q8_0"), ("q4_0", "cache=q4_0"),
                       ("noflash", "cache=f16,fa=off"), ("rope", "rope_base=1000")]:
-        capture(model, None, run, force=golden).save(root / name)
+        capture(model, None, RunSpec.parse(f"engine=llama.cpp,{run}"), force=golden).save(root / name)
         out[name] = Snapshot.load(root / name)
     return out
 
@@ -118,7 +119,8 @@ def test_a_wrong_rope_base_is_a_first_divergence_in_layer_0_keys_with_values_cle
 def test_greedy_capture_follows_llamas_own_choices(runs):
     from kvlab.engines.llamacpp import capture
 
-    snap = capture(runs["model"], runs["golden"].token_ids[:runs["golden"].n_prompt], "cache=q8_0",
+    snap = capture(runs["model"], runs["golden"].token_ids[:runs["golden"].n_prompt],
+                   RunSpec.parse("engine=llama.cpp,cache=q8_0"),
                    max_new_tokens=4, stop_at_eos=False)
     assert snap.token_ids[snap.n_prompt:] == snap.greedy_ids and len(snap.greedy_ids) == 4
     assert not snap.meta["teacher_forced"]

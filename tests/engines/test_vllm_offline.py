@@ -97,7 +97,7 @@ def test_vllm_run_spec_errors(text, message):
 
 def test_scales_need_an_fp8_cache():
     with pytest.raises(KvlabError, match="needs kv_cache_dtype=fp8"):
-        engine.Settings.from_run("engine=vllm,scales=x").validate()
+        engine.Settings.from_run(RunSpec.parse("engine=vllm,scales=x")).validate()
 
 
 # ---- finding vLLM's Python ----------------------------------------------------------------------

@@ -23,8 +23,8 @@ STEPS = 3
 SCHEMES = ["bits=2", "bits=4", "scheme=q8_0", "scheme=q4_0", "scheme=fp8"]
 
 
-def _run(scheme: str) -> str:
-    return f"cache=mixed:{scheme},hot=4,group=4,split=8"
+def _run(scheme: str) -> RunSpec:
+    return RunSpec.parse(f"cache=mixed:{scheme},hot=4,group=4,split=8")
 
 
 def _reaching_o_proj(model, layer: int) -> tuple[list[torch.Tensor], torch.utils.hooks.RemovableHandle]:

@@ -72,7 +72,8 @@ def test_stored_in_ggml_conventions(tmp_path):
 @pytest.mark.parametrize("run", ["attn=eager", "dtype=bfloat16", "dtype=float16,attn=eager"])
 def test_other_kernels_and_dtypes_check_within_their_tolerance(run, tmp_path):
     loaded = tiny("tiny-llama", run)
-    record_trace(loaded, loaded.encode(PROMPT), run, layers=[1], steps=1, out=tmp_path / "t.gguf", prefill=True)
+    record_trace(loaded, loaded.encode(PROMPT), RunSpec.parse(run), layers=[1], steps=1, out=tmp_path / "t.gguf",
+                 prefill=True)
     report = check_trace(tmp_path / "t.gguf")
     assert report.ok, report.worst()
     kind = {"attn=eager": "F32", "dtype=bfloat16": "BF16", "dtype=float16,attn=eager": "F16"}[run]

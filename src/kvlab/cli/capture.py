@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
@@ -48,51 +47,25 @@ def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_t
     its cache can be compared position by position with the golden one. With --tp N each rank
     writes its shard snapshot to OUT.shards/rank{r} and --out gets the cache rebuilt from them.
     """
-    from dataclasses import replace
-
-    from kvlab.distributed import capture_any, reports_steps, settle_tp
-    from kvlab.models import load_model
-    from kvlab.progress import progress_bar
+    from kvlab.distributed import settle_tp
+    from kvlab.runner import capture_prompt
     from kvlab.runspec import RunSpec
     from kvlab.snapshot import Snapshot
 
     run = RunSpec.parse(with_engine(run_text, engine))
-    if run.is_engine:
-        if tp is not None:
-            raise click.UsageError(f"--tp is for transformers runs, not engine={run.engine}")
-        _capture_engine(model_spec, prompt, prompt_file, chat, max_new_tokens, run, force_tokens, top_k, ignore_eos,
-                        out, json_path, quiet)
-        return
-    run = settle_tp(run, tp)
+    if run.is_engine and tp is not None:
+        raise click.UsageError(f"--tp is for transformers runs, not engine={run.engine}")
+    if not run.is_engine:
+        run = settle_tp(run, tp)
     golden = Snapshot.load(force_tokens) if force_tokens else None
     text = read_prompt(prompt, prompt_file, required=golden is None)
-    loaded = load_model(model_spec, replace(run, tp=None), progress=not quiet)
-    tokens = loaded.encode(text, chat=chat) if text is not None else None
-    steps = len(golden.token_ids) - golden.n_prompt if golden is not None else max_new_tokens
-    started = time.perf_counter()
-    with progress_bar(steps, "capture", enabled=not quiet and reports_steps(run)) as advance:
-        result = capture_any(loaded, tokens, run, force=golden, max_new_tokens=max_new_tokens, top_k=top_k,
-                             stop_at_eos=not ignore_eos, out=out, shards=shards, on_step=advance)
-    elapsed = time.perf_counter() - started
-    snap = result.snapshot
-    if snap is None:  # a rank other than 0 under torchrun: its shard is written, rank 0 reports
+    report = capture_prompt(model_spec, text, run, out=out, chat=chat, force=golden, max_new_tokens=max_new_tokens,
+                            top_k=top_k, stop_at_eos=not ignore_eos, shards=shards, progress=not quiet)
+    if report is None:  # a rank other than 0 under torchrun: its shard is written, rank 0 reports
         return
-
-    summary = capture_summary(snap, out, golden is not None, elapsed, loaded.decode(snap.token_ids[snap.n_prompt:]))
-    if result.tp > 1:
-        summary["tp"] = {"ranks": result.tp, "shards": str(result.shards), **result.check}
     if json_path != "-":
-        con = console()
-        con.print(f"[bold]{model_spec}[/bold]  run: {snap.run}")
-        _print_run(con, snap, summary)
-        con.print(f"cache: {_cache_line(snap, summary['cache_bytes'])}")
-        if result.tp > 1:
-            _print_tp(con, result)
-        con.rule("generated text")
-        con.print(summary["text"], markup=False)
-        con.rule()
-        con.print(f"snapshot written to {out}")
-    write_json(json_path, summary)
+        _print(model_spec, report, out)
+    write_json(json_path, report.summary)
 
 
 def with_engine(run_text: str, engine: str | None) -> str:
@@ -105,35 +78,20 @@ def with_engine(run_text: str, engine: str | None) -> str:
     return run_text if given else f"engine={engine}" + ("," + run_text if run_text.strip() else "")
 
 
-def _capture_engine(model_spec, prompt, prompt_file, chat, max_new_tokens, run, force_tokens, top_k, ignore_eos,
-                    out, json_path, quiet) -> None:
-    """`kvlab capture --engine llama.cpp`: the engine's run, recorded as a normal snapshot."""
-    from kvlab.engines import VLLM, capture_engine
-    from kvlab.progress import progress_bar
-    from kvlab.snapshot import Snapshot
+def _print(model_spec: str, report, out) -> None:
+    """The terminal lines of a capture: the run, the cache, the generated text, where it went."""
+    from kvlab.engines import VLLM
 
-    golden = Snapshot.load(force_tokens) if force_tokens else None
-    text = read_prompt(prompt, prompt_file, required=golden is None)
-    if run.engine_name == VLLM:
-        from kvlab.engines.vllm import resolve_model
+    snap, summary = report.snapshot, report.summary
+    con = console()
+    engine = snap.meta.get("engine")
+    if engine is None:
+        con.print(f"[bold]{model_spec}[/bold]  run: {snap.run}")
+        _print_run(con, snap, summary)
+        con.print(f"cache: {_cache_line(snap, summary['cache_bytes'])}")
+        if report.captured.tp > 1:
+            _print_tp(con, report.captured)
     else:
-        from kvlab.engines.llamacpp import resolve_model
-    model = resolve_model(model_spec)
-    tokens = model.encode(text, chat=chat) if text is not None else None
-    steps = len(golden.token_ids) - golden.n_prompt if golden is not None else max_new_tokens
-    started = time.perf_counter()
-    with progress_bar(steps, "capture", enabled=not quiet) as advance:
-        snap = capture_engine(model, tokens, run, force=golden, max_new_tokens=max_new_tokens, top_k=top_k,
-                              stop_at_eos=not ignore_eos, on_step=advance,
-                              prompt_text=text if tokens is None else None)
-    elapsed = time.perf_counter() - started
-    snap.save(out)
-    generated = snap.token_ids[snap.n_prompt:]
-    decoded = model.tokenizer.decode(generated, skip_special_tokens=False) if model.tokenizer is not None else None
-    summary = {**capture_summary(snap, out, golden is not None, elapsed, decoded), "engine": snap.meta.get("engine")}
-    if json_path != "-":
-        con = console()
-        engine = snap.meta["engine"]
         source = engine["model_dir"] if engine["name"] == VLLM else Path(engine["gguf"]).name
         con.print(f"[bold]{model_spec}[/bold]  run: {snap.run}  ({engine['package']} {engine['version']}, "
                   f"{source})")
@@ -142,30 +100,11 @@ def _capture_engine(model_spec, prompt, prompt_file, chat, max_new_tokens, run, 
         stored = (f"vLLM kv_cache_dtype {cache['kv_cache_dtype']}" if engine["name"] == VLLM
                   else f"llama.cpp K {cache['k_type']}, V {cache['v_type']}")
         con.print(f"cache ({stored}): {_cache_line(snap, summary['cache_bytes'])}")
-        if decoded is not None:
-            con.rule("generated text")
-            con.print(decoded, markup=False)
-            con.rule()
-        con.print(f"snapshot written to {out}")
-    write_json(json_path, summary)
-
-
-def capture_summary(snap, out, forced: bool, elapsed: float, text: str | None) -> dict:
-    """What `kvlab capture` reports of a snapshot, whoever ran it (`cache_bytes`: what the cache held)."""
-    n_generated = len(snap.token_ids) - snap.n_prompt
-    return {
-        "out": out,
-        "model": snap.model,
-        "run": snap.run,
-        "n_prompt": snap.n_prompt,
-        "n_generated": n_generated,
-        "teacher_forced": forced,
-        "seconds": elapsed,
-        "tokens_per_s": n_generated / elapsed if elapsed > 0 else None,
-        "cache_shape": list(snap.shape(0)),
-        "cache_bytes": snap.cache_nbytes(),
-        "text": text,
-    }
+    if summary["text"] is not None:
+        con.rule("generated text")
+        con.print(summary["text"], markup=False)
+        con.rule()
+    con.print(f"snapshot written to {out}")
 
 
 def _print_run(con, snap, summary: dict) -> None:

@@ -46,7 +46,7 @@ def diff_command(snapshots, model_spec, prompt, prompt_file, chat, golden_spec, 
     """
     from pathlib import Path
 
-    from kvlab.compare.study import compare_snapshots, run_study
+    from kvlab.study import compare_snapshots, run_study
 
     capture_mode = any(x is not None for x in (model_spec, prompt, prompt_file, golden_spec)) or bool(test_specs)
     if snapshots and capture_mode:

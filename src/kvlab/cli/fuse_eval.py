@@ -13,15 +13,6 @@ from kvlab.errors import KvlabError
 _STORE_HELP = "Chunk store URL: a folder, redis://host:port/db, or memory:// (this process only)."
 
 
-def _store(url: str):
-    from kvlab.fusion.store import open_store
-
-    try:
-        return open_store(url)
-    except ModuleNotFoundError as err:
-        raise KvlabError(f"store {url}: its backend is not available in this build ({err.name}); use memory://") from None
-
-
 def _evict(spec: str | None):
     if not spec:
         return None
@@ -88,10 +79,10 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
 
     Chunks missing from the store are computed and stored (their time counts in TTFT).
     """
-    from kvlab.fusion.fused import answer
-    from kvlab.fusion.prompt import build_prompt, read_chunks_file, task_prompt
+    from kvlab.fusion.evaluate import answer_question
+    from kvlab.fusion.prompt import read_chunks_file
     from kvlab.fusion.strategies import make_strategy
-    from kvlab.models import load_model
+    from kvlab.runspec import RunSpec
     from kvlab.tasks import read_task_file
 
     if (task_file is None) == (chunks_file is None):
@@ -109,47 +100,23 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
     elif not question:
         raise click.UsageError("--chunks-file needs --question")
     docs = read_chunks_file(chunks_file) if chunks_file else None
-    loaded = load_model(model_spec, run_text, progress=not quiet)
-    if task is not None:
-        prompt = task_prompt(loaded, task, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
-    else:
-        prompt = build_prompt(loaded, docs, question, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
-    with _store(store_url) as store:
-        got = answer(loaded, prompt, chosen, store, evict=policy, max_new_tokens=max_new_tokens)
-    result = got.prefill
-    summary = {
-        "model": model_spec,
-        "strategy": chosen.spec(),
-        "rate": chosen.rate_value,
-        "evict": str(policy) if policy else None,
-        "answer": got.text,
-        "ttft_s": got.ttft_s,
-        "tpot_s": got.tpot_s,
-        "n_tokens": result.n_tokens,
-        "n_docs": result.n_docs,
-        "recomputed": result.recomputed,
-        "recomputed_fraction": result.recomputed_fraction,
-        "store": {"url": store_url, "hits": result.load.hits, "misses": result.load.misses,
-                  "repaired": result.load.repaired, "load_s": result.load.seconds},
-    }
-    if task is not None:
-        from kvlab.tasks.scoring import score
-
-        summary["task"] = task.id
-        summary["scores"] = score(got.text, task.answers)
+    fused = answer_question(model_spec, RunSpec.parse(run_text), store_url, chosen, task=task, documents=docs,
+                            question=question, evict=policy, chunk_tokens=chunk_tokens, prefix=prefix, chat=chat,
+                            max_new_tokens=max_new_tokens, progress=not quiet)
     if json_path != "-":
+        got, result = fused.answer, fused.answer.prefill
         con = console()
         con.print(f"[bold]{model_spec}[/bold]  strategy {chosen.label()}"
                   + (f" rate {chosen.rate_value:g}" if chosen.rate_value is not None else "")
                   + (f"  evict {policy}" if policy else ""))
-        con.print(f"prompt {result.n_tokens} tokens ({result.n_docs} in {len(prompt.chunks)} chunks), "
+        con.print(f"prompt {result.n_tokens} tokens ({result.n_docs} in {len(fused.prompt.chunks)} chunks), "
                   f"recomputed {result.recomputed} document tokens ({result.recomputed_fraction:.1%}); store "
                   f"{result.load.hits} hits, {result.load.misses} computed")
         con.print(f"TTFT {got.ttft_s:.3f} s" + (f", {got.tpot_s * 1000:.1f} ms per output token" if got.tpot_s else ""))
         con.rule("answer")
         con.print(got.text, markup=False)
         con.rule()
-    write_json(json_path, summary)
+    write_json(json_path, fused.summary)
 
 
 @click.command("eval")
@@ -181,39 +148,28 @@ def eval_command(model_spec, task_source, n_tasks, strategies, rates, store_url,
                  metric, seed, report, prefix, chat, run_text, max_new_tokens, agree_tokens, json_path, quiet) -> None:
     """Accuracy (with its 95% interval), agreement with full prefill, TTFT and speedup of each strategy and
     rate, over all tasks and per task kind."""
-    from kvlab.fusion.evaluate import evaluate, expand, make_tasks
-    from kvlab.models import load_model
-    from kvlab.progress import progress_bar
+    from kvlab.fusion.evaluate import evaluate_model, expand
+    from kvlab.runspec import RunSpec
 
     names = [s.strip() for s in strategies.split(",") if s.strip()]
     runs = expand(names, _floats(rates, "--rates"))
     policy = _evict(evict_spec)
-    loaded = load_model(model_spec, run_text, progress=not quiet)
-    tasks = make_tasks(loaded, task_source, n_tasks, n_chunks=n_chunks, chunk_tokens=chunk_tokens, seed=seed)
-    with _store(store_url) as store, progress_bar(len(tasks) * len(runs), "fuse eval", enabled=not quiet) as bar:
-        result = evaluate(loaded, tasks, runs, store, evict=policy, metric=metric, max_new_tokens=max_new_tokens,
-                          chunk_tokens=chunk_tokens, chat=chat, prefix=prefix, agree_tokens=agree_tokens, on_step=bar)
-    rows = result.rows()
-    kinds = result.kinds()
-    by_kind = {kind: result.rows(kind) for kind in kinds} if len(kinds) > 1 else {}
-    title = f"{model_spec}: {task_source}, {len(tasks)} tasks" + (f", evict {policy}" if policy else "")
-    written = []
-    if report:
-        from kvlab.fusion.report import write_report
-
-        written = write_report(report, rows + [r for kind_rows in by_kind.values() for r in kind_rows], title)
+    done = evaluate_model(model_spec, RunSpec.parse(run_text), task_source, n_tasks, runs, store_url, evict=policy,
+                          n_chunks=n_chunks, chunk_tokens=chunk_tokens, seed=seed, metric=metric,
+                          max_new_tokens=max_new_tokens, chat=chat, prefix=prefix, agree_tokens=agree_tokens,
+                          report=report, progress=not quiet)
     if json_path != "-":
         con = console()
-        con.print(_table(title, rows, metric, agree_tokens))
-        for kind, kind_rows in by_kind.items():
+        con.print(_table(done.title, done.rows, metric, agree_tokens))
+        for kind, kind_rows in done.by_kind.items():
             con.print(_table(f"{kind}: {kind_rows[0]['n']} tasks", kind_rows, metric, agree_tokens))
         con.print(f"acc: accuracy with its 95% Wilson interval; =full: same answer as full prefill; "
                   f"={agree_tokens}tok: same first {agree_tokens} tokens")
-        if result.precomputed:
-            con.print(f"{result.precomputed} chunks computed into {store_url} before timing")
-        for path in written:
+        if done.result.precomputed:
+            con.print(f"{done.result.precomputed} chunks computed into {store_url} before timing")
+        for path in done.written:
             con.print(f"report written to {path}")
-    write_json(json_path, result.to_json(model=model_spec, task=task_source, evict=str(policy) if policy else None))
+    write_json(json_path, done.summary)
 
 
 @click.command("tasks")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from kvlab.cli.common import console, json_option, output_file, quiet_option, write_json
-from kvlab.cli.fuse_eval import _STORE_HELP, _chat, _chunk_tokens, _model, _prefix, _run, _store
+from kvlab.cli.fuse_eval import _STORE_HELP, _chat, _chunk_tokens, _model, _prefix, _run
 from kvlab.errors import KvlabError
 
 
@@ -37,6 +37,7 @@ def explain_command(model_spec, task_file, task_id, strategy, rate, store_url, t
     """Why a fused answer differs: the fused cache diffed against full prefill's (first divergence by
     layer, position and KV head), the recomputed tokens, where the evidence lies, and the question's
     attention on it per layer in both prefills."""
+    from kvlab.fusion.evaluate import open_chunk_store
     from kvlab.fusion.explain import DEFAULT_TOL, explain
     from kvlab.fusion.prompt import task_prompt
     from kvlab.fusion.strategies import make_strategy
@@ -52,7 +53,7 @@ def explain_command(model_spec, task_file, task_id, strategy, rate, store_url, t
     task = tasks[task_id]
     loaded = load_model(model_spec, run_text, progress=not quiet)
     prompt = task_prompt(loaded, task, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
-    with _store(store_url) as store:
+    with open_chunk_store(store_url) as store:
         result = explain(loaded, prompt, task, chosen, store, tol=tol or DEFAULT_TOL, max_new_tokens=max_new_tokens)
     data = result.to_json()
     written = None

@@ -160,14 +160,16 @@ def precompute_command(model_spec, tasks, store_url, run_text, chunk_tokens, pre
 
     from kvlab.fusion.precompute import precompute
     from kvlab.progress import progress_bar
+    from kvlab.runspec import RunSpec
 
+    run = RunSpec.parse(run_text)
     with contextlib.ExitStack() as stack:
         bar = {}
 
         def on_start(total: int) -> None:
             bar["advance"] = stack.enter_context(progress_bar(total, "precompute", enabled=not quiet))
 
-        report = precompute(model_spec, tasks, store_url, run=run_text, chunk_tokens=chunk_tokens, prefix=prefix,
+        report = precompute(model_spec, tasks, store_url, run=run, chunk_tokens=chunk_tokens, prefix=prefix,
                             chat=chat, surprisal=surprisal, workers=workers, on_start=on_start,
                             on_chunk=lambda outcome: bar["advance"]())
     if json_path != "-":

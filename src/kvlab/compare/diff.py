@@ -19,7 +19,7 @@ from kvlab.compare.diagnosis import Diagnosis, EngineEvidence, change_label, dia
 from kvlab.compare.logitsdiff import LogitsDiff, diff_logits
 from kvlab.compare.source import TENSORS, SnapshotSource
 from kvlab.compare.tolerance import Tolerance, ToleranceOverride, tolerance_for
-from kvlab.engines import own_arithmetic
+from kvlab.engines.settings import own_arithmetic
 from kvlab.errors import KvlabError
 from kvlab.runspec import RunSpec
 from kvlab.snapshot import Snapshot

@@ -8,110 +8,39 @@ compares it with a transformers golden run like any other test run. Engines so f
   cache types `f32`, `f16`, `q8_0`, `q4_0` (K and V alike), `fa=on|off`, `rope_base=X`.
 - `vllm` (`kvlab.engines.vllm`, vLLM in its own virtual environment and process):
   `kv_cache_dtype=auto|fp8` (the engine's cache type), `scales=DIR` (fp8 KV scales).
+
+This package's names are the engines as data (`kvlab.engines.settings`, what a run spec reads)
+and `engine_run`; it imports no runner: `kvlab.runner` sends a run to its engine's module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from kvlab.caches.registry import CachePolicy
+from kvlab.engines.settings import (
+    CACHE_KEY,
+    LLAMA_CPP,
+    VLLM,
+    EngineCache,
+    engine_cache,
+    engine_names,
+    engine_settings,
+    own_arithmetic,
+)
 from kvlab.errors import KvlabError
 
 if TYPE_CHECKING:
     from kvlab.runspec import RunSpec
-    from kvlab.snapshot import Snapshot
 
-LLAMA_CPP = "llama.cpp"
-VLLM = "vllm"
-_CACHE_TYPES = {LLAMA_CPP: ("f16", "f32", "q8_0", "q4_0"), VLLM: ("auto", "fp8")}  # the first is the default
-_LOSSLESS_TYPES = ("f32", "f16", "auto")  # rounding only: the tolerance follows their precision
-_PRECISIONS = {"f32": "float32", "f16": "float16", "auto": "float32", "fp8": "float8_e4m3fn"}
-# the run-spec keys each engine takes besides engine= (vLLM spells its cache type kv_cache_dtype=)
-_SETTINGS = {LLAMA_CPP: ("cache", "fa", "rope_base"), VLLM: ("cache", "kv_cache_dtype", "scales")}
-CACHE_KEY = {VLLM: "kv_cache_dtype"}  # how an engine's cache type is written in a run spec (default cache=)
-# engines whose matmuls round beyond the run's dtype (llama.cpp: GGUF weights times 8-bit activations);
-# vLLM runs the same float weights in the same dtype as transformers
-_OWN_ARITHMETIC = (LLAMA_CPP,)
+__all__ = ["CACHE_KEY", "LLAMA_CPP", "VLLM", "EngineCache", "engine_cache", "engine_names", "engine_run",
+           "engine_settings", "own_arithmetic"]
 
 
-def engine_names() -> list[str]:
-    return ["transformers", *_CACHE_TYPES]
-
-
-@dataclass(frozen=True)
-class EngineCache(CachePolicy):
-    """An engine's cache type (`cache=q8_0` under `engine=llama.cpp`): a name, not a transformers cache."""
-
-    engine: str = LLAMA_CPP
-    type: str = "f16"
-
-    @property
-    def lossless(self) -> bool:  # type: ignore[override]
-        return self.type in _LOSSLESS_TYPES
-
-    @property
-    def precision(self) -> str | None:
-        """The torch dtype its rows round to, for the diff's tolerance (None: quantized)."""
-        return _PRECISIONS.get(self.type)
-
-    def build(self, model, *, batch_size: int = 1, max_length: int | None = None):
-        raise KvlabError(f"cache={self.type} is a {self.engine} cache type: run it with engine={self.engine}")
-
-    def params(self) -> dict[str, Any]:
-        return {}
-
-    def spec(self) -> str:
-        return self.type
-
-
-def own_arithmetic(engine: str) -> bool:
-    """Whether `engine` computes with other numbers than transformers would in the same dtype."""
-    return engine in _OWN_ARITHMETIC
-
-
-def engine_run(run: "RunSpec | str | None", engine: str) -> "RunSpec":
-    """`run` as a spec of `engine` (settings alone, such as `cache=q8_0,fa=on`, mean that engine)."""
+def engine_run(run: "RunSpec | None", engine: str) -> "RunSpec":
+    """`run` checked to be a run of `engine` (None: the engine's default run)."""
     from kvlab.runspec import RunSpec
 
-    if isinstance(run, RunSpec):
-        spec = run
-    else:
-        text = (run or "").strip()
-        if "engine=" not in text:
-            text = f"engine={engine}" + ("," + text if text else "")
-        spec = RunSpec.parse(text)
+    spec = RunSpec(engine=engine) if run is None else run
     if spec.engine_name != engine:
         raise KvlabError(f"a {engine} capture needs engine={engine}, not engine={spec.engine_name}")
     return spec
-
-
-def engine_settings(engine: str) -> tuple[str, ...]:
-    """The run-spec keys `engine` takes besides engine= itself."""
-    return _SETTINGS[engine]
-
-
-def engine_cache(engine: str, name: str | None) -> EngineCache:
-    """The cache type `name` of `engine` (its default when None), or one line listing the allowed ones."""
-    from kvlab.runspec import RunSpecError
-
-    allowed = _CACHE_TYPES[engine]
-    if name is None:
-        return EngineCache(engine, allowed[0])
-    if name not in allowed:
-        key = CACHE_KEY.get(engine, "cache")
-        raise RunSpecError(f"run spec: {key}={name} is not a {engine} cache type; allowed: {', '.join(allowed)}")
-    return EngineCache(engine, name)
-
-
-def capture_engine(model_spec: str, tokens: list[int] | None, run: "RunSpec", **kwargs) -> "Snapshot":
-    """Capture `run` with its engine (the keyword arguments are those of `kvlab.capture`)."""
-    if run.engine_name == LLAMA_CPP:
-        from kvlab.engines import llamacpp
-
-        return llamacpp.capture(model_spec, tokens, run, **kwargs)
-    if run.engine_name == VLLM:
-        from kvlab.engines import vllm
-
-        return vllm.capture(model_spec, tokens, run, **kwargs)
-    raise KvlabError(f"engine={run.engine_name} has no capture")

@@ -77,7 +77,7 @@ class Settings:
     threads: int | None = None
 
     @classmethod
-    def from_run(cls, run: RunSpec | str | None, threads: int | None = None) -> "Settings":
+    def from_run(cls, run: RunSpec | None, threads: int | None = None) -> "Settings":
         spec = engine_run(run, LLAMA_CPP).with_defaults()
         return cls(cache=spec.policy.spec(), flash_attn=bool(spec.fa), rope_base=spec.rope_base, threads=threads)
 
@@ -276,7 +276,7 @@ class RotationWatch:
 def capture(
     model: str | GgufModel,
     tokens: Sequence[int] | torch.Tensor | None,
-    run: RunSpec | str | None = None,
+    run: RunSpec | None = None,
     *,
     force: Snapshot | Sequence[int] | None = None,
     max_new_tokens: int = 32,
@@ -291,7 +291,7 @@ def capture(
     """Run llama.cpp on `tokens` (or teacher-forced on `force`) and return its cache as a Snapshot.
 
     model: `smollm2` or a `.gguf` path (or a resolved `GgufModel`).
-    run: `engine=llama.cpp,cache=f16|f32|q8_0|q4_0,fa=on|off,rope_base=X` (engine may be left out).
+    run: a parsed `engine=llama.cpp,cache=f16|f32|q8_0|q4_0,fa=on|off,rope_base=X` (None: the defaults).
     prompt_text: when `tokens` is None and nothing is forced, llama.cpp tokenizes this text.
     Same loop as `kvlab.capture.capture` (`kvlab.decode.run_steps`, its callback `StepLog`): the
     prompt in one decode, then one token per step;

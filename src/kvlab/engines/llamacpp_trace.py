@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from kvlab.engines import LLAMA_CPP
 from kvlab.engines.ggml_graph import GgmlTensor, GraphCallback, libggml
 from kvlab.errors import KvlabError
 from kvlab.trace.format import layer_key, step_key, tensor_name
+
+if TYPE_CHECKING:
+    from kvlab.runspec import RunSpec
 
 _CACHE_LAYER = re.compile(r"cache_[kv]_l(\d+)")
 _NAMED = re.compile(r"^(kq|kq_soft_max|kqv|kqv_out)-(\d+)$")
@@ -187,7 +190,7 @@ def _ne(ptr: int) -> list[int]:
 def record_trace(
     model,
     tokens: Sequence[int] | None,
-    run=None,
+    run: "RunSpec | None" = None,
     *,
     layers: Sequence[int],
     steps: int,
@@ -199,9 +202,10 @@ def record_trace(
 ) -> EngineTraceSummary:
     """Run llama.cpp greedily from the prompt for `steps` decode steps, recording `layers`' attention.
 
-    Step 0 is the prompt's forward pass (recorded with `prefill`), 1.. the decode steps.
+    Step 0 is the prompt's forward pass (recorded with `prefill`), 1.. the decode steps; `run` is a
+    parsed llama.cpp run (None: its defaults).
     """
-    from kvlab.engines import LLAMA_CPP, engine_run
+    from kvlab.engines import engine_run
     from kvlab.engines.llamacpp import Session, Settings, resolve_model, session_threads, tokenize
     from kvlab.trace.format import LAYOUT_KEY
     from kvlab.trace.writer import TraceWriter, check_writable

@@ -93,7 +93,7 @@ class Settings:
     scales: str | None = None  # a `kvlab scales calibrate` folder or an exported checkpoint
 
     @classmethod
-    def from_run(cls, run: RunSpec | str | None) -> "Settings":
+    def from_run(cls, run: RunSpec | None) -> "Settings":
         spec = engine_run(run, VLLM).with_defaults()
         return cls(kv_cache_dtype=spec.policy.spec(), scales=spec.scales)
 
@@ -310,7 +310,7 @@ def checkpoint_for(model_dir: Path, scales: str | None, staging: Path) -> Path:
 def capture(
     model: str | HfModel,
     tokens: Sequence[int] | torch.Tensor | None,
-    run: RunSpec | str | None = None,
+    run: RunSpec | None = None,
     *,
     force: Snapshot | Sequence[int] | None = None,
     max_new_tokens: int = 32,
@@ -325,7 +325,7 @@ def capture(
     """Run vLLM on `tokens` (or teacher-forced on `force`) and return its cache as a Snapshot.
 
     model: `smollm2` or a Hugging Face model folder (or a resolved `HfModel`).
-    run: `engine=vllm,kv_cache_dtype=auto|fp8,scales=DIR` (engine may be left out).
+    run: a parsed `engine=vllm,kv_cache_dtype=auto|fp8,scales=DIR` (None: the defaults).
     python: vLLM's Python (see `find_python`).
     """
     from kvlab.capture import _plan, run_meta

@@ -18,12 +18,12 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvlab.caches.eviction import EvictionPolicy
 from kvlab.errors import KvlabError
-from kvlab.fusion.fused import answer, load_chunks
-from kvlab.fusion.prompt import DEFAULT_CHUNK_TOKENS, FusionPrompt, task_prompt
+from kvlab.fusion.fused import Answer, answer, load_chunks
+from kvlab.fusion.prompt import DEFAULT_CHUNK_TOKENS, FusionPrompt, build_prompt, task_prompt
 from kvlab.fusion.store.base import ChunkStore
 from kvlab.fusion.strategies import Strategy, make_strategy
 from kvlab.model_facts import LoadedModel
@@ -31,6 +31,9 @@ from kvlab.tasks.intervals import score_interval
 from kvlab.tasks.records import Task, read_task_file
 from kvlab.tasks.scoring import SCORERS, normalize, score
 from kvlab.tasks.suite import SOURCES, generated_tasks, task_kind
+
+if TYPE_CHECKING:
+    from kvlab.runspec import RunSpec
 
 
 def make_tasks(loaded: "LoadedModel", source: str, n: int, *, n_chunks: int = 8,
@@ -197,3 +200,105 @@ def _first_line(text: str) -> str:
 
 def _mean(values: Sequence[float]) -> float | None:
     return statistics.fmean(values) if values else None
+
+
+# ---- `kvlab fuse run` and `kvlab fuse eval` from a model spec and a store URL ----------------------
+
+def open_chunk_store(url: str) -> ChunkStore:
+    """`open_store`, with a backend this build lacks (redis-py) as one error line, not an ImportError."""
+    from kvlab.fusion.store import open_store
+
+    try:
+        return open_store(url)
+    except ModuleNotFoundError as err:
+        raise KvlabError(f"store {url}: its backend is not available in this build ({err.name}); use memory://") from None
+
+
+@dataclass
+class FusedAnswer:
+    """One question answered from stored chunk caches, and what `kvlab fuse run` reports of it."""
+
+    answer: Answer
+    prompt: FusionPrompt
+    summary: dict[str, Any]
+
+
+def answer_question(model_spec: str, run: "RunSpec", store_url: str, strategy: Strategy, *, task: Task | None = None,
+                    documents: Sequence[str] | None = None, question: str | None = None,
+                    evict: EvictionPolicy | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                    prefix: str | None = None, chat: bool | None = None, max_new_tokens: int = 32,
+                    progress: bool = False) -> FusedAnswer:
+    """Load the model, answer `task` (or `question` over `documents`) with `strategy` from the store at
+    `store_url` (chunks missing there are computed and stored, their time counted in TTFT), score it
+    against a task's answers."""
+    from kvlab.models import load_model
+
+    loaded = load_model(model_spec, run, progress=progress)
+    if task is not None:
+        prompt = task_prompt(loaded, task, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
+    else:
+        prompt = build_prompt(loaded, documents, question, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
+    with open_chunk_store(store_url) as store:
+        got = answer(loaded, prompt, strategy, store, evict=evict, max_new_tokens=max_new_tokens)
+    result = got.prefill
+    summary = {
+        "model": model_spec,
+        "strategy": strategy.spec(),
+        "rate": strategy.rate_value,
+        "evict": str(evict) if evict else None,
+        "answer": got.text,
+        "ttft_s": got.ttft_s,
+        "tpot_s": got.tpot_s,
+        "n_tokens": result.n_tokens,
+        "n_docs": result.n_docs,
+        "recomputed": result.recomputed,
+        "recomputed_fraction": result.recomputed_fraction,
+        "store": {"url": store_url, "hits": result.load.hits, "misses": result.load.misses,
+                  "repaired": result.load.repaired, "load_s": result.load.seconds},
+    }
+    if task is not None:
+        summary["task"] = task.id
+        summary["scores"] = score(got.text, task.answers)
+    return FusedAnswer(got, prompt, summary)
+
+
+@dataclass
+class ModelEval:
+    """`kvlab fuse eval` of one model: the result, its title, its rows (all tasks, then per kind when
+    there are several), the report files written and the JSON summary."""
+
+    result: EvalResult
+    title: str
+    rows: list[dict[str, Any]]
+    by_kind: dict[str, list[dict[str, Any]]]
+    written: list[Path]
+    summary: dict[str, Any]
+
+
+def evaluate_model(model_spec: str, run: "RunSpec", source: str, n_tasks: int, strategies: Sequence[Strategy],
+                   store_url: str, *, evict: EvictionPolicy | None = None, n_chunks: int = 8,
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS, seed: int = 0, metric: str = "substring",
+                   max_new_tokens: int = 24, chat: bool | None = None, prefix: str | None = None,
+                   agree_tokens: int = 8, report: str | Path | None = None, progress: bool = False) -> ModelEval:
+    """Load the model, make the tasks (`make_tasks`), `evaluate` every strategy on them against the store
+    at `store_url`, and write the HTML report when `report` names one."""
+    from kvlab.models import load_model
+    from kvlab.progress import progress_bar
+
+    loaded = load_model(model_spec, run, progress=progress)
+    tasks = make_tasks(loaded, source, n_tasks, n_chunks=n_chunks, chunk_tokens=chunk_tokens, seed=seed)
+    with open_chunk_store(store_url) as store, \
+            progress_bar(len(tasks) * len(strategies), "fuse eval", enabled=progress) as bar:
+        result = evaluate(loaded, tasks, strategies, store, evict=evict, metric=metric, max_new_tokens=max_new_tokens,
+                          chunk_tokens=chunk_tokens, chat=chat, prefix=prefix, agree_tokens=agree_tokens, on_step=bar)
+    rows = result.rows()
+    kinds = result.kinds()
+    by_kind = {kind: result.rows(kind) for kind in kinds} if len(kinds) > 1 else {}
+    title = f"{model_spec}: {source}, {len(tasks)} tasks" + (f", evict {evict}" if evict else "")
+    written: list[Path] = []
+    if report:
+        from kvlab.fusion.report import write_report
+
+        written = write_report(report, rows + [r for kind_rows in by_kind.values() for r in kind_rows], title)
+    summary = result.to_json(model=model_spec, task=source, evict=str(evict) if evict else None)
+    return ModelEval(result, title, rows, by_kind, written, summary)

@@ -13,7 +13,7 @@ import queue as queue_module
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvlab.errors import KvlabError
 from kvlab.fusion.chunking import DEFAULT_CHUNK_TOKENS, SentenceEnds, task_chunks
@@ -21,6 +21,9 @@ from kvlab.fusion.chunks import chunk_key, compute_chunk_kv
 from kvlab.fusion.prompt import prompt_frame
 from kvlab.fusion.store import ChunkStore, CorruptChunkError, open_store
 from kvlab.tasks import read_task_file
+
+if TYPE_CHECKING:
+    from kvlab.runspec import RunSpec
 
 # What one chunk's work came to: found intact, computed, or found damaged and recomputed.
 EXISTING, COMPUTED, REPAIRED = "existing", "computed", "repaired"
@@ -73,7 +76,7 @@ def precompute(
     tasks: str,
     store: str | ChunkStore,
     *,
-    run: str = "",
+    run: "RunSpec | None" = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     prefix: str | None = None,
     chat: bool | None = None,
@@ -83,7 +86,7 @@ def precompute(
     on_chunk: Callable[[str], None] | None = None,
 ) -> PrecomputeReport:
     """Compute every missing chunk of the task file `tasks` with `model` into `store` (a URL, or
-    an open store, which is left open).
+    an open store, which is left open), the model loaded for `run` (None: kvlab's defaults).
 
     The prefix (`prefix_token_ids`) is stored as a chunk of its own at position 0 and every
     chunk is computed after it, as `kvlab fuse run` and `kvlab fuse eval` look them up.

@@ -188,7 +188,7 @@ class TraceSummary:
 def record_trace(
     model,
     tokens: Sequence[int],
-    run: RunSpec | str | None = None,
+    run: RunSpec | None = None,
     *,
     layers: Sequence[int],
     steps: int,
@@ -200,12 +200,13 @@ def record_trace(
 
     Step 0 is the prompt's forward pass (recorded only with `prefill`), steps 1..`steps` the
     decode steps, each feeding the previous greedy token. The trace is written atomically to
-    `out` in ggml conventions (see kvlab.trace.format).
+    `out` in ggml conventions (see kvlab.trace.format). Keys `run` leaves out (all, when None)
+    are the model's as loaded.
     """
     from kvlab.capture import _unwrap
 
     hf_model, describe = _unwrap(model)
-    run = RunSpec.parse(run).resolve(hf_model)
+    run = (RunSpec() if run is None else run).resolve(hf_model)
     if run.tp != 1:
         raise KvlabError("traces are recorded with tp=1")
     prompt = [int(t) for t in tokens]

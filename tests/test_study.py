@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from kvlab.compare.study import resolve_test_runs, run_study
 from kvlab.errors import KvlabError
 from kvlab.runspec import RunSpec
 from kvlab.snapshot import Snapshot
+from kvlab.study import resolve_test_runs, run_study
 
 PROMPT = "Keys and values, position by position."
 
