@@ -68,7 +68,7 @@ def test_needle_tasks_are_reproducible_and_distinct():
     tok = tiny("tiny-llama").tokenizer
     a = needle_tasks(tok, 4, context_tokens=500, seed=7)
     b = needle_tasks(tok, 4, context_tokens=500, seed=7)
-    assert [t.to_json() for t in a] == [t.to_json() for t in b]
+    assert [t.to_dict() for t in a] == [t.to_dict() for t in b]
     assert len({t.answers[0] for t in a}) == 4 and len({t.question for t in a}) == 4
     with pytest.raises(KvlabError, match="depth"):
         needle_task(tok, NeedleSpec(depth=1.5))

@@ -213,7 +213,7 @@ def eval_command(model_spec, task_source, n_tasks, strategies, rates, store_url,
             con.print(f"{result.precomputed} chunks computed into {store_url} before timing")
         for path in written:
             con.print(f"report written to {path}")
-    write_json(json_path, result.to_json(model=model_spec, task=task_source, evict=str(policy) if policy else None))
+    write_json(json_path, result.to_dict(model=model_spec, task=task_source, evict=str(policy) if policy else None))
 
 
 @click.command("tasks")

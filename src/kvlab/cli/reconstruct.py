@@ -70,7 +70,7 @@ def reconstruct_command(shard_dir, layout_name, heads, kv_heads, tp, dp, seq_spl
                                          transpose_keys=transposed_keys, replica_atol=replica_atol, on_layer=advance)
     if out is not None:
         result.to_snapshot(imported_meta(shards), logits=shards.logits()).save(out)
-    report = result.to_json()
+    report = result.to_dict()
     report["n_layers"] = len(result.layers)
     report["out"] = out
     if json_path != "-":

@@ -59,7 +59,7 @@ def calibrate_command(model_spec, run_text, data, samples, seq_len, granularity,
         "granularity": granularity,
         "tp": tp,
         "files": [str(p) for p in result.files],
-        **cal.as_dict(),
+        **cal.to_dict(),
         "scales": [{"layer": i, "k_scale": k.tolist(), "v_scale": v.tolist()}
                    for i, (k, v) in enumerate(zip(scales.keys, scales.values))],
         "rank_scales": result.ranks,

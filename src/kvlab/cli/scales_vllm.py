@@ -80,7 +80,7 @@ def verify_command(checkpoint, engine, prompt_file, tokens, json_path) -> None:
                 row += [f"{side.expected:.3g}", codes, f"{side.range_use:.0%}"]
             table.add_row(*row)
         con.print(table)
-    write_json(json_path, result.as_dict())
+    write_json(json_path, result.to_dict())
     failed = [layer for layer in result.layers if not layer.ok]
     if failed:
         kinds = sorted({layer.status for layer in failed})

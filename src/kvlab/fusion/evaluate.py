@@ -135,7 +135,7 @@ class EvalResult:
             })
         return rows
 
-    def to_json(self, **extra: Any) -> dict[str, Any]:
+    def to_dict(self, **extra: Any) -> dict[str, Any]:
         details = [
             {"task": task.id, "kind": task_kind(task), "answers": task.answers,
              "runs": [{"label": o.label, "text": o.texts[i], "ttft_s": o.ttft[i],
