@@ -122,15 +122,8 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
         "strategy": chosen.spec(),
         "rate": chosen.rate_value,
         "evict": str(policy) if policy else None,
-        "answer": got.text,
-        "ttft_s": got.ttft_s,
-        "tpot_s": got.tpot_s,
-        "n_tokens": result.n_tokens,
-        "n_docs": result.n_docs,
-        "recomputed": result.recomputed,
-        "recomputed_fraction": result.recomputed_fraction,
-        "store": {"url": store_url, "hits": result.load.hits, "misses": result.load.misses,
-                  "repaired": result.load.repaired, "load_s": result.load.seconds},
+        **got.to_dict(),
+        "store": {"url": store_url, **result.load.to_dict()},
     }
     if task is not None:
         from kvlab.tasks.scoring import score

@@ -100,7 +100,7 @@ class Reconstruction:
         return not self.problems
 
     def to_dict(self) -> dict[str, Any]:
-        """`kvlab reconstruct --json`: the contract keys, then per-layer detail."""
+        """`kvlab reconstruct --json`: the contract keys, then per-layer detail and the layer count."""
         return {
             "layout": self.layout.name,
             "tp": self.layout.tp,
@@ -127,6 +127,7 @@ class Reconstruction:
                 }
                 for i, layer in enumerate(self.checks)
             ],
+            "n_layers": len(self.layers),
         }
 
     def to_snapshot(self, meta: dict[str, Any] | None = None, logits: torch.Tensor | None = None) -> "Snapshot":
