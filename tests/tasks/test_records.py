@@ -81,7 +81,7 @@ def test_the_readme_task_and_chunks_file_examples_are_read_as_shown(tmp_path):
     from kvlab.fusion.prompt import read_chunks_file
     from kvlab.tasks import read_task_file
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     task_block = re.search(r"```jsonl\n(.*?)```", readme, re.S).group(1)
     chunks_block = re.search(r"A chunks file .*?```text\n(.*?)```", readme, re.S).group(1)
     (tmp_path / "tasks.jsonl").write_text(task_block)
