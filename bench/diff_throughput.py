@@ -83,7 +83,7 @@ def run_kvlab(golden_dir: str, test_dir: str) -> dict:
     from kvlab.snapshot import Snapshot
 
     result = diff_snapshots(Snapshot.load(golden_dir), Snapshot.load(test_dir), tol=str(TOLERANCE))
-    data = result.to_json()
+    data = result.to_dict()
     return {"layers_rel_l2": [[e["keys"]["rel_l2"], e["values"]["rel_l2"]] for e in data["layers"]],
             "first_divergence": data["first_divergence"], "kl": data["logits"]["kl_per_step"]}
 

@@ -49,7 +49,7 @@ def test_precision_study_orders_the_runs_and_teacher_forces_them(study):
 
 def test_json_follows_the_design_contract(study):
     result, _ = study
-    data = json.loads(json.dumps(result.to_json(), allow_nan=False))
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert data["golden"] == "dtype=float32,attn=sdpa,cache=dynamic,tp=1,device=cpu"
     assert len(data["tests"]) == 3
     for entry in data["tests"]:
@@ -61,7 +61,7 @@ def test_json_follows_the_design_contract(study):
         for layer in entry["layers"]:
             assert set(layer) == {"layer", "keys", "values"}
             assert set(layer["keys"]) == set(layer["values"]) == ERROR_KEYS
-    tight = run_study("tiny-llama", PROMPT, tests=["dtype=bfloat16"], max_new_tokens=4, tol="1e-4").to_json()
+    tight = run_study("tiny-llama", PROMPT, tests=["dtype=bfloat16"], max_new_tokens=4, tol="1e-4").to_dict()
     first = tight["tests"][0]["first_divergence"]
     assert DIVERGENCE_KEYS <= set(first) and first["tensor"] in ("keys", "values")
     assert first["error"] > 1e-4
@@ -74,7 +74,7 @@ def test_test_specs_inherit_the_golden_keys():
 
 
 def test_a_tensor_parallel_test_run_is_captured_on_its_ranks_and_diffed():
-    study = run_study("tiny-llama", PROMPT, tests=["tp=2"], max_new_tokens=3).to_json()
+    study = run_study("tiny-llama", PROMPT, tests=["tp=2"], max_new_tokens=3).to_dict()
     (entry,) = study["tests"]
     assert ",tp=2," in entry["run"] and entry["first_divergence"] is None
     assert entry["logits"]["top1_agreement"] == 1.0
@@ -95,11 +95,11 @@ def test_a_golden_run_that_stops_early_says_at_which_step_and_ignore_eos_keeps_g
     assert early.golden.token_ids == free.golden.token_ids[:free.golden.n_prompt + stop + 1]
     assert early.golden_stop == {"step": stop, "steps": stop + 1, "asked": 6, "token": generated[stop]}
     assert f"stopped early at step {stop}" in early.stop_note() and "--ignore-eos" in early.stop_note()
-    assert early.to_json()["golden_stopped_early"]["step"] == stop
+    assert early.to_dict()["golden_stopped_early"]["step"] == stop
 
     kept = run_study("tiny-llama", PROMPT, tests=["dtype=bfloat16"], max_new_tokens=6, ignore_eos=True)
     assert kept.golden.token_ids == free.golden.token_ids and kept.golden_stop is None
-    assert kept.stop_note() is None and kept.to_json()["golden_stopped_early"] is None
+    assert kept.stop_note() is None and kept.to_dict()["golden_stopped_early"] is None
 
 
 def test_engine_test_specs_take_no_transformers_keys_from_the_golden():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,9 @@ class ModelSpec:
     kind: str  # "embedded" | "tiny" | "local"
     summary: str
     status: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
 
 
 def list_models() -> list[ModelSpec]:

@@ -63,7 +63,7 @@ def test_at_the_first_position_the_first_layer_in_computation_order_is_named_and
     worst = first.worst
     assert (worst.position, worst.layer, worst.head, worst.tensor) == (10, 2, 1, "values")
     assert worst.error == pytest.approx(0.7, rel=1e-5)
-    assert first.as_dict()["worst"]["layer"] == 2
+    assert first.to_dict()["worst"]["layer"] == 2
 
 
 def test_streamed_figures_equal_whole_tensor_metrics(golden_dir, monkeypatch):
@@ -109,7 +109,7 @@ def test_nan_and_inf_are_located_not_fatal(golden_dir, tmp_path):
     assert (first.position, first.layer, first.head, first.tensor, first.nonfinite) == (7, 2, 1, "values", True)
     # the finite rows still give exact (zero) errors, and the JSON stays valid JSON
     assert result.cache.layer_errors("values")[2].rel_l2 == 0
-    text = json.dumps(result.to_json(), allow_nan=False)
+    text = json.dumps(result.to_dict(), allow_nan=False)
     assert json.loads(text)["first_divergence"]["error"] is None
 
 

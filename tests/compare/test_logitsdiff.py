@@ -46,4 +46,4 @@ def test_snapshots_without_logits_still_diff(tmp_path):
     result = diff_snapshots(Snapshot.load(tmp_path / "g"), golden)
     assert result.logits.kl is None and result.logits.kl_mean is None
     assert result.logits.first_token_mismatch is None and result.logits.top1_agreement == 1.0
-    assert result.to_json()["logits"]["kl_mean"] is None
+    assert result.to_dict()["logits"]["kl_mean"] is None

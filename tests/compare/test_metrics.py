@@ -54,5 +54,5 @@ def test_kl_and_first_mismatch():
 
 def test_whole_tensor_errors_of_zero_tensors():
     z = torch.zeros(2, 3)
-    assert tensor_errors(z, z).as_dict() == {"max_abs": 0.0, "rel_l2": 0.0, "cosine": 1.0}
+    assert tensor_errors(z, z).to_dict() == {"max_abs": 0.0, "rel_l2": 0.0, "cosine": 1.0}
     assert tensor_errors(z, torch.ones(2, 3)).cosine == 0.0

@@ -42,7 +42,7 @@ def test_rows_give_intervals_and_agreement_per_kind():
     b = {r["strategy"]: r for r in result.rows("b")}
     assert b["a3"]["n"] == 2 and b["a3"]["accuracy"] == 0.5 and b["a3"]["speedup"] == pytest.approx(4.0)
     assert b["a3"]["agreement_with_full"] == 1.0 and b["full"]["accuracy_high"] == pytest.approx(wilson_interval(1, 2)[1])
-    data = result.to_json()
+    data = result.to_dict()
     assert set(data["by_kind"]) == {"a", "b"} and data["tasks"][2]["kind"] == "b"
 
 
@@ -76,6 +76,6 @@ def test_fuse_tasks_writes_what_fuse_eval_generates(cli, tmp_path):
                        "--seed", "4", "--out", out)
     assert code == 0, err
     made = make_tasks(tiny("tiny-llama"), "mixed", 5, n_chunks=3, chunk_tokens=200, seed=4)
-    assert [t.to_json() for t in read_task_file(out)] == [t.to_json() for t in made]
+    assert [t.to_dict() for t in read_task_file(out)] == [t.to_dict() for t in made]
     code, _, err = cli("fuse", "tasks", "--model", "tiny-llama", "--task", "other", "--out", out)
     assert code == 2 and "not one of needle, kvqa, needles, twohop, mixed" in err

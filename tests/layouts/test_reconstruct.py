@@ -221,7 +221,7 @@ def test_nan_in_one_replica_is_an_infinite_disagreement_and_shared_nan_is_not():
     parts[2][0, 0, 3, 2] = float("nan")
     _, check = merge_tensor(parts, layout)
     (problem,) = check.problems
-    assert problem.rank == 2 and math.isinf(problem.max_abs) and problem.as_dict()["max_abs"] is None
+    assert problem.rank == 2 and math.isinf(problem.max_abs) and problem.to_dict()["max_abs"] is None
 
 
 def test_replica_atol_accepts_small_differences():
@@ -289,7 +289,7 @@ def test_snapshot_shards_record_their_layout_and_rebuild_the_capture(tmp_path):
 def test_json_report_has_the_contract_keys(batch):
     layout = make_layout("replicate", 2, 2, 1)
     shards = shard([(cache(layout, batch, 3), cache(layout, batch, 3, seed=1))], layout)
-    data = reconstruct(shards, layout).to_json()
+    data = reconstruct(shards, layout).to_dict()
     assert {"layout", "tp", "replica_max_diff", "padding_max_abs", "problems"} <= set(data)
     assert data["layout"] == "replicate" and data["tp"] == 2 and data["problems"] == []
     assert data["layers"][0]["keys"]["replica_max_diff_by_head"] == [0.0]

@@ -8,7 +8,7 @@ from kvlab.scales.scales import ScalesError
 
 
 def valid(tp=2, layers=3):
-    return vllm_json.to_json({r: {i: 0.01 * (i + 1) for i in range(layers)} for r in range(tp)}, "llama")
+    return vllm_json.schema_object({r: {i: 0.01 * (i + 1) for i in range(layers)} for r in range(tp)}, "llama")
 
 
 def test_written_file_is_valid_and_reads_back(tmp_path):

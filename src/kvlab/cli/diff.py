@@ -78,7 +78,7 @@ def diff_command(snapshots, model_spec, prompt, prompt_file, chat, golden_spec, 
             con.print(f"report written to {report_path}")
         if json_path is not None:
             con.print(f"json written to {json_path}")
-    write_json(json_path, study.to_json())
+    write_json(json_path, study.to_dict())
 
 
 def print_summary(study) -> None:

@@ -55,7 +55,7 @@ def explain_command(model_spec, task_file, task_id, strategy, rate, store_url, t
     prompt = task_prompt(loaded, task, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
     with open_chunk_store(store_url) as store:
         result = explain(loaded, prompt, task, chosen, store, tol=tol or DEFAULT_TOL, max_new_tokens=max_new_tokens)
-    data = result.to_json()
+    data = result.to_dict()
     written = None
     if report:
         from kvlab.fusion.explain_report import write_explain_report

@@ -57,8 +57,6 @@ def stats_command(url, json_path) -> None:
 @json_option
 def ls_command(url, limit, json_path) -> None:
     """List the stored chunks: name, model, dtype, tokens, position base, size, dates."""
-    from dataclasses import asdict
-
     with _open(url) as store:
         infos = list(store.entries())
     if json_path != "-":
@@ -73,7 +71,7 @@ def ls_command(url, limit, json_path) -> None:
         con.print(table)
         if len(shown) < len(infos):
             con.print(f"... {len(infos) - len(shown)} more (--limit 0 shows all)")
-    write_json(json_path, {"url": url, "entries": [asdict(i) for i in infos]})
+    write_json(json_path, {"url": url, "entries": [i.to_dict() for i in infos]})
 
 
 @store_group.command("verify")

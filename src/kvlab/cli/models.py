@@ -28,7 +28,7 @@ def models_command(json_path: str | None) -> None:
     table.add_row("PATH", "local", "a local Hugging Face model folder (config.json + weights)", "")
     if json_path != "-":
         console().print(table)
-    write_json(json_path, {"models": [spec.__dict__ for spec in specs]})
+    write_json(json_path, {"models": [spec.to_dict() for spec in specs]})
 
 
 COMMANDS = [models_command]

@@ -70,9 +70,7 @@ def reconstruct_command(shard_dir, layout_name, heads, kv_heads, tp, dp, seq_spl
                                          transpose_keys=transposed_keys, replica_atol=replica_atol, on_layer=advance)
     if out is not None:
         result.to_snapshot(imported_meta(shards), logits=shards.logits()).save(out)
-    report = result.to_json()
-    report["n_layers"] = len(result.layers)
-    report["out"] = out
+    report = {**result.to_dict(), "out": out}
     if json_path != "-":
         _print_summary(result, shards, out)
     write_json(json_path, report)

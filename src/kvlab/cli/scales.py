@@ -53,18 +53,7 @@ def calibrate_command(model_spec, run_text, data, samples, seq_len, granularity,
         result = calibrate_to_files(loaded, out, data=data, samples=samples, seq_len=seq_len, granularity=granularity,
                                     fp8_format=fp8_format, tp=tp, fmt=out_format, chat=chat, on_sample=advance)
     cal, scales = result.calibration, result.scales
-    summary = {
-        "model": model_spec,
-        "fp8_format": fp8_format,
-        "granularity": granularity,
-        "tp": tp,
-        "files": [str(p) for p in result.files],
-        **cal.as_dict(),
-        "scales": [{"layer": i, "k_scale": k.tolist(), "v_scale": v.tolist()}
-                   for i, (k, v) in enumerate(zip(scales.keys, scales.values))],
-        "rank_scales": result.ranks,
-    }
-    summary["warnings"] = result.warnings
+    summary = {"model": model_spec, "fp8_format": fp8_format, "granularity": granularity, **result.to_dict()}
     _warn(result.warnings)
     if json_path != "-":
         from rich.table import Table
@@ -103,18 +92,7 @@ def extract_command(checkpoint, tp_size, load_format, model_type, out, json_path
     from kvlab.scales.api import extract_to_file
 
     found, path = extract_to_file(checkpoint, out, tp_size=tp_size, load_format=load_format, model_type=model_type)
-    summary = {
-        "checkpoint": checkpoint,
-        "kind": found.kind,
-        "model_type": found.model_type,
-        "tp": found.tp,
-        "n_layers": found.n_layers,
-        "files": [str(p) for p in found.files],
-        "out": str(path),
-        "scaling_factor": found.ranks,
-        "notes": found.notes,
-        "warnings": found.warnings,
-    }
+    summary = {"checkpoint": checkpoint, **found.to_dict(out=path)}
     _warn(found.warnings)
     if json_path != "-":
         con = console()
@@ -178,8 +156,7 @@ def check_command(file, model_spec, layers, tp, model_type, no_model_type, json_
                 con.print(f" {title}")
             for problem in items:
                 con.print(f"  - {problem}", markup=False)
-    write_json(json_path, {"file": file, "ok": result.ok, "context": result.context, "violations": result.violations,
-                           "vllm_violations": result.vllm_violations, "kvlab_violations": result.kvlab_violations})
+    write_json(json_path, {"file": file, **result.to_dict()})
     if not result.ok:
         raise KvlabError(f"{file}: {_counts(result)}")
 

@@ -29,8 +29,7 @@ def export_command(scales, model_dir, out, granularity, json_path, quiet) -> Non
     from kvlab.scales.vllm_export import export_checkpoint
 
     result = export_checkpoint(scales, _model_folder(model_dir), out, granularity=granularity)
-    summary = {"out": str(result.path), "granularity": result.scales.granularity, "n_layers": result.scales.n_layers,
-               "weights_linked": result.linked, "quantization_config": result.quantization_config}
+    summary = result.to_dict()
     if json_path != "-" and not quiet:
         con = console()
         how = "hard-linked" if result.linked else "copied"
@@ -80,7 +79,7 @@ def verify_command(checkpoint, engine, prompt_file, tokens, json_path) -> None:
                 row += [f"{side.expected:.3g}", codes, f"{side.range_use:.0%}"]
             table.add_row(*row)
         con.print(table)
-    write_json(json_path, result.as_dict())
+    write_json(json_path, result.to_dict())
     failed = [layer for layer in result.layers if not layer.ok]
     if failed:
         kinds = sorted({layer.status for layer in failed})

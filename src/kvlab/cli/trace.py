@@ -103,7 +103,7 @@ def _report_record(model_spec: str, summary, json_path: str | None) -> None:
         con.print(f"layers {', '.join(map(str, summary.layers))}  steps {summary.steps[0]}..{summary.steps[-1]}  "
                   f"{len(summary.tensors)} tensors, {summary.bytes / 2**20:.2f} MiB in {summary.seconds:.2f}s")
         con.print(f"trace written to {summary.path}")
-    write_json(json_path, summary.as_dict())
+    write_json(json_path, summary.to_dict())
 
 
 @trace_group.command("check")
@@ -148,7 +148,7 @@ def check_command(trace_path, tol, max_abs, scale, layout, deinterleave_qk, roun
         _print_report(report, per_head)
         if plot_path is not None:
             console().print(f"plot written to {plot_path}")
-    write_json(json_path, report.as_dict())
+    write_json(json_path, report.to_dict())
     return 0 if report.ok else 1
 
 

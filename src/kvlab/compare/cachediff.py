@@ -37,7 +37,7 @@ class NonFinite:
     position: int
     count: int  # non-finite elements in the row (over batch rows too)
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
@@ -56,13 +56,13 @@ class Divergence:
     nonfinite: bool = False
     worst: "Divergence | None" = None
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         out = {
             "position": self.position, "layer": self.layer, "head": self.head, "tensor": self.tensor,
             "error": self.error if not self.nonfinite else None, "nonfinite": self.nonfinite,
         }
         if self.worst is not None:
-            out["worst"] = self.worst.as_dict()
+            out["worst"] = self.worst.to_dict()
         return out
 
 

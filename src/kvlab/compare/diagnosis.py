@@ -48,7 +48,7 @@ class Diagnosis:
     kind: str  # "same", "dtype", "attn", "cache", "tp", "device", "several", "unknown"
     text: str
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {"differs_in": None if self.differs_in is None else list(self.differs_in), "kind": self.kind,
                 "text": self.text}
 

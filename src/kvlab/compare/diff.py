@@ -67,21 +67,21 @@ class DiffResult:
         pairs = [(i, h) for i in range(len(k)) for h in range(len(k[i]))]
         return sorted(pairs, key=lambda p: -max(_num(k[p[0]][p[1]].rel_l2), _num(v[p[0]][p[1]].rel_l2)))[:n]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """The `tests[]` entry of `kvlab diff --json` (DESIGN.md contract, plus more keys)."""
         layers_k, layers_v = self.cache.layer_errors("keys"), self.cache.layer_errors("values")
         heads_k, heads_v = self.cache.head_errors("keys"), self.cache.head_errors("values")
         return {
             "run": self.test_run,
             "label": self.label,
-            "first_divergence": None if self.first_divergence is None else self.first_divergence.as_dict(),
+            "first_divergence": None if self.first_divergence is None else self.first_divergence.to_dict(),
             "layers": [
                 {"layer": i, "keys": _errors_json(layers_k[i]), "values": _errors_json(layers_v[i])}
                 for i in range(len(layers_k))
             ],
-            "logits": self.logits.as_dict(),
-            "tolerance": self.tolerance.as_dict(),
-            "diagnosis": self.diagnosis.as_dict(),
+            "logits": self.logits.to_dict(),
+            "tolerance": self.tolerance.to_dict(),
+            "diagnosis": self.diagnosis.to_dict(),
             "heads": [
                 {"layer": i, "head": h, "keys": _errors_json(heads_k[i][h]), "values": _errors_json(heads_v[i][h])}
                 for i in range(len(heads_k)) for h in range(len(heads_k[i]))
@@ -91,7 +91,7 @@ class DiffResult:
                           for t in TENSORS},
             "worst_layers": self.worst_layers(),
             "worst_heads": [{"layer": i, "head": h} for i, h in self.worst_heads()],
-            "nonfinite": {"rows": self.cache.nonfinite_rows, "locations": [n.as_dict() for n in self.cache.nonfinite]},
+            "nonfinite": {"rows": self.cache.nonfinite_rows, "locations": [n.to_dict() for n in self.cache.nonfinite]},
             "n_positions": self.n_positions,
             "n_prompt": self.n_prompt,
             "path": self.test_path,
@@ -241,4 +241,4 @@ def _clean(value: float) -> float | None:
 
 
 def _errors_json(errors) -> dict[str, float | None]:
-    return {k: _clean(v) for k, v in errors.as_dict().items()}
+    return {k: _clean(v) for k, v in errors.to_dict().items()}

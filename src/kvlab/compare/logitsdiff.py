@@ -40,7 +40,7 @@ class LogitsDiff:
     def top1_agreement(self) -> float | None:
         return sum(self.top1) / len(self.top1) if self.top1 else None
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {
             "first_token_mismatch": self.first_token_mismatch,
             "kl_mean": _finite_or_none(self.kl_mean),

@@ -21,7 +21,7 @@ class Errors:
     rel_l2: float
     cosine: float
 
-    def as_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float]:
         return asdict(self)
 
 

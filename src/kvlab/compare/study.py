@@ -67,11 +67,11 @@ class Study:
 
         return repr(short_token(self.decode([ids[position]]), 24))
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """`kvlab diff --json`: `{"golden": RUN, "tests": [...]}` plus the model and token counts."""
         return {
             "golden": self.golden_run,
-            "tests": [r.to_json() for r in self.results],
+            "tests": [r.to_dict() for r in self.results],
             "model": self.golden.model,
             "n_prompt": self.golden.n_prompt,
             "n_tokens": len(self.golden.token_ids),

@@ -50,7 +50,7 @@ class Tolerance:
     rel_l2: float
     basis: str  # why this value: "default for bfloat16", "--tol", ...
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {"rel_l2": self.rel_l2, "basis": self.basis}
 
 

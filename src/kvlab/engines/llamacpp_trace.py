@@ -55,7 +55,7 @@ class EngineTraceSummary:
     bytes: int = 0
     seconds: float = 0.0
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "run": self.run, "layers": self.layers, "steps": self.steps,
                 "tensors": self.tensors, "bytes": self.bytes, "seconds": self.seconds}
 

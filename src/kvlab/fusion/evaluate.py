@@ -138,7 +138,7 @@ class EvalResult:
             })
         return rows
 
-    def to_json(self, **extra: Any) -> dict[str, Any]:
+    def to_dict(self, **extra: Any) -> dict[str, Any]:
         details = [
             {"task": task.id, "kind": task_kind(task), "answers": task.answers,
              "runs": [{"label": o.label, "text": o.texts[i], "ttft_s": o.ttft[i],
@@ -246,15 +246,8 @@ def answer_question(model_spec: str, run: "RunSpec", store_url: str, strategy: S
         "strategy": strategy.spec(),
         "rate": strategy.rate_value,
         "evict": str(evict) if evict else None,
-        "answer": got.text,
-        "ttft_s": got.ttft_s,
-        "tpot_s": got.tpot_s,
-        "n_tokens": result.n_tokens,
-        "n_docs": result.n_docs,
-        "recomputed": result.recomputed,
-        "recomputed_fraction": result.recomputed_fraction,
-        "store": {"url": store_url, "hits": result.load.hits, "misses": result.load.misses,
-                  "repaired": result.load.repaired, "load_s": result.load.seconds},
+        **got.to_dict(),
+        "store": {"url": store_url, **result.load.to_dict()},
     }
     if task is not None:
         summary["task"] = task.id
@@ -300,5 +293,5 @@ def evaluate_model(model_spec: str, run: "RunSpec", source: str, n_tasks: int, s
         from kvlab.fusion.report import write_report
 
         written = write_report(report, rows + [r for kind_rows in by_kind.values() for r in kind_rows], title)
-    summary = result.to_json(model=model_spec, task=source, evict=str(evict) if evict else None)
+    summary = result.to_dict(model=model_spec, task=source, evict=str(evict) if evict else None)
     return ModelEval(result, title, rows, by_kind, written, summary)

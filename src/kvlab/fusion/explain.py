@@ -44,7 +44,7 @@ class Evidence:
     positions: list[int]  # prompt positions (prefix first), empty when not found
     chunk: int | None  # the chunk holding its first token
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "positions": self.positions, "chunk": self.chunk}
 
 
@@ -91,7 +91,7 @@ class Explanation:
                         for t in ("keys", "values")})
         return out
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         first = self.first_divergence
         selected = set(self.selected_positions())
         return {
@@ -109,9 +109,9 @@ class Explanation:
             "recomputed": self.fused.recomputed,
             "selected": sorted(selected),
             "tolerance": self.tol,
-            "first_divergence": None if first is None else {**first.as_dict(), **self.where(first.position)},
+            "first_divergence": None if first is None else {**first.to_dict(), **self.where(first.position)},
             "chunk_errors": self.chunk_errors(),
-            "evidence": [{**e.as_dict(), "selected": sum(p in selected for p in e.positions)} for e in self.evidence],
+            "evidence": [{**e.to_dict(), "selected": sum(p in selected for p in e.positions)} for e in self.evidence],
             "attention_on_evidence": {"full": self.attention_full, "fused": self.attention_fused},
         }
 

@@ -26,7 +26,7 @@ def write_explain_report(path: str | Path, explanation: Explanation) -> Path:
 
 
 def render(e: Explanation) -> str:
-    data = e.to_json()
+    data = e.to_dict()
     first = data["first_divergence"]
     parts = [f"<h1>fuse explain: {html.escape(e.task.id)}</h1>",
              f"<p><b>Question</b>: {html.escape(e.task.question)}<br><b>Accepted</b>: "

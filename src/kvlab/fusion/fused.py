@@ -50,6 +50,9 @@ class LoadStats:
     repaired: int = 0  # damaged or incomplete entries recomputed and replaced
     seconds: float = 0.0
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"hits": self.hits, "misses": self.misses, "repaired": self.repaired, "load_s": self.seconds}
+
 
 @dataclass
 class Prefill:
@@ -375,6 +378,13 @@ class Answer:
     tpot_s: float | None
     prefill: Prefill
     ttft_cpu_s: float = 0.0  # this process's CPU time up to the first token (steadier on a busy machine)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The answer, its timing and what its prefill recomputed (`kvlab fuse run --json`)."""
+        result = self.prefill
+        return {"answer": self.text, "ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "n_tokens": result.n_tokens,
+                "n_docs": result.n_docs, "recomputed": result.recomputed,
+                "recomputed_fraction": result.recomputed_fraction}
 
 
 def answer(loaded: "LoadedModel", prompt: FusionPrompt, strategy: Strategy, store: ChunkStore | None = None, *,

@@ -55,7 +55,7 @@ class Problem:
                     f"from rank {ref_rank} slot {ref_slot}, the copy most of the {self.copies} copies agree with")
         return f"{where}: padding of rank {self.rank} slot {self.slot} is not zero (max abs {self.max_abs:.3g}){at}"
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["max_abs"] = json_number(self.max_abs)
         data["reference"] = list(self.reference) if self.reference is not None else None
@@ -99,14 +99,14 @@ class Reconstruction:
     def ok(self) -> bool:
         return not self.problems
 
-    def to_json(self) -> dict[str, Any]:
-        """`kvlab reconstruct --json`: the contract keys, then per-layer detail."""
+    def to_dict(self) -> dict[str, Any]:
+        """`kvlab reconstruct --json`: the contract keys, then per-layer detail and the layer count."""
         return {
             "layout": self.layout.name,
             "tp": self.layout.tp,
             "replica_max_diff": json_number(self.replica_max_diff),
             "padding_max_abs": json_number(self.padding_max_abs),
-            "problems": [p.as_dict() for p in self.problems],
+            "problems": [p.to_dict() for p in self.problems],
             "ok": self.ok,
             "n_kv_heads": self.layout.n_kv_heads,
             "heads_by_rank": [list(self.layout.heads(r)) for r in range(self.layout.tp)],
@@ -127,6 +127,7 @@ class Reconstruction:
                 }
                 for i, layer in enumerate(self.checks)
             ],
+            "n_layers": len(self.layers),
         }
 
     def to_snapshot(self, meta: dict[str, Any] | None = None, logits: torch.Tensor | None = None) -> "Snapshot":

@@ -27,6 +27,18 @@ class CalibrationResult:
     ranks: dict[int, dict[int, float]] | None = None
     warnings: list[str] = field(default_factory=list)  # valid, but an engine would refuse it
 
+    def to_dict(self) -> dict[str, Any]:
+        """`kvlab scales calibrate --json` after the options it echoes (model, fp8 format, granularity)."""
+        return {
+            "tp": self.tp,
+            "files": [str(p) for p in self.files],
+            **self.calibration.to_dict(),
+            "scales": [{"layer": i, "k_scale": k.tolist(), "v_scale": v.tolist()}
+                       for i, (k, v) in enumerate(zip(self.scales.keys, self.scales.values))],
+            "rank_scales": self.ranks,
+            "warnings": self.warnings,
+        }
+
 
 def calibrate_to_files(loaded: "LoadedModel", out: str | Path, *, data: str | Path | None = None,
                        samples: int = DEFAULT_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, granularity: str = "tensor",
@@ -77,6 +89,11 @@ class CheckResult:
     @property
     def ok(self) -> bool:
         return not self.violations
+
+    def to_dict(self) -> dict[str, Any]:
+        """`kvlab scales check --json` after the file name as given."""
+        return {"ok": self.ok, "context": self.context, "violations": self.violations,
+                "vllm_violations": self.vllm_violations, "kvlab_violations": self.kvlab_violations}
 
 
 def check_file(path: str | Path, *, tp: int | None = None, n_layers: int | None = None,

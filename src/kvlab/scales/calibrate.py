@@ -49,7 +49,7 @@ class Calibration:
         meta = {"source": self.source, "samples": self.n_samples, "tokens": self.n_tokens}
         return KVScales.from_amax(keys, values, fp8_format, meta)
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "samples": self.n_samples,

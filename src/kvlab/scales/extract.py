@@ -77,6 +77,12 @@ class Extracted:
     def n_layers(self) -> int:
         return len(self.ranks[0])
 
+    def to_dict(self, out: str | Path | None = None) -> dict[str, Any]:
+        """What the checkpoint holds; `out`: the kv_cache_scales.json it was written to."""
+        return {"kind": self.kind, "model_type": self.model_type, "tp": self.tp, "n_layers": self.n_layers,
+                "files": [str(p) for p in self.files], "out": None if out is None else str(out),
+                "scaling_factor": self.ranks, "notes": self.notes, "warnings": self.warnings}
+
 
 # ---- files -----------------------------------------------------------------------------
 def tensor_files(folder: Path, load_format: str = "auto") -> tuple[list[Path], str]:

@@ -38,6 +38,10 @@ class ExportResult:
     linked: bool  # weights hard-linked (else copied)
     quantization_config: dict[str, Any]
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": str(self.path), "granularity": self.scales.granularity, "n_layers": self.scales.n_layers,
+                "weights_linked": self.linked, "quantization_config": self.quantization_config}
+
 
 def quantization_config(granularity: str) -> dict[str, Any]:
     """The complete block vLLM needs: compressed-tensors, no weight groups, the KV cache scheme."""

@@ -39,7 +39,7 @@ class Problem:
         return self.text
 
 
-def to_json(ranks: RankScales, model_type: str | None) -> dict[str, Any]:
+def schema_object(ranks: RankScales, model_type: str | None) -> dict[str, Any]:
     """The schema's object, ranks and layers in order, keys as integer strings."""
     return {
         "model_type": model_type,
@@ -55,7 +55,7 @@ def to_json(ranks: RankScales, model_type: str | None) -> dict[str, Any]:
 
 def write(path: str | Path, ranks: RankScales, model_type: str | None) -> Path:
     """Write the file atomically after checking it against the schema."""
-    data = to_json(ranks, model_type)
+    data = schema_object(ranks, model_type)
     problems = check(data, expect_model_type=False)
     if problems:
         raise ScalesError(f"refusing to write invalid scales: {problems[0]}")

@@ -70,7 +70,7 @@ class SideCheck:
             return "fallback 1.0"
         return "other"
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "checkpoint": self.checkpoint, "loaded": self.loaded, "used": self.used,
                 "match_checkpoint": self.match_checkpoint, "match_one": self.match_one, "fitted": self.fitted,
                 "range_use": self.range_use, "clipped": self.clipped}
@@ -107,7 +107,7 @@ class VerifyResult:
     def ok(self) -> bool:
         return all(layer.ok for layer in self.layers)
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "checkpoint": str(self.checkpoint),
             "ok": self.ok,
@@ -116,8 +116,8 @@ class VerifyResult:
             "n_tokens": self.n_tokens,
             "notes": self.notes,
             "failed_layers": [layer.layer for layer in self.layers if not layer.ok],
-            "layers": [{"layer": layer.layer, "status": layer.status, "k": layer.k.as_dict(),
-                        "v": layer.v.as_dict()} for layer in self.layers],
+            "layers": [{"layer": layer.layer, "status": layer.status, "k": layer.k.to_dict(),
+                        "v": layer.v.to_dict()} for layer in self.layers],
         }
 
 

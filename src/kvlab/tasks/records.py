@@ -40,7 +40,7 @@ class Task:
         docs = "\n\n".join(self.documents())
         return f"{docs}\n\n{instruction}\nQuestion: {self.question}"
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         if data["context"] is None:
             del data["context"]
@@ -108,5 +108,5 @@ def write_task_file(path: str | Path, tasks: Iterable[Task]) -> Path:
 
     with atomic_file(path, "w") as handle:
         for task in tasks:
-            handle.write(json.dumps(task.to_json(), ensure_ascii=False) + "\n")
+            handle.write(json.dumps(task.to_dict(), ensure_ascii=False) + "\n")
     return Path(path)

@@ -63,7 +63,7 @@ class CheckReport:
     def worst(self) -> HeadError | None:
         return max(self.entries, key=lambda e: (not math.isfinite(e.rel_l2), e.rel_l2), default=None)
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
             "path": self.path,

@@ -179,7 +179,7 @@ class TraceSummary:
     bytes: int = 0
     seconds: float = 0.0
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"out": str(self.path), "run": self.run, "layers": self.layers, "steps": self.steps,
                 "token_ids": self.token_ids, "n_prompt": self.n_prompt, "n_tensors": len(self.tensors),
                 "bytes": self.bytes, "seconds": self.seconds}

@@ -11,7 +11,7 @@ import redis
 
 from kvlab.fusion.store import StoreError, open_store
 from kvlab.fusion.store.resp import BulkReader, RespError
-from tests.fusion.store.conftest import _free_port
+from tests.conftest import _free_port
 from tests.fusion.store.synthetic import make_chunk, make_key, same_chunk
 
 

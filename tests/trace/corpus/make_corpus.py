@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python tests/trace/corpus/make_corpus.py
 
-Each broken file is the valid one with one thing wrong; `EXPECTED` (in test_fuzz.py) says
+Each broken file is the valid one with one thing wrong; `EXPECTED` (in test_reader_fuzz.py) says
 which one-line error each must give.
 """
 

@@ -35,6 +35,9 @@ class EntryInfo:
     created: str
     last_used: str | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 @dataclass
 class VerifyReport:

@@ -68,7 +68,7 @@ def test_needle_tasks_are_reproducible_and_distinct():
     tok = tiny("tiny-llama").tokenizer
     a = needle_tasks(tok, 4, context_tokens=500, seed=7)
     b = needle_tasks(tok, 4, context_tokens=500, seed=7)
-    assert [t.to_json() for t in a] == [t.to_json() for t in b]
+    assert [t.to_dict() for t in a] == [t.to_dict() for t in b]
     assert len({t.answers[0] for t in a}) == 4 and len({t.question for t in a}) == 4
     with pytest.raises(KvlabError, match="depth"):
         needle_task(tok, NeedleSpec(depth=1.5))
@@ -81,7 +81,7 @@ def test_the_readme_task_and_chunks_file_examples_are_read_as_shown(tmp_path):
     from kvlab.fusion.prompt import read_chunks_file
     from kvlab.tasks import read_task_file
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     task_block = re.search(r"```jsonl\n(.*?)```", readme, re.S).group(1)
     chunks_block = re.search(r"A chunks file .*?```text\n(.*?)```", readme, re.S).group(1)
     (tmp_path / "tasks.jsonl").write_text(task_block)

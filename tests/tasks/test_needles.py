@@ -57,9 +57,9 @@ def test_a_needle_of_every_form_is_planted_once_where_its_meta_says(form):
 
 def test_needle_tasks_are_seeded():
     a = needle_form_task(tok(), "password", n_docs=3, chunk_tokens=200, index=5, seed=1)
-    assert a.to_json() == needle_form_task(tok(), "password", n_docs=3, chunk_tokens=200, index=5, seed=1).to_json()
-    assert a.to_json() != needle_form_task(tok(), "password", n_docs=3, chunk_tokens=200, index=5, seed=2).to_json()
-    assert a.to_json() != needle_form_task(tok(), "password", n_docs=3, chunk_tokens=200, index=6, seed=1).to_json()
+    assert a.to_dict() == needle_form_task(tok(), "password", n_docs=3, chunk_tokens=200, index=5, seed=1).to_dict()
+    assert a.to_dict() != needle_form_task(tok(), "password", n_docs=3, chunk_tokens=200, index=5, seed=2).to_dict()
+    assert a.to_dict() != needle_form_task(tok(), "password", n_docs=3, chunk_tokens=200, index=6, seed=1).to_dict()
 
 
 def test_haystacks_come_from_anywhere_in_the_essays():
@@ -111,7 +111,7 @@ def test_the_mixed_suite_holds_every_kind_and_form_and_is_seeded():
     assert {t.meta["form"] for t in tasks if task_kind(t) == "needle"} == {f.name for f in FORMS}
     assert len({t.id for t in tasks}) == 48 and len({t.question for t in tasks}) == 48
     again = generated_tasks(tok(), "mixed", 8, n_docs=4, chunk_tokens=300, seed=0)
-    assert [t.to_json() for t in again] == [t.to_json() for t in tasks[:8]]
+    assert [t.to_dict() for t in again] == [t.to_dict() for t in tasks[:8]]
     for task in tasks:
         assert occurrences(task.chunks, task.answers[0]) == 1, task.id
         assert {"kind", "form", "documents", "facts", "verbatim"} <= set(task.meta), task.id

@@ -29,9 +29,9 @@ def test_kvqa_documents_hold_distinct_facts_and_the_answer_is_in_one_of_them():
 def test_kvqa_is_seeded():
     tok = tiny("tiny-llama").tokenizer
     a, b = kvqa_tasks(tok, 3, n_chunks=2, chunk_tokens=100), kvqa_tasks(tok, 3, n_chunks=2, chunk_tokens=100)
-    assert [t.to_json() for t in a] == [t.to_json() for t in b]
+    assert [t.to_dict() for t in a] == [t.to_dict() for t in b]
     assert len({t.answers[0] for t in a}) == 3
-    assert kvqa_tasks(tok, 1, n_chunks=2, chunk_tokens=100, seed=5)[0].to_json() != a[0].to_json()
+    assert kvqa_tasks(tok, 1, n_chunks=2, chunk_tokens=100, seed=5)[0].to_dict() != a[0].to_dict()
 
 
 @pytest.mark.parametrize("spec, fragment", [
