@@ -154,3 +154,28 @@ def capture_summary(snap: Snapshot, out, forced: bool, elapsed: float, text: str
         "cache_bytes": snap.cache_nbytes(),
         "text": text,
     }
+
+
+def record_prompt_trace(model_spec: str, text: str, run: RunSpec, *, layers: Sequence[int] | None, steps: int,
+                        out: str | Path, chat: bool = False, prefill: bool = False, progress: bool = False):
+    """Record an attention trace of `run` on `text` into `out`, whoever runs the model: llama.cpp's own
+    graph tensors for an engine run, transformers' attention otherwise. `layers` None: every layer."""
+    model = ModelCache(model_spec, progress=progress).get(run)
+    tokens = model.encode(text, chat=chat)
+    if run.is_engine:
+        from kvlab.engines.llamacpp_trace import record_trace as record_engine_trace
+
+        if layers is None:
+            if model.describe.get("n_layers") is None:
+                raise KvlabError("--layers all needs the layer count: give the layers (e.g. 0-29)")
+            layers = list(range(model.describe["n_layers"]))
+        with progress_bar(steps + 1, "record", enabled=progress) as advance:
+            return record_engine_trace(model, tokens, run, layers=layers, steps=steps, out=out, prefill=prefill,
+                                       prompt_text=text, on_step=advance)
+    from kvlab.model_facts import model_shape
+    from kvlab.trace import record_trace
+
+    if layers is None:
+        layers = list(range(model_shape(model.config)["n_layers"]))
+    with progress_bar(steps + 1, "record", enabled=progress) as advance:
+        return record_trace(model, tokens, run, layers=layers, steps=steps, out=out, prefill=prefill, on_step=advance)

@@ -9,7 +9,6 @@ import click
 
 from kvlab.cli.common import console, json_option, output_file, quiet_option, write_json
 from kvlab.cli.fuse_eval import _STORE_HELP, _chat, _chunk_tokens, _model, _prefix, _run
-from kvlab.errors import KvlabError
 
 
 @click.command("explain")
@@ -37,33 +36,21 @@ def explain_command(model_spec, task_file, task_id, strategy, rate, store_url, t
     """Why a fused answer differs: the fused cache diffed against full prefill's (first divergence by
     layer, position and KV head), the recomputed tokens, where the evidence lies, and the question's
     attention on it per layer in both prefills."""
-    from kvlab.fusion.evaluate import open_chunk_store
-    from kvlab.fusion.explain import DEFAULT_TOL, explain
-    from kvlab.fusion.prompt import task_prompt
+    from kvlab.fusion.explain import DEFAULT_TOL, explain_task
     from kvlab.fusion.strategies import make_strategy
-    from kvlab.models import load_model
-    from kvlab.tasks import read_task_file
+    from kvlab.runspec import RunSpec
 
-    chosen = make_strategy(strategy, rate)
-    if chosen.is_full:
-        raise KvlabError("--strategy full is the reference itself: explain a fused strategy")
-    tasks = {t.id: t for t in read_task_file(task_file)}
-    if task_id not in tasks:
-        raise KvlabError(f"task file {task_file} has no task with id {task_id!r}")
-    task = tasks[task_id]
-    loaded = load_model(model_spec, run_text, progress=not quiet)
-    prompt = task_prompt(loaded, task, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
-    with open_chunk_store(store_url) as store:
-        result = explain(loaded, prompt, task, chosen, store, tol=tol or DEFAULT_TOL, max_new_tokens=max_new_tokens)
-    data = result.to_dict()
+    done = explain_task(model_spec, RunSpec.parse(run_text), task_file, task_id, make_strategy(strategy, rate),
+                        store_url, tol=tol or DEFAULT_TOL, chunk_tokens=chunk_tokens, prefix=prefix, chat=chat,
+                        max_new_tokens=max_new_tokens, progress=not quiet)
     written = None
     if report:
         from kvlab.fusion.explain_report import write_explain_report
 
-        written = write_explain_report(report, result)
+        written = write_explain_report(report, done.explanation)
     if json_path != "-":
-        _print(data, result, written)
-    write_json(json_path, {"model": model_spec, **data})
+        _print(done.summary, done.explanation, written)
+    write_json(json_path, done.summary)
 
 
 def _print(data: dict, result, written) -> None:

@@ -55,43 +55,15 @@ def record_command(model_spec, layers_text, steps, run_text, engine, prompt, pro
     shapes and permutations in kvlab.* metadata. Step n is the n-th forward pass: 0 the
     prompt, 1.. the decode steps.
     """
-    from kvlab.models import load_model
-    from kvlab.progress import progress_bar
-    from kvlab.runspec import RunSpec
-    from kvlab.trace import record_trace
-
     from kvlab.cli.capture import with_engine
+    from kvlab.runner import record_prompt_trace
+    from kvlab.runspec import RunSpec
 
     layers = _parse_layers(layers_text)
     run = RunSpec.parse(with_engine(run_text, engine))
     text = read_prompt(prompt, prompt_file, required=False) or DEFAULT_PROMPT
-    if run.is_engine:
-        _record_engine(model_spec, layers, steps, run, text, chat, prefill, out, json_path, quiet)
-        return
-    loaded = load_model(model_spec, run, progress=not quiet)
-    if layers is None:
-        layers = list(range(model_shape(loaded.config)["n_layers"]))
-    with progress_bar(steps + 1, "record", enabled=not quiet) as advance:
-        summary = record_trace(loaded, loaded.encode(text, chat=chat), run, layers=layers, steps=steps, out=out,
-                               prefill=prefill, on_step=advance)
-    _report_record(model_spec, summary, json_path)
-
-
-def _record_engine(model_spec, layers, steps, run, text, chat, prefill, out, json_path, quiet) -> None:
-    """`kvlab trace record --engine llama.cpp`: the engine's own attention tensors, in ggml's layout."""
-    from kvlab.engines.llamacpp import resolve_model
-    from kvlab.engines.llamacpp_trace import record_trace
-    from kvlab.progress import progress_bar
-
-    model = resolve_model(model_spec)
-    tokens = model.encode(text, chat=chat)
-    if layers is None:
-        if model.describe.get("n_layers") is None:
-            raise click.UsageError("--layers all needs the layer count: give the layers (e.g. 0-29)")
-        layers = list(range(model.describe["n_layers"]))
-    with progress_bar(steps + 1, "record", enabled=not quiet) as advance:
-        summary = record_trace(model, tokens, run, layers=layers, steps=steps, out=out, prefill=prefill,
-                               prompt_text=text, on_step=advance)
+    summary = record_prompt_trace(model_spec, text, run, layers=layers, steps=steps, out=out, chat=chat,
+                                  prefill=prefill, progress=not quiet)
     _report_record(model_spec, summary, json_path)
 
 

@@ -17,7 +17,7 @@ For one task and strategy:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import DynamicCache
@@ -25,12 +25,16 @@ from transformers import DynamicCache
 from kvlab.caches.taps import attention_taps, rows_attention
 from kvlab.compare.cachediff import CacheDiff, Divergence, diff_caches
 from kvlab.fusion.fused import Prefill, eos_ids, greedy_decode, prefill
-from kvlab.fusion.prompt import FusionPrompt
+from kvlab.errors import KvlabError
+from kvlab.fusion.prompt import DEFAULT_CHUNK_TOKENS, FusionPrompt, task_prompt
 from kvlab.fusion.store.base import ChunkStore
 from kvlab.fusion.strategies import Strategy, make_strategy
 from kvlab.model_facts import LoadedModel, decoder_layers
-from kvlab.tasks.records import Task
+from kvlab.tasks.records import Task, read_task_file
 from kvlab.tasks.scoring import score
+
+if TYPE_CHECKING:
+    from kvlab.runspec import RunSpec
 
 
 DEFAULT_TOL = 1e-3  # rel-L2 per cache row: above float32 noise between two kernels, far below a lost context
@@ -195,3 +199,32 @@ def explain(loaded: "LoadedModel", prompt: FusionPrompt, task: Task, strategy: S
         answers[name] = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
     return Explanation(task, strategy, prompt, token_texts, full, fused, diff, tol, evidence, attention_full,
                        attention_fused, answers)
+
+
+@dataclass
+class ExplainedTask:
+    """`kvlab fuse explain`'s result: the explanation and its JSON."""
+
+    explanation: Explanation
+    summary: dict[str, Any]
+
+
+def explain_task(model_spec: str, run: "RunSpec", task_file: str, task_id: str, strategy: Strategy,
+                 store_url: str, *, tol: float = DEFAULT_TOL, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                 prefix: str | None = None, chat: bool | None = None, max_new_tokens: int = 24,
+                 progress: bool = False) -> ExplainedTask:
+    """Load the model, find task `task_id` in `task_file` and explain `strategy` on it."""
+    from kvlab.fusion.evaluate import open_chunk_store
+    from kvlab.models import load_model
+
+    if strategy.is_full:
+        raise KvlabError("--strategy full is the reference itself: explain a fused strategy")
+    tasks = {t.id: t for t in read_task_file(task_file)}
+    if task_id not in tasks:
+        raise KvlabError(f"task file {task_file} has no task with id {task_id!r}")
+    task = tasks[task_id]
+    loaded = load_model(model_spec, run, progress=progress)
+    prompt = task_prompt(loaded, task, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
+    with open_chunk_store(store_url) as store:
+        result = explain(loaded, prompt, task, strategy, store, tol=tol, max_new_tokens=max_new_tokens)
+    return ExplainedTask(result, {"model": model_spec, **result.to_dict()})
