@@ -61,3 +61,16 @@ def test_every_test_file_is_named_after_the_module_it_tests():
 
 def test_cross_cutting_tests_exist():
     assert sorted(f.name for f in TESTS.glob("test_*.py") if f.name in CROSS_CUTTING) == sorted(CROSS_CUTTING)
+
+
+def test_the_design_layout_names_every_module_and_folder_of_the_package():
+    text = (ROOT / "docs" / "DESIGN.md").read_text()
+    layout = text.split("## Layout", 1)[1].split("```", 2)[1]
+    named = {line.split()[0].rstrip("/") for line in layout.splitlines() if line.startswith("  ") and line.split()
+             and not line.startswith("   ")}
+    present = {p.stem for p in SRC.glob("*.py") if p.stem not in ("__init__", "__main__")}
+    present |= {p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    missing = sorted(name for name in present if name not in named and name + ".py" not in named)
+    assert missing == [], f"docs/DESIGN.md's Layout names no line for: {missing}"
+    gone = sorted(n for n in named if n.removesuffix(".py") not in present and n != "store")
+    assert gone == [], f"docs/DESIGN.md's Layout names what the package no longer has: {gone}"
