@@ -279,7 +279,7 @@ def memory_section(loaded, contexts: list[int]) -> list[dict]:
     float32 and bfloat16 (the hot window is kept in the run's dtype). Bytes do not depend on the
     values, so zeros of the model's cache shape stand in for real keys and values."""
     from kvlab.caches.mixed_layer import cache_nbytes
-    from kvlab.models import model_shape
+    from kvlab.model_facts import model_shape
 
     shape = model_shape(loaded.config)
     rows = []

@@ -169,8 +169,10 @@ def run_worker(model_dir: Path, prompt: list[int] | str, forced: list[int] | Non
     """
     exe = find_python(python)
     request = {
-        "model": str(model_dir),
-        "tokenizer": str(tokenizer_dir or model_dir),
+        # absolute: the worker runs in `folder`, where a relative path would name nothing and vLLM
+        # would take it for a hub repository name
+        "model": str(Path(model_dir).resolve()),
+        "tokenizer": str(Path(tokenizer_dir or model_dir).resolve()),
         "forced_ids": forced,
         "max_new_tokens": max_new_tokens,
         "stop_at_eos": stop_at_eos,
