@@ -14,6 +14,7 @@ SRC = ROOT / "src" / "kvlab"
 TESTS = ROOT / "tests"
 
 CROSS_CUTTING = {
+    "test_bench.py": "every kvlab name the bench/ scripts import exists",
     "test_bad_input.py": "every command: a bad input is one error line, exit 2 and no new files",
     "test_import_graph.py": "the import circles of the whole source tree",
     "test_layout.py": "this rule",
