@@ -174,10 +174,6 @@ class KVPRPolicy(CachePolicy):
         if self.dir is not None and self.tier != "disk":
             raise ValueError("dir= is the folder for tier=disk files; add tier=disk")
 
-    @property
-    def is_auto(self) -> bool:
-        return self.auto or self.recompute_len == "auto"
-
     def build(self, model, *, batch_size: int = 1, max_length: int | None = None):
         recomputer = KVRecomputer(model)
         return KVPRCache(model_shape(model.config)["n_layers"], recomputer, device=model.device,

@@ -46,11 +46,6 @@ class Heatmaps:
     position_labels: list[str]  # the position axis' tick labels (with tokens where they fit)
 
 
-def heatmaps_png(result: DiffResult, tokens: Sequence[str] | None = None) -> bytes:
-    """2 x 2 panels: layer x position and layer x head of log10 rel-L2, for keys and values."""
-    return heatmaps(result, tokens).png
-
-
 def heatmaps(result: DiffResult, tokens: Sequence[str] | None = None) -> Heatmaps:
     """The heatmap figure, plus where each cell of it lies in the PNG and its hover text.
 

@@ -106,12 +106,6 @@ def describe(ptr: int, with_src: bool = True) -> Node:
     )
 
 
-def src_pointer(ptr: int, i: int) -> int:
-    """Address of source i of the node at `ptr` (0 when there is none)."""
-    s = GgmlTensor.from_address(ptr).src[i]
-    return ctypes.addressof(s.contents) if s else 0
-
-
 def read_bytes(ptr: int) -> np.ndarray:
     """The node's bytes as uint8, following its strides' span (host memory: the CPU backend)."""
     lib = libggml()

@@ -97,11 +97,6 @@ class ModelShape:
         return self.batch * self.hidden * self.bytes_per_value
 
     @property
-    def kv_bytes_per_token(self) -> int:
-        """K/V of one position across all layers and batch rows."""
-        return self.layers * self.kv_row_bytes
-
-    @property
     def params_per_layer(self) -> int:
         if self.layer_params:
             return self.layer_params
