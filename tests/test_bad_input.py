@@ -62,6 +62,8 @@ CASES = [
     ("trace record --out unwritable", ["trace", "record", "-m", "tiny-llama", "--out", "{ro}/t.gguf"],
      "cannot write --out"),
     ("trace record --out folder", ["trace", "record", "-m", "tiny-llama", "--out", "{dir}"], "is a folder"),
+    ("trace record engine=vllm", ["trace", "record", "-m", "tiny-llama", "--run", "engine=vllm", "--out", "{dir}/t.gguf"],
+     "transformers or llama.cpp"),
     ("trace check --plot folder", ["trace", "check", "{file}", "--plot", "{dir}"], "--plot"),
     ("scales calibrate --out unwritable", ["scales", "calibrate", "-m", "tiny-llama", "--out", "{ro}/s"],
      "cannot write --out"),

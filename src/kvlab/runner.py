@@ -160,6 +160,8 @@ def record_prompt_trace(model_spec: str, text: str, run: RunSpec, *, layers: Seq
                         out: str | Path, chat: bool = False, prefill: bool = False, progress: bool = False):
     """Record an attention trace of `run` on `text` into `out`, whoever runs the model: llama.cpp's own
     graph tensors for an engine run, transformers' attention otherwise. `layers` None: every layer."""
+    if run.is_engine and run.engine_name != LLAMA_CPP:
+        raise KvlabError(f"trace record runs on transformers or llama.cpp, not engine={run.engine_name}")
     model = ModelCache(model_spec, progress=progress).get(run)
     tokens = model.encode(text, chat=chat)
     if run.is_engine:
