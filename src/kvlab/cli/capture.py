@@ -6,12 +6,13 @@ from pathlib import Path
 
 import click
 
-from kvlab.cli.common import console, json_option, output_dir, quiet_option, read_prompt, snapshot_dir, write_json
+from kvlab.cli.common import (console, json_option, model_option, output_dir, quiet_option, read_prompt, snapshot_dir,
+                               write_json)
 from kvlab.cli.engine_python import engine_python_option
 
 
 @click.command("capture")
-@click.option("--model", "-m", "model_spec", default="smollm2", show_default=True, help="Model spec (see `kvlab models`).")
+@model_option
 @click.option("--prompt", "-p", default=None, help="Prompt text.")
 @click.option("--prompt-file", default=None, metavar="FILE", help="Read the prompt from FILE ('-' for stdin).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as one user turn in the model's chat template.")
@@ -63,8 +64,7 @@ def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_t
                             top_k=top_k, stop_at_eos=not ignore_eos, shards=shards, progress=not quiet)
     if report is None:  # a rank other than 0 under torchrun: its shard is written, rank 0 reports
         return
-    if json_path != "-":
-        _print(model_spec, report, out)
+    _print(console(json_path), model_spec, report, out)
     write_json(json_path, report.summary)
 
 
@@ -78,12 +78,11 @@ def with_engine(run_text: str, engine: str | None) -> str:
     return run_text if given else f"engine={engine}" + ("," + run_text if run_text.strip() else "")
 
 
-def _print(model_spec: str, report, out) -> None:
+def _print(con, model_spec: str, report, out) -> None:
     """The terminal lines of a capture: the run, the cache, the generated text, where it went."""
     from kvlab.engines import VLLM
 
     snap, summary = report.snapshot, report.summary
-    con = console()
     engine = snap.meta.get("engine")
     if engine is None:
         con.print(f"[bold]{model_spec}[/bold]  run: {snap.run}")

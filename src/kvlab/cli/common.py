@@ -1,10 +1,11 @@
-"""Helpers the commands share: JSON output, consoles, reading prompts, run specs."""
+"""Helpers the commands share: JSON output, consoles and tables, reading prompts and options."""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,29 @@ import click
 from kvlab.errors import KvlabError
 
 
-def console(stderr: bool = False):
+def console(json_path: str | None = None, *, stderr: bool = False):
+    """The terminal console; silent when the JSON goes to stdout (`--json -`), which then holds JSON only."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    return Console(stderr=stderr, quiet=json_path == "-", highlight=False, soft_wrap=True)
+
+
+def make_table(title: str, columns: Sequence[str], *, labels: int = 0, no_wrap: bool = False, **options: Any):
+    """A table titled at its left edge: the first `labels` columns left-justified, the figures after them right."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", **options)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i < labels else "right", no_wrap=no_wrap)
+    return table
+
+
+def numbers(text: str, option: str, kind: Callable[[str], Any] = float, what: str = "numbers") -> list:
+    """The comma-separated numbers of an option; anything else is a usage error naming the option."""
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of {what}", param_hint=option) from None
 
 
 def write_json(path: str | None, data: Any) -> None:
@@ -107,3 +127,5 @@ json_option = click.option(
     help="Also write the figures as JSON to FILE ('-' for stdout)."
 )
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+model_option = click.option("--model", "-m", "model_spec", default="smollm2", show_default=True,
+                            help="Model spec (see `kvlab models`).")

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, output_file, quiet_option, write_json
-from kvlab.cli.fuse_eval import _STORE_HELP, _chat, _chunk_tokens, _model, _prefix, _run
+from kvlab.cli.common import console, json_option, model_option, output_file, quiet_option, write_json
+from kvlab.cli.fuse_eval import _STORE_HELP, _chat, _chunk_tokens, _prefix, _run
 
 
 @click.command("explain")
-@_model
+@model_option
 @click.option("--task-file", required=True, metavar="FILE", help="Task file (JSON lines, kvlab or LongBench records).")
 @click.option("--id", "task_id", required=True, help="The task's id in --task-file.")
 @click.option("--strategy", "-s", default="a3", show_default=True, metavar="NAME[:p=v,...]",
@@ -48,13 +48,11 @@ def explain_command(model_spec, task_file, task_id, strategy, rate, store_url, t
         from kvlab.fusion.explain_report import write_explain_report
 
         written = write_explain_report(report, done.explanation)
-    if json_path != "-":
-        _print(done.summary, done.explanation, written)
+    _print(console(json_path), done.summary, done.explanation, written)
     write_json(json_path, done.summary)
 
 
-def _print(data: dict, result, written) -> None:
-    con = console()
+def _print(con, data: dict, result, written) -> None:
     con.print(f"[bold]{data['task']}[/bold]  {data['strategy']}: {data['recomputed']} of "
               f"{result.prompt.n_docs} document tokens recomputed")
     for name, got in data["answers"].items():
