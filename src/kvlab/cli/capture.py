@@ -6,9 +6,8 @@ from pathlib import Path
 
 import click
 
-from kvlab.cli.common import (console, json_option, model_option, output_dir, quiet_option, read_prompt, snapshot_dir,
-                               write_json)
-from kvlab.cli.engine_python import engine_python_option
+from kvlab.cli.common import (console, engine_python_option, json_option, model_option, output_dir, quiet_option,
+                               read_prompt, snapshot_dir, write_json)
 
 
 @click.command("capture")
@@ -84,32 +83,25 @@ def _print(con, model_spec: str, report, out) -> None:
 
     snap, summary = report.snapshot, report.summary
     engine = snap.meta.get("engine")
-    if engine is None:
-        con.print(f"[bold]{model_spec}[/bold]  run: {snap.run}")
-        _print_run(con, snap, summary)
-        con.print(f"cache: {_cache_line(snap, summary['cache_bytes'])}")
-        if report.captured.tp > 1:
-            _print_tp(con, report.captured)
-    else:
+    origin = stored = ""
+    if engine is not None:
         source = engine["model_dir"] if engine["name"] == VLLM else Path(engine["gguf"]).name
-        con.print(f"[bold]{model_spec}[/bold]  run: {snap.run}  ({engine['package']} {engine['version']}, "
-                  f"{source})")
-        _print_run(con, snap, summary)
+        origin = f"  ({engine['package']} {engine['version']}, {source})"
         cache = engine["cache"]
-        stored = (f"vLLM kv_cache_dtype {cache['kv_cache_dtype']}" if engine["name"] == VLLM
-                  else f"llama.cpp K {cache['k_type']}, V {cache['v_type']}")
-        con.print(f"cache ({stored}): {_cache_line(snap, summary['cache_bytes'])}")
+        stored = (f" (vLLM kv_cache_dtype {cache['kv_cache_dtype']})" if engine["name"] == VLLM
+                  else f" (llama.cpp K {cache['k_type']}, V {cache['v_type']})")
+    con.print(f"[bold]{model_spec}[/bold]  run: {snap.run}{origin}")
+    con.print(f"prompt: {snap.n_prompt} tokens  generated: {summary['n_generated']} tokens "
+              f"in {summary['seconds']:.2f}s ({summary['tokens_per_s'] or 0:.1f} tok/s)"
+              + ("  (teacher-forced)" if summary["teacher_forced"] else ""))
+    con.print(f"cache{stored}: {_cache_line(snap, summary['cache_bytes'])}")
+    if engine is None and report.captured.tp > 1:
+        _print_tp(con, report.captured)
     if summary["text"] is not None:
         con.rule("generated text")
         con.print(summary["text"], markup=False)
         con.rule()
     con.print(f"snapshot written to {out}")
-
-
-def _print_run(con, snap, summary: dict) -> None:
-    con.print(f"prompt: {snap.n_prompt} tokens  generated: {summary['n_generated']} tokens "
-              f"in {summary['seconds']:.2f}s ({summary['tokens_per_s'] or 0:.1f} tok/s)"
-              + ("  (teacher-forced)" if summary["teacher_forced"] else ""))
 
 
 def _cache_line(snap, held: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -118,6 +119,14 @@ def snapshot_dir(ctx: click.Context, param: click.Parameter, value: str | None) 
     return value
 
 
+def _engine_python(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """Option callback: hand the path to the engine through its environment variable (child processes see it too)."""
+    if value:
+        from kvlab.engines.vllm import PYTHON_ENV
+
+        os.environ[PYTHON_ENV] = value
+
+
 def _option_name(param: click.Parameter) -> str:
     return max(param.opts, key=len) if param.opts else str(param.name)
 
@@ -129,3 +138,7 @@ json_option = click.option(
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 model_option = click.option("--model", "-m", "model_spec", default="smollm2", show_default=True,
                             help="Model spec (see `kvlab models`).")
+engine_python_option = click.option(
+    "--engine-python", default=None, metavar="PYTHON", expose_value=False, callback=_engine_python,
+    help="vLLM's Python (default: $KVLAB_VLLM_PYTHON, else .venv-vllm/bin/python in the repository root or the "
+         "current directory).")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import (console, json_option, make_table, output_dir, output_file, quiet_option, read_prompt,
-                               write_json)
-from kvlab.cli.engine_python import engine_python_option
+from kvlab.cli.common import (console, engine_python_option, json_option, make_table, output_dir, output_file,
+                               quiet_option, read_prompt, write_json)
 
 
 @click.command("diff")

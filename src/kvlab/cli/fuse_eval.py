@@ -11,9 +11,6 @@ from kvlab.cli.common import (console, json_option, make_table, model_option, nu
                                write_json)
 from kvlab.errors import KvlabError
 
-_STORE_HELP = "Chunk store URL: a folder, redis://host:port/db, or memory:// (this process only)."
-
-
 def _evict(spec: str | None):
     if not spec:
         return None
@@ -41,13 +38,15 @@ _chat = click.option("--chat/--no-chat", default=None,
                      help="Wrap documents and question in the chat template (default: when the model has one).")
 _chunk_tokens = click.option("--chunk-tokens", type=click.IntRange(min=16), default=512, show_default=True,
                              help="Tokens per chunk, as given to `fuse precompute` (documents are cut at sentence ends).")
-_max_new = click.option("--max-new-tokens", "-n", "max_new_tokens", type=click.IntRange(min=1), default=32,
-                        show_default=True)
+_store = click.option("--store", "store_url", default="memory://", show_default=True,
+                      help="Chunk store URL: a folder, redis://host:port/db, or memory:// (this process only).")
+_rate = click.option("--rate", "-r", type=float, default=0.15, show_default=True,
+                     help="Fraction of document tokens to recompute.")
 
 
 @click.command("run")
 @model_option
-@click.option("--store", "store_url", default="memory://", show_default=True, help=_STORE_HELP)
+@_store
 @click.option("--task-file", default=None, metavar="FILE", help="Task file (JSON lines); pick the task with --id.")
 @click.option("--id", "task_id", default=None, help="The task's id in --task-file.")
 @click.option("--chunks-file", default=None, metavar="FILE",
@@ -55,14 +54,13 @@ _max_new = click.option("--max-new-tokens", "-n", "max_new_tokens", type=click.I
 @click.option("--question", default=None, help="The question (with --chunks-file).")
 @click.option("--strategy", "-s", default="a3", show_default=True, metavar="NAME[:p=v,...]",
               help="full, reuse, last, cacheblend, a3, epic or surprisal, with parameters (a3:check_layer=2).")
-@click.option("--rate", "-r", type=float, default=0.15, show_default=True,
-              help="Fraction of document tokens to recompute.")
+@_rate
 @_evict_option
 @_chunk_tokens
 @_prefix
 @_chat
 @_run
-@_max_new
+@click.option("--max-new-tokens", "-n", "max_new_tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @json_option
 @quiet_option
 def run_command(model_spec, store_url, task_file, task_id, chunks_file, question, strategy, rate, evict_spec,
@@ -119,7 +117,7 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
 @click.option("--strategies", default="reuse,cacheblend,a3,epic,surprisal", show_default=True,
               help="Comma-separated strategies (full prefill is always run as the baseline).")
 @click.option("--rates", default="0.05,0.15,0.3", show_default=True, help="Comma-separated recompute rates.")
-@click.option("--store", "store_url", default="memory://", show_default=True, help=_STORE_HELP)
+@_store
 @_evict_option
 @click.option("--chunks", "n_chunks", type=click.IntRange(min=1), default=8, show_default=True,
               help="Documents per generated task.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from kvlab.cli.common import console, json_option, model_option, output_file, quiet_option, write_json
-from kvlab.cli.fuse_eval import _STORE_HELP, _chat, _chunk_tokens, _prefix, _run
+from kvlab.cli.fuse_eval import _chat, _chunk_tokens, _prefix, _rate, _run, _store
 
 
 @click.command("explain")
@@ -17,9 +17,8 @@ from kvlab.cli.fuse_eval import _STORE_HELP, _chat, _chunk_tokens, _prefix, _run
 @click.option("--id", "task_id", required=True, help="The task's id in --task-file.")
 @click.option("--strategy", "-s", default="a3", show_default=True, metavar="NAME[:p=v,...]",
               help="The fused strategy to explain (cacheblend, a3, epic, surprisal, reuse, last).")
-@click.option("--rate", "-r", type=float, default=0.15, show_default=True,
-              help="Fraction of document tokens to recompute.")
-@click.option("--store", "store_url", default="memory://", show_default=True, help=_STORE_HELP)
+@_rate
+@_store
 @click.option("--tol", type=click.FloatRange(min=0.0, min_open=True), default=None,
               help="rel-L2 per cache row past which the caches diverge (default 1e-3).")
 @click.option("--report", default=None, metavar="PATH", callback=output_file, help="Write an HTML page: the prompt with the recomputed "

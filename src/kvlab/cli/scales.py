@@ -179,7 +179,6 @@ def _floats(t) -> str:
     return " ".join(f"{x:.4g}" for x in t.reshape(-1).tolist())
 
 
-
 scales_group.add_command(export_command)
 scales_group.add_command(verify_command)
 

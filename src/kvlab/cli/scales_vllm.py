@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, make_table, quiet_option, write_json
-from kvlab.cli.engine_python import engine_python_option
+from kvlab.cli.common import console, engine_python_option, json_option, make_table, quiet_option, write_json
 from kvlab.errors import KvlabError
 
 
