@@ -83,8 +83,7 @@ def verify_command(url, repair, json_path, quiet) -> None:
     from kvlab.progress import progress_bar
 
     with _open(url) as store:
-        total = store.stats()["entries"]
-        with progress_bar(total, "verify", enabled=not quiet) as advance:
+        with progress_bar(store.stats()["entries"], "verify", enabled=not quiet) as advance:
             report = store.verify(repair=repair, on_entry=advance)
     con = console(json_path)
     con.print(f"[bold]{report.url}[/bold]: {report.checked} chunks checked, {len(report.problems)} damaged"

@@ -120,8 +120,7 @@ def _print_report(con, report: dict) -> None:
     con.print(table)
     for r in report["results"]:
         con.print(f"{r['method']}: cache={r['cache']}")
-    sources = {r["peak_bytes_source"] for r in report["results"]}
-    if "accounted" in sources:
+    if any(r["peak_bytes_source"] == "accounted" for r in report["results"]):
         con.print("peak MiB: accounted (device == host): weights + what the cache keeps on the device + one "
                   "layer's K/V being assembled")
     con.print(f"cost model: {report['hw_metrics']}")

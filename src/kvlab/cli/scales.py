@@ -169,10 +169,8 @@ def _counts(result) -> str:
 
 def _warn(warnings: list[str]) -> None:
     """Each warning on stderr, one line each: the file was written, but an engine would refuse it."""
-    import sys
-
     for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        click.echo(f"warning: {warning}", err=True)
 
 
 def _floats(t) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, engine_python_option, json_option, make_table, quiet_option, write_json
+from kvlab.cli.common import (console, engine_python_option, json_option, make_table, quiet_option, read_prompt,
+                               write_json)
 from kvlab.errors import KvlabError
 
 
@@ -51,11 +52,9 @@ def verify_command(checkpoint, engine, prompt_file, tokens, json_path) -> None:
     scale) and the scale fits this text's range; `fallback 1.0` is vLLM silently ignoring the
     checkpoint's scales. Exits non-zero when any layer fails.
     """
-    from pathlib import Path
-
     from kvlab.scales.vllm_verify import verify_checkpoint
 
-    text = Path(prompt_file).read_text() if prompt_file else None
+    text = read_prompt(None, prompt_file, required=False)
     result = verify_checkpoint(checkpoint, text=text, max_tokens=tokens)
     con = console(json_path)
     con.print(f"{checkpoint}: vLLM {result.vllm_version}, kv_cache_dtype fp8, {result.granularity} scales, "
