@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from kvlab.cli.common import (console, engine_python_option, json_option, model_option, output_dir, quiet_option,
-                               read_prompt, snapshot_dir, write_json)
+from kvlab.cli.common import (console, engine_python_option, json_and_quiet, model_option, output_dir, read_prompt,
+                              snapshot_dir, write_json)
 
 
 @click.command("capture")
@@ -36,8 +36,7 @@ from kvlab.cli.common import (console, engine_python_option, json_option, model_
               help="With --tp: folder for the per-rank shard snapshots (default OUT.shards).")
 @click.option("--out", "-o", required=True, metavar="DIR", callback=snapshot_dir,
               help="Snapshot folder to write (replaced if it is one).")
-@json_option
-@quiet_option
+@json_and_quiet
 def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_text, engine, force_tokens, top_k,
                     ignore_eos, tp, shards, out, json_path, quiet) -> None:
     """Greedy generation that records the final KV cache, the token ids and per-step logits.

@@ -131,11 +131,16 @@ def _option_name(param: click.Parameter) -> str:
     return max(param.opts, key=len) if param.opts else str(param.name)
 
 
-json_option = click.option(
-    "--json", "json_path", metavar="FILE", default=None, callback=output_file,
-    help="Also write the figures as JSON to FILE ('-' for stdout)."
-)
+json_option = click.option("--json", "json_path", metavar="FILE", default=None, callback=output_file,
+                           help="Also write the figures as JSON to FILE ('-' for stdout).")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+
+
+def json_and_quiet(command: Callable) -> Callable:
+    """--json and --quiet, the pair most commands take."""
+    return json_option(quiet_option(command))
+
+
 model_option = click.option("--model", "-m", "model_spec", default="smollm2", show_default=True,
                             help="Model spec (see `kvlab models`).")
 engine_python_option = click.option(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import (console, engine_python_option, json_option, make_table, output_dir, output_file,
-                               quiet_option, read_prompt, write_json)
+from kvlab.cli.common import (console, engine_python_option, json_and_quiet, make_table, output_dir, output_file,
+                              read_prompt, write_json)
 
 
 @click.command("diff")
@@ -29,8 +29,7 @@ from kvlab.cli.common import (console, engine_python_option, json_option, make_t
               help="Capture mode: write the snapshots (and, unless --report says otherwise, report.html) to DIR.")
 @click.option("--report", "report_path", default=None, metavar="FILE", callback=output_file, help="Write the HTML report to FILE.")
 @engine_python_option
-@json_option
-@quiet_option
+@json_and_quiet
 def diff_command(snapshots, model_spec, prompt, prompt_file, chat, golden_spec, test_specs, max_new_tokens,
                  ignore_eos, tol, out, report_path, json_path, quiet) -> None:
     """Diff two snapshots, or capture a golden run and teacher-forced test runs and diff those.

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import (console, json_option, make_table, model_option, numbers, output_file, quiet_option,
-                               write_json)
+from kvlab.cli.common import console, json_and_quiet, make_table, model_option, numbers, output_file, write_json
 from kvlab.errors import KvlabError
 
 def _evict(spec: str | None):
@@ -61,8 +60,7 @@ _rate = click.option("--rate", "-r", type=float, default=0.15, show_default=True
 @_chat
 @_run
 @click.option("--max-new-tokens", "-n", "max_new_tokens", type=click.IntRange(min=1), default=32, show_default=True)
-@json_option
-@quiet_option
+@json_and_quiet
 def run_command(model_spec, store_url, task_file, task_id, chunks_file, question, strategy, rate, evict_spec,
                 chunk_tokens, prefix, chat, run_text, max_new_tokens, json_path, quiet) -> None:
     """Answer one question from stored chunk caches and print the time to first token.
@@ -131,8 +129,7 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
 @click.option("--max-new-tokens", "-N", "max_new_tokens", type=click.IntRange(min=1), default=24, show_default=True)
 @click.option("--agree-tokens", type=click.IntRange(min=1), default=8, show_default=True,
               help="Besides the same answer, count answers whose first N generated tokens are full prefill's.")
-@json_option
-@quiet_option
+@json_and_quiet
 def eval_command(model_spec, task_source, n_tasks, strategies, rates, store_url, evict_spec, n_chunks, chunk_tokens,
                  metric, seed, report, prefix, chat, run_text, max_new_tokens, agree_tokens, json_path, quiet) -> None:
     """Accuracy (with its 95% interval), agreement with full prefill, TTFT and speedup of each strategy and

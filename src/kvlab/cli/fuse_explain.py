@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, model_option, output_file, quiet_option, write_json
+from kvlab.cli.common import console, json_and_quiet, model_option, output_file, write_json
 from kvlab.cli.fuse_eval import _chat, _chunk_tokens, _prefix, _rate, _run, _store
 
 
@@ -28,8 +28,7 @@ from kvlab.cli.fuse_eval import _chat, _chunk_tokens, _prefix, _rate, _run, _sto
 @_chat
 @_run
 @click.option("--max-new-tokens", "-N", "max_new_tokens", type=click.IntRange(min=1), default=24, show_default=True)
-@json_option
-@quiet_option
+@json_and_quiet
 def explain_command(model_spec, task_file, task_id, strategy, rate, store_url, tol, report, chunk_tokens, prefix,
                     chat, run_text, max_new_tokens, json_path, quiet) -> None:
     """Why a fused answer differs: the fused cache diffed against full prefill's (first divergence by

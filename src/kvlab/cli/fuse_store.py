@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, model_option, quiet_option, write_json
+from kvlab.cli.common import console, json_and_quiet, json_option, model_option, write_json
 from kvlab.errors import KvlabError
 
 
@@ -76,8 +76,7 @@ def ls_command(url, limit, json_path) -> None:
 @store_group.command("verify")
 @click.argument("url")
 @click.option("--repair", is_flag=True, help="Delete damaged entries (a precompute then computes them again).")
-@json_option
-@quiet_option
+@json_and_quiet
 def verify_command(url, repair, json_path, quiet) -> None:
     """Read every entry back and check its checksum and identity; exit 2 when damage remains."""
     from kvlab.progress import progress_bar
@@ -137,8 +136,7 @@ def gc_command(url, capacity, min_age, json_path) -> None:
 @click.option("--surprisal", is_flag=True, help="Also store each token's surprisal -log p(token | before).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes computing chunks into the shared store.")
-@json_option
-@quiet_option
+@json_and_quiet
 def precompute_command(model_spec, tasks, store_url, run_text, chunk_tokens, prefix, chat, surprisal, workers,
                        json_path, quiet) -> None:
     """Compute the KV cache of every distinct chunk of a task file once, into a store.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, make_table, output_dir, quiet_option, write_json
+from kvlab.cli.common import console, json_and_quiet, make_table, output_dir, write_json
 
 MIB = 2**20
 
@@ -19,8 +19,7 @@ MIB = 2**20
 @click.option("--disk-dir", default=None, metavar="DIR", callback=output_dir,
               help="Folder on the disk to measure (default: the temp folder, where tier=disk files go).")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
-@json_option
-@quiet_option
+@json_and_quiet
 def hw_command(device, size_mb, gemm_n, disk_dir, repeats, json_path, quiet) -> None:
     """Measure host-to-device bandwidth, disk reads and GEMM throughput; save hw_metrics.json.
 
@@ -72,8 +71,7 @@ def bench_group() -> None:
 @click.option("--kvpr", "kvpr_params", default=None, metavar="PARAMS",
               help="kvpr parameters (default ratio=0.5), e.g. 'recompute_len=128'.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@json_option
-@quiet_option
+@json_and_quiet
 def decode_command(model_spec, run_text, methods, batch, prompt_len, gen_len, tier, auto, flexgen_params,
                    kvpr_params, seed, json_path, quiet) -> None:
     """Forward-only decoding (model.forward with past_key_values) with each cache method.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, numbers, quiet_option, snapshot_dir, write_json
+from kvlab.cli.common import console, json_and_quiet, numbers, snapshot_dir, write_json
 
 MAX_PROBLEMS_SHOWN = 20
 
@@ -32,8 +32,7 @@ MAX_PROBLEMS_SHOWN = 20
 @click.option("--replica-atol", type=float, default=0.0, show_default=True,
               help="Largest replica disagreement that is not reported.")
 @click.option("--out", "-o", default=None, metavar="SNAPSHOT", callback=snapshot_dir, help="Write the full cache as a snapshot folder.")
-@json_option
-@quiet_option
+@json_and_quiet
 def reconstruct_command(shard_dir, layout_name, heads, kv_heads, tp, dp, seq_split, seq_len, rank_order, pattern,
                         transposed_keys, replica_atol, out, json_path, quiet) -> int:
     """Rebuild the full K/V of every layer from a directory of per-rank shards.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import (console, json_option, make_table, model_option, output_dir, output_file, quiet_option,
-                               write_json)
+from kvlab.cli.common import (console, json_and_quiet, json_option, make_table, model_option, output_dir, output_file,
+                              write_json)
 from kvlab.cli.scales_vllm import export_command, verify_command
 from kvlab.errors import KvlabError
 
@@ -36,8 +36,7 @@ def scales_group() -> None:
               show_default=True, help="What to write into --out.")
 @click.option("--chat/--no-chat", default=None, help="Wrap each window in the chat template (default: if the model has one).")
 @click.option("--out", "-o", required=True, metavar="DIR", callback=output_dir, help="Folder for the files.")
-@json_option
-@quiet_option
+@json_and_quiet
 def calibrate_command(model_spec, run_text, data, samples, seq_len, granularity, fp8_format, tp, out_format, chat,
                       out, json_path, quiet) -> None:
     """Run calibration text through the model, track K/V amax per layer (and KV head), write scales.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import (console, engine_python_option, json_option, make_table, quiet_option, read_prompt,
-                               write_json)
+from kvlab.cli.common import (console, engine_python_option, json_and_quiet, json_option, make_table, read_prompt,
+                              write_json)
 from kvlab.errors import KvlabError
 
 
@@ -17,8 +17,7 @@ from kvlab.errors import KvlabError
               help="Checkpoint folder to write (replaced if it is one).")
 @click.option("--granularity", type=click.Choice(["tensor", "head"]), default=None,
               help="Per tensor (per-head scales folded to their maximum) or per head (default: as SCALES are).")
-@json_option
-@quiet_option
+@json_and_quiet
 def export_command(scales, model_dir, out, granularity, json_path, quiet) -> None:
     """Merge SCALES into MODEL_DIR as a compressed-tensors checkpoint vLLM loads with kv_cache_dtype=fp8.
 

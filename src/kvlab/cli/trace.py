@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import (console, json_option, make_table, model_option, output_file, quiet_option, read_prompt,
-                               write_json)
+from kvlab.cli.common import console, json_and_quiet, make_table, model_option, output_file, read_prompt, write_json
 
 DEFAULT_PROMPT = "The key-value cache of a transformer keeps, for every layer,"
 
@@ -44,8 +43,7 @@ def trace_group() -> None:
 @click.option("--chat", is_flag=True, help="Wrap the prompt as one user turn in the model's chat template.")
 @click.option("--prefill", is_flag=True, help="Also record the prompt's forward pass, as step 0.")
 @click.option("--out", "-o", required=True, metavar="FILE", callback=output_file, help="Trace file to write (.gguf).")
-@json_option
-@quiet_option
+@json_and_quiet
 def record_command(model_spec, layers_text, steps, run_text, engine, prompt, prompt_file, chat, prefill, out,
                    json_path, quiet) -> None:
     """Record q, k, v, mask and attention output of LAYERS at each decode step into a GGUF trace.
@@ -88,8 +86,7 @@ def record_command(model_spec, layers_text, steps, run_text, engine, prompt, pro
                    "kvlab recorded from llama.cpp with flash attention).")
 @click.option("--per-head", is_flag=True, help="One table row per head instead of per layer and step.")
 @click.option("--plot", "plot_path", default=None, metavar="PNG", callback=output_file, help="Also draw the errors per layer, step and head.")
-@json_option
-@quiet_option
+@json_and_quiet
 def check_command(trace_path, tol, max_abs, scale, layout, deinterleave_qk, rounding, per_head, plot_path,
                   json_path, quiet) -> int:
     """Recompute each recorded attention in float64 and compare element-wise with the recorded output.
