@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from kvlab.cli.common import (console, engine_python_option, json_and_quiet, model_option, output_dir, read_prompt,
-                              snapshot_dir, write_json)
+                              snapshot_dir, with_engine, write_json)
 
 
 @click.command("capture")
@@ -64,16 +64,6 @@ def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_t
         return
     _print(console(json_path), model_spec, report, out)
     write_json(json_path, report.summary)
-
-
-def with_engine(run_text: str, engine: str | None) -> str:
-    """The run spec text with --engine folded in (one clear error when they disagree)."""
-    if engine is None:
-        return run_text
-    given = [item.partition("=")[2].strip() for item in run_text.split(",") if item.strip().startswith("engine=")]
-    if given and given[0] != engine:
-        raise click.UsageError(f"--engine {engine} and engine={given[0]} in --run disagree")
-    return run_text if given else f"engine={engine}" + ("," + run_text if run_text.strip() else "")
 
 
 def _print(con, model_spec: str, report, out) -> None:

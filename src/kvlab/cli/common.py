@@ -91,6 +91,16 @@ def read_prompt(prompt: str | None, prompt_file: str | None, required: bool = Tr
     return prompt
 
 
+def with_engine(run_text: str, engine: str | None) -> str:
+    """The run spec text with --engine folded in (one clear error when they disagree)."""
+    if engine is None:
+        return run_text
+    given = [item.partition("=")[2].strip() for item in run_text.split(",") if item.strip().startswith("engine=")]
+    if given and given[0] != engine:
+        raise click.UsageError(f"--engine {engine} and engine={given[0]} in --run disagree")
+    return run_text if given else f"engine={engine}" + ("," + run_text if run_text.strip() else "")
+
+
 def output_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Option callback: an output file is checked when the command line is read, before any work."""
     if value is not None and value != "-":

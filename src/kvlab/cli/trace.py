@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_and_quiet, make_table, model_option, output_file, read_prompt, write_json
+from kvlab.cli.common import (console, json_and_quiet, make_table, model_option, output_file, read_prompt,
+                              with_engine, write_json)
 
 DEFAULT_PROMPT = "The key-value cache of a transformer keeps, for every layer,"
 
@@ -53,7 +54,6 @@ def record_command(model_spec, layers_text, steps, run_text, engine, prompt, pro
     shapes and permutations in kvlab.* metadata. Step n is the n-th forward pass: 0 the
     prompt, 1.. the decode steps.
     """
-    from kvlab.cli.capture import with_engine
     from kvlab.runner import record_prompt_trace
     from kvlab.runspec import RunSpec
 
