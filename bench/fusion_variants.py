@@ -28,10 +28,11 @@ from typing import ClassVar
 import torch
 
 import kvlab
+from kvlab.decode import decode_n_tokens, eos_ids
 from kvlab.fusion.chunking import SentenceEnds
 from kvlab.fusion.evaluate import make_tasks
 from kvlab.fusion.explain import evidence_texts, locate
-from kvlab.fusion.fused import eos_ids, greedy_decode, load_chunks, prefill
+from kvlab.fusion.fused import load_chunks, prefill
 from kvlab.fusion.prompt import task_prompt
 from kvlab.fusion.store.memory import MemoryStore
 from kvlab.fusion.strategies import A3, make_strategy, register_strategy, top_rows
@@ -108,7 +109,8 @@ def main() -> None:
         load_chunks(loaded, store, prompt)
         with torch.no_grad():
             full = prefill(loaded, prompt, make_strategy("full"))
-            answer = greedy_decode(model, full.cache, full.logits, args.new_tokens, eos_ids(model)).tokens
+            answer = decode_n_tokens(model, full.cache, prompt.ids, args.new_tokens, eos=eos_ids(model),
+                                     attention_mask=False, prefilled=full.logits[None]).ids
         text = tokenizer.decode(answer, skip_special_tokens=True)
         full_right.append(score(text, task.answers, verbatim=bool(task.meta.get("verbatim")))["substring"] == 1.0)
         marks = []

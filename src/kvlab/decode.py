@@ -90,18 +90,24 @@ def run_steps(forward: Forward, feed: Sequence[int] | torch.Tensor, n_steps: int
 
 def decode_n_tokens(model, cache, feed: Sequence[int] | torch.Tensor, n_steps: int, *,
                     forced: Sequence[int] | torch.Tensor | None = None, eos: Container[int] = (),
-                    callback: Callable[[Step], None] | None = None, attention_mask: bool = True) -> Decoded:
+                    callback: Callable[[Step], None] | None = None, attention_mask: bool = True,
+                    prefilled: torch.Tensor | None = None) -> Decoded:
     """`run_steps` over a transformers model: each pass `model(...)` through `cache`, keeping one logits row.
 
     attention_mask: pass the all-ones mask of everything fed so far (as `generate` does); without
     it the model assumes one itself.
+    prefilled: the last position's logits `[batch, vocab]` of a pass over `feed` that already ran
+        into `cache` (a fused prefill): step 0 takes its token from them instead of running `feed`.
     """
     mask: torch.Tensor | None = None
 
     def forward(ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        nonlocal cache, mask
+        nonlocal cache, mask, prefilled
         if attention_mask:
             mask = torch.ones_like(ids) if mask is None else torch.cat([mask, mask.new_ones(ids.shape)], dim=1)
+        if prefilled is not None:
+            logits, prefilled = prefilled, None
+            return logits, cache
         out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         return out.logits[:, -1], cache

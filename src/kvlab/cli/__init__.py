@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from kvlab.cli import capture, diff, fuse, models, offload, reconstruct, scales, trace
 from kvlab.errors import KvlabError
 from kvlab.version import __version__
 
@@ -25,15 +26,9 @@ def cli() -> None:
     """
 
 
-def _register() -> None:
-    from kvlab.cli import capture, diff, fuse, models, offload, reconstruct, scales, trace
-
-    for module in (models, capture, diff, fuse, offload, reconstruct, trace, scales):
-        for command in module.COMMANDS:
-            cli.add_command(command)
-
-
-_register()
+for module in (models, capture, diff, fuse, offload, reconstruct, trace, scales):
+    for command in module.COMMANDS:
+        cli.add_command(command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from kvlab.cli.common import console, json_option, output_dir, quiet_option, read_prompt, snapshot_dir, write_json
-from kvlab.cli.engine_python import engine_python_option
+from kvlab.cli.common import (console, engine_python_option, json_and_quiet, model_option, output_dir, read_prompt,
+                              snapshot_dir, with_engine, write_json)
 
 
 @click.command("capture")
-@click.option("--model", "-m", "model_spec", default="smollm2", show_default=True, help="Model spec (see `kvlab models`).")
+@model_option
 @click.option("--prompt", "-p", default=None, help="Prompt text.")
 @click.option("--prompt-file", default=None, metavar="FILE", help="Read the prompt from FILE ('-' for stdin).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as one user turn in the model's chat template.")
@@ -36,8 +36,7 @@ from kvlab.cli.engine_python import engine_python_option
               help="With --tp: folder for the per-rank shard snapshots (default OUT.shards).")
 @click.option("--out", "-o", required=True, metavar="DIR", callback=snapshot_dir,
               help="Snapshot folder to write (replaced if it is one).")
-@json_option
-@quiet_option
+@json_and_quiet
 def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_text, engine, force_tokens, top_k,
                     ignore_eos, tp, shards, out, json_path, quiet) -> None:
     """Greedy generation that records the final KV cache, the token ids and per-step logits.
@@ -63,54 +62,35 @@ def capture_command(model_spec, prompt, prompt_file, chat, max_new_tokens, run_t
                             top_k=top_k, stop_at_eos=not ignore_eos, shards=shards, progress=not quiet)
     if report is None:  # a rank other than 0 under torchrun: its shard is written, rank 0 reports
         return
-    if json_path != "-":
-        _print(model_spec, report, out)
+    _print(console(json_path), model_spec, report, out)
     write_json(json_path, report.summary)
 
 
-def with_engine(run_text: str, engine: str | None) -> str:
-    """The run spec text with --engine folded in (one clear error when they disagree)."""
-    if engine is None:
-        return run_text
-    given = [item.partition("=")[2].strip() for item in run_text.split(",") if item.strip().startswith("engine=")]
-    if given and given[0] != engine:
-        raise click.UsageError(f"--engine {engine} and engine={given[0]} in --run disagree")
-    return run_text if given else f"engine={engine}" + ("," + run_text if run_text.strip() else "")
-
-
-def _print(model_spec: str, report, out) -> None:
+def _print(con, model_spec: str, report, out) -> None:
     """The terminal lines of a capture: the run, the cache, the generated text, where it went."""
     from kvlab.engines import VLLM
 
     snap, summary = report.snapshot, report.summary
-    con = console()
     engine = snap.meta.get("engine")
-    if engine is None:
-        con.print(f"[bold]{model_spec}[/bold]  run: {snap.run}")
-        _print_run(con, snap, summary)
-        con.print(f"cache: {_cache_line(snap, summary['cache_bytes'])}")
-        if report.captured.tp > 1:
-            _print_tp(con, report.captured)
-    else:
+    origin = stored = ""
+    if engine is not None:
         source = engine["model_dir"] if engine["name"] == VLLM else Path(engine["gguf"]).name
-        con.print(f"[bold]{model_spec}[/bold]  run: {snap.run}  ({engine['package']} {engine['version']}, "
-                  f"{source})")
-        _print_run(con, snap, summary)
+        origin = f"  ({engine['package']} {engine['version']}, {source})"
         cache = engine["cache"]
-        stored = (f"vLLM kv_cache_dtype {cache['kv_cache_dtype']}" if engine["name"] == VLLM
-                  else f"llama.cpp K {cache['k_type']}, V {cache['v_type']}")
-        con.print(f"cache ({stored}): {_cache_line(snap, summary['cache_bytes'])}")
+        stored = (f" (vLLM kv_cache_dtype {cache['kv_cache_dtype']})" if engine["name"] == VLLM
+                  else f" (llama.cpp K {cache['k_type']}, V {cache['v_type']})")
+    con.print(f"[bold]{model_spec}[/bold]  run: {snap.run}{origin}")
+    con.print(f"prompt: {snap.n_prompt} tokens  generated: {summary['n_generated']} tokens "
+              f"in {summary['seconds']:.2f}s ({summary['tokens_per_s'] or 0:.1f} tok/s)"
+              + ("  (teacher-forced)" if summary["teacher_forced"] else ""))
+    con.print(f"cache{stored}: {_cache_line(snap, summary['cache_bytes'])}")
+    if engine is None and report.captured.tp > 1:
+        _print_tp(con, report.captured)
     if summary["text"] is not None:
         con.rule("generated text")
         con.print(summary["text"], markup=False)
         con.rule()
     con.print(f"snapshot written to {out}")
-
-
-def _print_run(con, snap, summary: dict) -> None:
-    con.print(f"prompt: {snap.n_prompt} tokens  generated: {summary['n_generated']} tokens "
-              f"in {summary['seconds']:.2f}s ({summary['tokens_per_s'] or 0:.1f} tok/s)"
-              + ("  (teacher-forced)" if summary["teacher_forced"] else ""))
 
 
 def _cache_line(snap, held: int) -> str:

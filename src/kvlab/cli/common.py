@@ -1,10 +1,12 @@
-"""Helpers the commands share: JSON output, consoles, reading prompts, run specs."""
+"""Helpers the commands share: JSON output, consoles and tables, reading prompts and options."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,29 @@ import click
 from kvlab.errors import KvlabError
 
 
-def console(stderr: bool = False):
+def console(json_path: str | None = None, *, stderr: bool = False):
+    """The terminal console; silent when the JSON goes to stdout (`--json -`), which then holds JSON only."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    return Console(stderr=stderr, quiet=json_path == "-", highlight=False, soft_wrap=True)
+
+
+def make_table(title: str, columns: Sequence[str], *, labels: int = 0, no_wrap: bool = False, **options: Any):
+    """A table titled at its left edge: the first `labels` columns left-justified, the figures after them right."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", **options)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i < labels else "right", no_wrap=no_wrap)
+    return table
+
+
+def numbers(text: str, option: str, kind: Callable[[str], Any] = float, what: str = "numbers") -> list:
+    """The comma-separated numbers of an option; anything else is a usage error naming the option."""
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of {what}", param_hint=option) from None
 
 
 def write_json(path: str | None, data: Any) -> None:
@@ -70,6 +91,16 @@ def read_prompt(prompt: str | None, prompt_file: str | None, required: bool = Tr
     return prompt
 
 
+def with_engine(run_text: str, engine: str | None) -> str:
+    """The run spec text with --engine folded in (one clear error when they disagree)."""
+    if engine is None:
+        return run_text
+    given = [item.partition("=")[2].strip() for item in run_text.split(",") if item.strip().startswith("engine=")]
+    if given and given[0] != engine:
+        raise click.UsageError(f"--engine {engine} and engine={given[0]} in --run disagree")
+    return run_text if given else f"engine={engine}" + ("," + run_text if run_text.strip() else "")
+
+
 def output_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Option callback: an output file is checked when the command line is read, before any work."""
     if value is not None and value != "-":
@@ -98,12 +129,31 @@ def snapshot_dir(ctx: click.Context, param: click.Parameter, value: str | None) 
     return value
 
 
+def _engine_python(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """Option callback: hand the path to the engine through its environment variable (child processes see it too)."""
+    if value:
+        from kvlab.engines.vllm import PYTHON_ENV
+
+        os.environ[PYTHON_ENV] = value
+
+
 def _option_name(param: click.Parameter) -> str:
     return max(param.opts, key=len) if param.opts else str(param.name)
 
 
-json_option = click.option(
-    "--json", "json_path", metavar="FILE", default=None, callback=output_file,
-    help="Also write the figures as JSON to FILE ('-' for stdout)."
-)
+json_option = click.option("--json", "json_path", metavar="FILE", default=None, callback=output_file,
+                           help="Also write the figures as JSON to FILE ('-' for stdout).")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+
+
+def json_and_quiet(command: Callable) -> Callable:
+    """--json and --quiet, the pair most commands take."""
+    return json_option(quiet_option(command))
+
+
+model_option = click.option("--model", "-m", "model_spec", default="smollm2", show_default=True,
+                            help="Model spec (see `kvlab models`).")
+engine_python_option = click.option(
+    "--engine-python", default=None, metavar="PYTHON", expose_value=False, callback=_engine_python,
+    help="vLLM's Python (default: $KVLAB_VLLM_PYTHON, else .venv-vllm/bin/python in the repository root or the "
+         "current directory).")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, output_dir, output_file, quiet_option, read_prompt, write_json
-from kvlab.cli.engine_python import engine_python_option
+from kvlab.cli.common import (console, engine_python_option, json_and_quiet, make_table, output_dir, output_file,
+                              read_prompt, write_json)
 
 
 @click.command("diff")
@@ -29,8 +29,7 @@ from kvlab.cli.engine_python import engine_python_option
               help="Capture mode: write the snapshots (and, unless --report says otherwise, report.html) to DIR.")
 @click.option("--report", "report_path", default=None, metavar="FILE", callback=output_file, help="Write the HTML report to FILE.")
 @engine_python_option
-@json_option
-@quiet_option
+@json_and_quiet
 def diff_command(snapshots, model_spec, prompt, prompt_file, chat, golden_spec, test_specs, max_new_tokens,
                  ignore_eos, tol, out, report_path, json_path, quiet) -> None:
     """Diff two snapshots, or capture a golden run and teacher-forced test runs and diff those.
@@ -71,28 +70,25 @@ def diff_command(snapshots, model_spec, prompt, prompt_file, chat, golden_spec, 
         from kvlab.compare.report import write_report
 
         write_report(study, report_path)
-    if json_path != "-":
-        print_summary(study)
-        con = console()
-        if report_path is not None:
-            con.print(f"report written to {report_path}")
-        if json_path is not None:
-            con.print(f"json written to {json_path}")
+    con = console(json_path)
+    print_summary(con, study)
+    if report_path is not None:
+        con.print(f"report written to {report_path}")
+    if json_path is not None:
+        con.print(f"json written to {json_path}")
     write_json(json_path, study.to_dict())
 
 
-def print_summary(study) -> None:
+def print_summary(con, study) -> None:
     """The terminal summary: per test, first divergence, diagnosis, logits, worst layers and heads."""
     from rich.markup import escape
-    from rich.table import Table
 
     from kvlab.compare.fmt import fmt_num, fmt_pct
 
-    con = console()
     golden = study.golden
     con.print(f"[bold]golden[/bold] {study.golden_run}   model {golden.model.get('spec', '?')}, "
               f"{golden.n_prompt} prompt + {len(golden.token_ids) - golden.n_prompt} generated tokens")
-    note = study.stop_note() if hasattr(study, "stop_note") else None
+    note = study.stop_note()
     if note:
         con.print(f"[yellow]note:[/yellow] {note}")
     for i, result in enumerate(study.results, start=1):
@@ -109,7 +105,7 @@ def print_summary(study) -> None:
             con.print(f"first divergence: [red]position {first.position}[/red] {token} "
                       f"({result.describe_position(first.position)}), layer {first.layer}, KV head {first.head}, "
                       f"{first.tensor}, {error}")
-            worst = getattr(first, "worst", None)
+            worst = first.worst
             if worst is not None and (worst.layer, worst.head, worst.tensor) != (first.layer, first.head, first.tensor):
                 shown = "NaN/Inf" if worst.nonfinite else f"rel-L2 {fmt_num(worst.error)}"
                 con.print(f"  worst at that position: layer {worst.layer}, KV head {worst.head}, {worst.tensor}, {shown}")
@@ -126,16 +122,13 @@ def print_summary(study) -> None:
             con.print(f"[red]NaN/Inf in {result.cache.nonfinite_rows} cache rows[/red]; first: {where.snapshot} "
                       f"{where.tensor}, layer {where.layer}, KV head {where.head}, position {where.position}")
 
-        layers = Table(title="worst layers", title_justify="left")
-        for column in ("layer", "K max abs", "K rel-L2", "K cosine", "V max abs", "V rel-L2", "V cosine"):
-            layers.add_column(column, justify="right")
+        layers = make_table("worst layers", ("layer", "K max abs", "K rel-L2", "K cosine", "V max abs", "V rel-L2",
+                                             "V cosine"))
         k, v = result.cache.layer_errors("keys"), result.cache.layer_errors("values")
         rows = 5 if len(study.results) == 1 else 3
         for layer in result.worst_layers(rows):
             layers.add_row(str(layer), *_cells(k[layer], fmt_num), *_cells(v[layer], fmt_num))
-        heads = Table(title="worst KV heads", title_justify="left")
-        for column in ("layer", "KV head", "K rel-L2", "K cosine", "V rel-L2", "V cosine"):
-            heads.add_column(column, justify="right")
+        heads = make_table("worst KV heads", ("layer", "KV head", "K rel-L2", "K cosine", "V rel-L2", "V cosine"))
         hk, hv = result.cache.head_errors("keys"), result.cache.head_errors("values")
         for layer, head in result.worst_heads(rows):
             a, b = hk[layer][head], hv[layer][head]
@@ -149,13 +142,10 @@ def print_summary(study) -> None:
 
 def _study_table(study):
     """One row per test run: first divergence and logits agreement side by side."""
-    from rich.table import Table
-
     from kvlab.compare.fmt import fmt_num, fmt_pct
 
-    table = Table(title="summary", title_justify="left")
-    for column in ("test (change)", "tol", "first divergence", "KL mean", "top-1", "token mismatch"):
-        table.add_column(column)
+    columns = ("test (change)", "tol", "first divergence", "KL mean", "top-1", "token mismatch")
+    table = make_table("summary", columns, labels=len(columns))
     for result in study.results:
         first = result.first_divergence
         where = "none" if first is None else f"{first.position}, L{first.layer}, H{first.head} {first.tensor[0].upper()}"

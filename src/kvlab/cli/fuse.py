@@ -1,16 +1,13 @@
 """`kvlab fuse`: RAG KV fusion, one click group whose commands live in several modules.
 
-Each module named in `_FUSE_MODULES` exposes `FUSE_COMMANDS = [...]`; a new fuse command is one
-more name in that tuple.
+Each module below exposes `FUSE_COMMANDS = [...]`; a new fuse command joins one of those lists.
 """
 
 from __future__ import annotations
 
-import importlib
-
 import click
 
-_FUSE_MODULES = ("kvlab.cli.fuse_store", "kvlab.cli.fuse_eval", "kvlab.cli.fuse_explain")
+from kvlab.cli import fuse_eval, fuse_explain, fuse_store
 
 
 @click.group("fuse")
@@ -18,12 +15,8 @@ def fuse() -> None:
     """RAG KV fusion: precompute chunk caches once into a store, then reuse them."""
 
 
-def _register() -> None:
-    for name in _FUSE_MODULES:
-        for command in importlib.import_module(name).FUSE_COMMANDS:
-            fuse.add_command(command)
-
-
-_register()
+for module in (fuse_store, fuse_eval, fuse_explain):
+    for command in module.FUSE_COMMANDS:
+        fuse.add_command(command)
 
 COMMANDS = [fuse]

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, output_file, quiet_option, write_json
+from kvlab.cli.common import console, json_and_quiet, make_table, model_option, numbers, output_file, write_json
 from kvlab.errors import KvlabError
-
-_STORE_HELP = "Chunk store URL: a folder, redis://host:port/db, or memory:// (this process only)."
-
 
 def _evict(spec: str | None):
     if not spec:
@@ -30,15 +27,6 @@ def _evict(spec: str | None):
     return policy
 
 
-def _floats(text: str, option: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=option) from None
-
-
-_model = click.option("--model", "-m", "model_spec", default="smollm2", show_default=True,
-                      help="Model spec (see `kvlab models`).")
 _run = click.option("--run", "run_text", default="", metavar="SPEC", help="Run spec, e.g. 'dtype=bfloat16,attn=eager'.")
 _evict_option = click.option("--evict", "evict_spec", default=None, metavar="SPEC",
                              help="Evict after the prefill: streaming:sink=4,window=W or snapkv:capacity=C,kernel=5,pool=avg|max.")
@@ -49,13 +37,15 @@ _chat = click.option("--chat/--no-chat", default=None,
                      help="Wrap documents and question in the chat template (default: when the model has one).")
 _chunk_tokens = click.option("--chunk-tokens", type=click.IntRange(min=16), default=512, show_default=True,
                              help="Tokens per chunk, as given to `fuse precompute` (documents are cut at sentence ends).")
-_max_new = click.option("--max-new-tokens", "-n", "max_new_tokens", type=click.IntRange(min=1), default=32,
-                        show_default=True)
+_store = click.option("--store", "store_url", default="memory://", show_default=True,
+                      help="Chunk store URL: a folder, redis://host:port/db, or memory:// (this process only).")
+_rate = click.option("--rate", "-r", type=float, default=0.15, show_default=True,
+                     help="Fraction of document tokens to recompute.")
 
 
 @click.command("run")
-@_model
-@click.option("--store", "store_url", default="memory://", show_default=True, help=_STORE_HELP)
+@model_option
+@_store
 @click.option("--task-file", default=None, metavar="FILE", help="Task file (JSON lines); pick the task with --id.")
 @click.option("--id", "task_id", default=None, help="The task's id in --task-file.")
 @click.option("--chunks-file", default=None, metavar="FILE",
@@ -63,16 +53,14 @@ _max_new = click.option("--max-new-tokens", "-n", "max_new_tokens", type=click.I
 @click.option("--question", default=None, help="The question (with --chunks-file).")
 @click.option("--strategy", "-s", default="a3", show_default=True, metavar="NAME[:p=v,...]",
               help="full, reuse, last, cacheblend, a3, epic or surprisal, with parameters (a3:check_layer=2).")
-@click.option("--rate", "-r", type=float, default=0.15, show_default=True,
-              help="Fraction of document tokens to recompute.")
+@_rate
 @_evict_option
 @_chunk_tokens
 @_prefix
 @_chat
 @_run
-@_max_new
-@json_option
-@quiet_option
+@click.option("--max-new-tokens", "-n", "max_new_tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@json_and_quiet
 def run_command(model_spec, store_url, task_file, task_id, chunks_file, question, strategy, rate, evict_spec,
                 chunk_tokens, prefix, chat, run_text, max_new_tokens, json_path, quiet) -> None:
     """Answer one question from stored chunk caches and print the time to first token.
@@ -103,24 +91,23 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
     fused = answer_question(model_spec, RunSpec.parse(run_text), store_url, chosen, task=task, documents=docs,
                             question=question, evict=policy, chunk_tokens=chunk_tokens, prefix=prefix, chat=chat,
                             max_new_tokens=max_new_tokens, progress=not quiet)
-    if json_path != "-":
-        got, result = fused.answer, fused.answer.prefill
-        con = console()
-        con.print(f"[bold]{model_spec}[/bold]  strategy {chosen.label()}"
-                  + (f" rate {chosen.rate_value:g}" if chosen.rate_value is not None else "")
-                  + (f"  evict {policy}" if policy else ""))
-        con.print(f"prompt {result.n_tokens} tokens ({result.n_docs} in {len(fused.prompt.chunks)} chunks), "
-                  f"recomputed {result.recomputed} document tokens ({result.recomputed_fraction:.1%}); store "
-                  f"{result.load.hits} hits, {result.load.misses} computed")
-        con.print(f"TTFT {got.ttft_s:.3f} s" + (f", {got.tpot_s * 1000:.1f} ms per output token" if got.tpot_s else ""))
-        con.rule("answer")
-        con.print(got.text, markup=False)
-        con.rule()
+    got, result = fused.answer, fused.answer.prefill
+    con = console(json_path)
+    con.print(f"[bold]{model_spec}[/bold]  strategy {chosen.label()}"
+              + (f" rate {chosen.rate_value:g}" if chosen.rate_value is not None else "")
+              + (f"  evict {policy}" if policy else ""))
+    con.print(f"prompt {result.n_tokens} tokens ({result.n_docs} in {len(fused.prompt.chunks)} chunks), "
+              f"recomputed {result.recomputed} document tokens ({result.recomputed_fraction:.1%}); store "
+              f"{result.load.hits} hits, {result.load.misses} computed")
+    con.print(f"TTFT {got.ttft_s:.3f} s" + (f", {got.tpot_s * 1000:.1f} ms per output token" if got.tpot_s else ""))
+    con.rule("answer")
+    con.print(got.text, markup=False)
+    con.rule()
     write_json(json_path, fused.summary)
 
 
 @click.command("eval")
-@_model
+@model_option
 @click.option("--task", "task_source", default="mixed", show_default=True,
               metavar="mixed|needle|needles|twohop|kvqa|FILE",
               help="Generated tasks (mixed: every kind in turn), or a task file (kvlab or LongBench JSON lines).")
@@ -128,7 +115,7 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
 @click.option("--strategies", default="reuse,cacheblend,a3,epic,surprisal", show_default=True,
               help="Comma-separated strategies (full prefill is always run as the baseline).")
 @click.option("--rates", default="0.05,0.15,0.3", show_default=True, help="Comma-separated recompute rates.")
-@click.option("--store", "store_url", default="memory://", show_default=True, help=_STORE_HELP)
+@_store
 @_evict_option
 @click.option("--chunks", "n_chunks", type=click.IntRange(min=1), default=8, show_default=True,
               help="Documents per generated task.")
@@ -142,8 +129,7 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
 @click.option("--max-new-tokens", "-N", "max_new_tokens", type=click.IntRange(min=1), default=24, show_default=True)
 @click.option("--agree-tokens", type=click.IntRange(min=1), default=8, show_default=True,
               help="Besides the same answer, count answers whose first N generated tokens are full prefill's.")
-@json_option
-@quiet_option
+@json_and_quiet
 def eval_command(model_spec, task_source, n_tasks, strategies, rates, store_url, evict_spec, n_chunks, chunk_tokens,
                  metric, seed, report, prefix, chat, run_text, max_new_tokens, agree_tokens, json_path, quiet) -> None:
     """Accuracy (with its 95% interval), agreement with full prefill, TTFT and speedup of each strategy and
@@ -152,28 +138,27 @@ def eval_command(model_spec, task_source, n_tasks, strategies, rates, store_url,
     from kvlab.runspec import RunSpec
 
     names = [s.strip() for s in strategies.split(",") if s.strip()]
-    runs = expand(names, _floats(rates, "--rates"))
+    runs = expand(names, numbers(rates, "--rates"))
     policy = _evict(evict_spec)
     done = evaluate_model(model_spec, RunSpec.parse(run_text), task_source, n_tasks, runs, store_url, evict=policy,
                           n_chunks=n_chunks, chunk_tokens=chunk_tokens, seed=seed, metric=metric,
                           max_new_tokens=max_new_tokens, chat=chat, prefix=prefix, agree_tokens=agree_tokens,
                           report=report, progress=not quiet)
-    if json_path != "-":
-        con = console()
-        con.print(_table(done.title, done.rows, metric, agree_tokens))
-        for kind, kind_rows in done.by_kind.items():
-            con.print(_table(f"{kind}: {kind_rows[0]['n']} tasks", kind_rows, metric, agree_tokens))
-        con.print(f"acc: accuracy with its 95% Wilson interval; =full: same answer as full prefill; "
-                  f"={agree_tokens}tok: same first {agree_tokens} tokens")
-        if done.result.precomputed:
-            con.print(f"{done.result.precomputed} chunks computed into {store_url} before timing")
-        for path in done.written:
-            con.print(f"report written to {path}")
+    con = console(json_path)
+    con.print(_table(done.title, done.rows, metric, agree_tokens))
+    for kind, kind_rows in done.by_kind.items():
+        con.print(_table(f"{kind}: {kind_rows[0]['n']} tasks", kind_rows, metric, agree_tokens))
+    con.print(f"acc: accuracy with its 95% Wilson interval; =full: same answer as full prefill; "
+              f"={agree_tokens}tok: same first {agree_tokens} tokens")
+    if done.result.precomputed:
+        con.print(f"{done.result.precomputed} chunks computed into {store_url} before timing")
+    for path in done.written:
+        con.print(f"report written to {path}")
     write_json(json_path, done.summary)
 
 
 @click.command("tasks")
-@_model
+@model_option
 @click.option("--task", "task_source", default="mixed", show_default=True, metavar="mixed|needle|needles|twohop|kvqa",
               help="Which generated tasks.")
 @click.option("--n", "n_tasks", type=click.IntRange(min=1), default=48, show_default=True, help="Number of tasks.")
@@ -204,12 +189,9 @@ def _table(title: str, rows: list[dict], metric: str, agree_tokens: int):
     answer, same first tokens), TTFT and speedup; the recomputed share and time per output token are in
     the JSON and the report."""
     from rich import box
-    from rich.table import Table
 
-    table = Table(title=f"{title} ({metric})", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     columns = ["strategy", "acc", "95% CI", "=full", f"={agree_tokens}tok", "TTFT s", "speedup", "n"]
-    for column in columns:
-        table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
+    table = make_table(f"{title} ({metric})", columns, labels=1, no_wrap=True, box=box.SIMPLE_HEAD, pad_edge=False)
     for r in rows:
         label = r["label"] + ("" if r["rate"] is None else f"@{r['rate']:g}")
         interval = "-" if r["accuracy_low"] is None else f"{r['accuracy_low']:.2f}-{r['accuracy_high']:.2f}"

@@ -7,19 +7,18 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, output_file, quiet_option, write_json
-from kvlab.cli.fuse_eval import _STORE_HELP, _chat, _chunk_tokens, _model, _prefix, _run
+from kvlab.cli.common import console, json_and_quiet, model_option, output_file, write_json
+from kvlab.cli.fuse_eval import _chat, _chunk_tokens, _prefix, _rate, _run, _store
 
 
 @click.command("explain")
-@_model
+@model_option
 @click.option("--task-file", required=True, metavar="FILE", help="Task file (JSON lines, kvlab or LongBench records).")
 @click.option("--id", "task_id", required=True, help="The task's id in --task-file.")
 @click.option("--strategy", "-s", default="a3", show_default=True, metavar="NAME[:p=v,...]",
               help="The fused strategy to explain (cacheblend, a3, epic, surprisal, reuse, last).")
-@click.option("--rate", "-r", type=float, default=0.15, show_default=True,
-              help="Fraction of document tokens to recompute.")
-@click.option("--store", "store_url", default="memory://", show_default=True, help=_STORE_HELP)
+@_rate
+@_store
 @click.option("--tol", type=click.FloatRange(min=0.0, min_open=True), default=None,
               help="rel-L2 per cache row past which the caches diverge (default 1e-3).")
 @click.option("--report", default=None, metavar="PATH", callback=output_file, help="Write an HTML page: the prompt with the recomputed "
@@ -29,8 +28,7 @@ from kvlab.cli.fuse_eval import _STORE_HELP, _chat, _chunk_tokens, _model, _pref
 @_chat
 @_run
 @click.option("--max-new-tokens", "-N", "max_new_tokens", type=click.IntRange(min=1), default=24, show_default=True)
-@json_option
-@quiet_option
+@json_and_quiet
 def explain_command(model_spec, task_file, task_id, strategy, rate, store_url, tol, report, chunk_tokens, prefix,
                     chat, run_text, max_new_tokens, json_path, quiet) -> None:
     """Why a fused answer differs: the fused cache diffed against full prefill's (first divergence by
@@ -48,13 +46,11 @@ def explain_command(model_spec, task_file, task_id, strategy, rate, store_url, t
         from kvlab.fusion.explain_report import write_explain_report
 
         written = write_explain_report(report, done.explanation)
-    if json_path != "-":
-        _print(done.summary, done.explanation, written)
+    _print(console(json_path), done.summary, done.explanation, written)
     write_json(json_path, done.summary)
 
 
-def _print(data: dict, result, written) -> None:
-    con = console()
+def _print(con, data: dict, result, written) -> None:
     con.print(f"[bold]{data['task']}[/bold]  {data['strategy']}: {data['recomputed']} of "
               f"{result.prompt.n_docs} document tokens recomputed")
     for name, got in data["answers"].items():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, quiet_option, write_json
+from kvlab.cli.common import console, json_and_quiet, json_option, model_option, write_json
+from kvlab.errors import KvlabError
 
 
 @click.group("store")
@@ -35,18 +36,17 @@ def stats_command(url, json_path) -> None:
     """Entries and bytes in the store, per model and dtype."""
     with _open(url) as store:
         stats = store.stats()
-    if json_path != "-":
-        con = console()
-        con.print(f"[bold]{stats['url']}[/bold]: {stats['entries']} chunks, {_size(stats['bytes'])}"
-                  + (f" of {_size(stats['capacity'])}" if "capacity" in stats else "")
-                  + (f", {stats['leftovers']} leftovers of interrupted writes" if stats.get("leftovers") else ""))
-        if stats["models"]:
-            from rich.table import Table
+    con = console(json_path)
+    con.print(f"[bold]{stats['url']}[/bold]: {stats['entries']} chunks, {_size(stats['bytes'])}"
+              + (f" of {_size(stats['capacity'])}" if "capacity" in stats else "")
+              + (f", {stats['leftovers']} leftovers of interrupted writes" if stats.get("leftovers") else ""))
+    if stats["models"]:
+        from rich.table import Table
 
-            table = Table("model", "dtype", "chunks", "size")
-            for row in stats["models"]:
-                table.add_row(row["model"], row["dtype"], str(row["entries"]), _size(row["bytes"]))
-            con.print(table)
+        table = Table("model", "dtype", "chunks", "size")
+        for row in stats["models"]:
+            table.add_row(row["model"], row["dtype"], str(row["entries"]), _size(row["bytes"]))
+        con.print(table)
     write_json(json_path, stats)
 
 
@@ -59,48 +59,42 @@ def ls_command(url, limit, json_path) -> None:
     """List the stored chunks: name, model, dtype, tokens, position base, size, dates."""
     with _open(url) as store:
         infos = list(store.entries())
-    if json_path != "-":
-        from rich.table import Table
+    from rich.table import Table
 
-        table = Table("chunk", "model", "dtype", "tokens", "base", "size", "created", "last used")
-        shown = infos if limit == 0 else infos[:limit]
-        for info in shown:
-            table.add_row(info.digest[:16], info.model, info.dtype, str(info.n_tokens), str(info.position_base),
-                          _size(info.nbytes), info.created, info.last_used or "")
-        con = console()
-        con.print(table)
-        if len(shown) < len(infos):
-            con.print(f"... {len(infos) - len(shown)} more (--limit 0 shows all)")
+    table = Table("chunk", "model", "dtype", "tokens", "base", "size", "created", "last used")
+    shown = infos if limit == 0 else infos[:limit]
+    for info in shown:
+        table.add_row(info.digest[:16], info.model, info.dtype, str(info.n_tokens), str(info.position_base),
+                      _size(info.nbytes), info.created, info.last_used or "")
+    con = console(json_path)
+    con.print(table)
+    if len(shown) < len(infos):
+        con.print(f"... {len(infos) - len(shown)} more (--limit 0 shows all)")
     write_json(json_path, {"url": url, "entries": [i.to_dict() for i in infos]})
 
 
 @store_group.command("verify")
 @click.argument("url")
 @click.option("--repair", is_flag=True, help="Delete damaged entries (a precompute then computes them again).")
-@json_option
-@quiet_option
+@json_and_quiet
 def verify_command(url, repair, json_path, quiet) -> None:
     """Read every entry back and check its checksum and identity; exit 2 when damage remains."""
-    from kvlab.errors import KvlabError
     from kvlab.progress import progress_bar
 
     with _open(url) as store:
-        total = store.stats()["entries"]
-        with progress_bar(total, "verify", enabled=not quiet) as advance:
+        with progress_bar(store.stats()["entries"], "verify", enabled=not quiet) as advance:
             report = store.verify(repair=repair, on_entry=advance)
-    data = report.to_dict()
-    if json_path != "-":
-        con = console()
-        con.print(f"[bold]{report.url}[/bold]: {report.checked} chunks checked, {len(report.problems)} damaged"
-                  + (f", {report.removed} removed" if repair else "")
-                  + (f", {report.legacy} with the older SHA-256 checksum"
-                     + (f" ({report.migrated} rewritten with xxh3)" if repair else
-                        " (read as they are; --repair rewrites them)") if report.legacy else "")
-                  + (f", {report.stray} leftovers of interrupted writes (`kvlab fuse store gc` removes them)"
-                     if report.stray else ""))
-        for problem in report.problems:
-            con.print(f"  {problem['digest'][:16]}: {problem['error']}", markup=False)
-    write_json(json_path, data)
+    con = console(json_path)
+    con.print(f"[bold]{report.url}[/bold]: {report.checked} chunks checked, {len(report.problems)} damaged"
+              + (f", {report.removed} removed" if repair else "")
+              + (f", {report.legacy} with the older SHA-256 checksum"
+                 + (f" ({report.migrated} rewritten with xxh3)" if repair else
+                    " (read as they are; --repair rewrites them)") if report.legacy else "")
+              + (f", {report.stray} leftovers of interrupted writes (`kvlab fuse store gc` removes them)"
+                 if report.stray else ""))
+    for problem in report.problems:
+        con.print(f"  {problem['digest'][:16]}: {problem['error']}", markup=False)
+    write_json(json_path, report.to_dict())
     if not report.ok:
         raise KvlabError(f"{len(report.problems) - report.removed} damaged chunks in {report.url}: "
                          f"run `kvlab fuse store verify --repair {url}`, then precompute again")
@@ -120,16 +114,14 @@ def gc_command(url, capacity, min_age, json_path) -> None:
     limit = parse_size(capacity) if capacity is not None else None
     with _open(url) as store:
         result = store.gc(capacity=limit, min_age_s=min_age)
-    if json_path != "-":
-        console().print(f"[bold]{result['url']}[/bold]: removed {result['removed_stray']} leftovers, "
-                        f"released {result.get('released_claims', 0)} stale claims, evicted {result['evicted']} "
-                        f"chunks ({_size(result['evicted_bytes'])})")
+    console(json_path).print(f"[bold]{result['url']}[/bold]: removed {result['removed_stray']} leftovers, "
+                             f"released {result.get('released_claims', 0)} stale claims, evicted {result['evicted']} "
+                             f"chunks ({_size(result['evicted_bytes'])})")
     write_json(json_path, result)
 
 
 @click.command("precompute")
-@click.option("--model", "-m", "model_spec", default="smollm2", show_default=True,
-              help="Model spec (see `kvlab models`).")
+@model_option
 @click.option("--tasks", required=True, metavar="FILE.jsonl",
               help="Task file: kvlab `chunks` records or LongBench `context` records.")
 @click.option("--store", "store_url", required=True, metavar="URL",
@@ -144,8 +136,7 @@ def gc_command(url, capacity, min_age, json_path) -> None:
 @click.option("--surprisal", is_flag=True, help="Also store each token's surprisal -log p(token | before).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes computing chunks into the shared store.")
-@json_option
-@quiet_option
+@json_and_quiet
 def precompute_command(model_spec, tasks, store_url, run_text, chunk_tokens, prefix, chat, surprisal, workers,
                        json_path, quiet) -> None:
     """Compute the KV cache of every distinct chunk of a task file once, into a store.
@@ -170,13 +161,12 @@ def precompute_command(model_spec, tasks, store_url, run_text, chunk_tokens, pre
         report = precompute(model_spec, tasks, store_url, run=run, chunk_tokens=chunk_tokens, prefix=prefix,
                             chat=chat, surprisal=surprisal, workers=workers, on_start=on_start,
                             on_chunk=lambda outcome: bar["advance"]())
-    if json_path != "-":
-        console().print(
-            f"[bold]{report.store}[/bold]: {report.chunks} chunks from {report.tasks} tasks "
-            f"({report.model}, {report.dtype}): {report.computed} computed, {report.existing} already stored"
-            + (f", {report.repaired} damaged and recomputed" if report.repaired else "")
-            + f" in {report.seconds:.1f}s"
-        )
+    console(json_path).print(
+        f"[bold]{report.store}[/bold]: {report.chunks} chunks from {report.tasks} tasks "
+        f"({report.model}, {report.dtype}): {report.computed} computed, {report.existing} already stored"
+        + (f", {report.repaired} damaged and recomputed" if report.repaired else "")
+        + f" in {report.seconds:.1f}s"
+    )
     write_json(json_path, report.to_dict())
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, write_json
+from kvlab.cli.common import console, json_option, make_table, write_json
 
 
 @click.command("models")
@@ -14,20 +14,15 @@ def models_command(json_path: str | None) -> None:
 
     `--model` also takes any local Hugging Face model folder. Nothing is ever downloaded.
     """
-    from rich.table import Table
-
     from kvlab.models import list_models
 
     specs = list_models()
-    table = Table(title="kvlab models", title_justify="left")
-    for column in ("name", "kind", "what it is", "status"):
-        table.add_column(column)
+    table = make_table("kvlab models", ("name", "kind", "what it is", "status"), labels=4)
     for spec in specs:
         name = f"{spec.name} (default)" if spec.kind == "embedded" else spec.name
         table.add_row(name, spec.kind, spec.summary, spec.status)
     table.add_row("PATH", "local", "a local Hugging Face model folder (config.json + weights)", "")
-    if json_path != "-":
-        console().print(table)
+    console(json_path).print(table)
     write_json(json_path, {"models": [spec.to_dict() for spec in specs]})
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, output_dir, quiet_option, write_json
+from kvlab.cli.common import console, json_and_quiet, make_table, output_dir, write_json
 
 MIB = 2**20
 
@@ -19,8 +19,7 @@ MIB = 2**20
 @click.option("--disk-dir", default=None, metavar="DIR", callback=output_dir,
               help="Folder on the disk to measure (default: the temp folder, where tier=disk files go).")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
-@json_option
-@quiet_option
+@json_and_quiet
 def hw_command(device, size_mb, gemm_n, disk_dir, repeats, json_path, quiet) -> None:
     """Measure host-to-device bandwidth, disk reads and GEMM throughput; save hw_metrics.json.
 
@@ -29,28 +28,24 @@ def hw_command(device, size_mb, gemm_n, disk_dir, repeats, json_path, quiet) -> 
     """
     from kvlab.offload.hw import measure, save_metrics
 
-    con = console(stderr=True)
-    report = (lambda name: None) if quiet or json_path == "-" else (lambda name: con.print(f"measuring {name} ..."))
+    err = console(stderr=True)
+    report = (lambda name: None) if quiet or json_path == "-" else (lambda name: err.print(f"measuring {name} ..."))
     metrics = measure(device, size_mb=size_mb, gemm_n=gemm_n, disk_dir=disk_dir, repeats=repeats, on_step=report)
     path = save_metrics(metrics)
-    if json_path != "-":
-        from rich.table import Table
-
-        table = Table(title=f"kvlab hw: {metrics['device']} ({metrics['name']})", title_justify="left")
-        table.add_column("figure")
-        table.add_column("value", justify="right")
-        for key, label in (("h2d_pinned_bytes_per_s", "host->device, pinned"),
-                           ("h2d_pageable_bytes_per_s", "host->device, pageable"),
-                           ("d2h_bytes_per_s", "device->host"), ("device_copy_bytes_per_s", "device memory read"),
-                           ("disk_read_bytes_per_s", "disk read, cold"),
-                           ("disk_read_cached_bytes_per_s", "disk read, page cache")):
-            value = metrics.get(key)
-            table.add_row(label, "n/a (no pinned memory without CUDA)" if value is None else f"{value / 1e9:.2f} GB/s")
-        for dtype, rate in metrics["gemm_flops_per_s"].items():
-            table.add_row(f"GEMM {dtype} (n={metrics['gemm_n'][dtype]})", "n/a" if rate is None else f"{rate / 1e12:.3f} TFLOP/s")
-        table.add_row("device memory", f"{metrics['device_memory_bytes'] / 2**30:.1f} GiB")
-        console().print(table)
-        console().print(f"saved to {path}")
+    table = make_table(f"kvlab hw: {metrics['device']} ({metrics['name']})", ("figure", "value"), labels=1)
+    for key, label in (("h2d_pinned_bytes_per_s", "host->device, pinned"),
+                       ("h2d_pageable_bytes_per_s", "host->device, pageable"),
+                       ("d2h_bytes_per_s", "device->host"), ("device_copy_bytes_per_s", "device memory read"),
+                       ("disk_read_bytes_per_s", "disk read, cold"),
+                       ("disk_read_cached_bytes_per_s", "disk read, page cache")):
+        value = metrics.get(key)
+        table.add_row(label, "n/a (no pinned memory without CUDA)" if value is None else f"{value / 1e9:.2f} GB/s")
+    for dtype, rate in metrics["gemm_flops_per_s"].items():
+        table.add_row(f"GEMM {dtype} (n={metrics['gemm_n'][dtype]})", "n/a" if rate is None else f"{rate / 1e12:.3f} TFLOP/s")
+    table.add_row("device memory", f"{metrics['device_memory_bytes'] / 2**30:.1f} GiB")
+    con = console(json_path)
+    con.print(table)
+    con.print(f"saved to {path}")
     write_json(json_path, metrics)
 
 
@@ -76,8 +71,7 @@ def bench_group() -> None:
 @click.option("--kvpr", "kvpr_params", default=None, metavar="PARAMS",
               help="kvpr parameters (default ratio=0.5), e.g. 'recompute_len=128'.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@json_option
-@quiet_option
+@json_and_quiet
 def decode_command(model_spec, run_text, methods, batch, prompt_len, gen_len, tier, auto, flexgen_params,
                    kvpr_params, seed, json_path, quiet) -> None:
     """Forward-only decoding (model.forward with past_key_values) with each cache method.
@@ -101,21 +95,15 @@ def decode_command(model_spec, run_text, methods, batch, prompt_len, gen_len, ti
     with progress_bar(len(policies) * gen_len, "decode", enabled=not quiet) as advance:
         report = bench_decode(loaded, policies, batch=batch, prompt_len=prompt_len, gen_len=gen_len, seed=seed,
                               on_step=advance)
-    if json_path != "-":
-        _print_report(report)
+    _print_report(console(json_path), report)
     write_json(json_path, report)
 
 
-def _print_report(report: dict) -> None:
-    from rich.table import Table
-
-    con = console()
+def _print_report(con, report: dict) -> None:
     title = (f"bench decode: {report['model']}  {report['dtype']} on {report['device']}  batch {report['batch']}, "
              f"prompt {report['prompt_len']}, {report['gen_len']} steps")
-    table = Table(title=title, title_justify="left")
-    for column in ("method", "split", "prefill s", "p50 ms", "p90 ms", "pred. ms", "tok/s", "x base", "x offload",
-                   "peak MiB", "MiB/step", "max |dlogit|"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    table = make_table(title, ("method", "split", "prefill s", "p50 ms", "p90 ms", "pred. ms", "tok/s", "x base",
+                               "x offload", "peak MiB", "MiB/step", "max |dlogit|"), labels=1)
     for r in report["results"]:
         table.add_row(
             r["method"], "-" if r["split"] is None else str(r["split"]), f"{r['prefill_s']:.3f}",
@@ -130,8 +118,7 @@ def _print_report(report: dict) -> None:
     con.print(table)
     for r in report["results"]:
         con.print(f"{r['method']}: cache={r['cache']}")
-    sources = {r["peak_bytes_source"] for r in report["results"]}
-    if "accounted" in sources:
+    if any(r["peak_bytes_source"] == "accounted" for r in report["results"]):
         con.print("peak MiB: accounted (device == host): weights + what the cache keeps on the device + one "
                   "layer's K/V being assembled")
     con.print(f"cost model: {report['hw_metrics']}")

@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, quiet_option, snapshot_dir, write_json
+from kvlab.cli.common import console, json_and_quiet, numbers, snapshot_dir, write_json
 
 MAX_PROBLEMS_SHOWN = 20
-
-
-def _rank_order(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of ranks", param_hint="--rank-order") from None
 
 
 @click.command("reconstruct")
@@ -41,8 +32,7 @@ def _rank_order(text: str | None) -> list[int] | None:
 @click.option("--replica-atol", type=float, default=0.0, show_default=True,
               help="Largest replica disagreement that is not reported.")
 @click.option("--out", "-o", default=None, metavar="SNAPSHOT", callback=snapshot_dir, help="Write the full cache as a snapshot folder.")
-@json_option
-@quiet_option
+@json_and_quiet
 def reconstruct_command(shard_dir, layout_name, heads, kv_heads, tp, dp, seq_split, seq_len, rank_order, pattern,
                         transposed_keys, replica_atol, out, json_path, quiet) -> int:
     """Rebuild the full K/V of every layer from a directory of per-rank shards.
@@ -63,25 +53,22 @@ def reconstruct_command(shard_dir, layout_name, heads, kv_heads, tp, dp, seq_spl
         missing = [flag for flag, value in (("--heads", heads), ("--kv-heads", kv_heads), ("--tp", tp)) if value is None]
         if missing:
             raise click.UsageError(f"--layout {layout_name} needs {', '.join(missing)}")
-        layout = make_layout(layout_name, tp, heads, kv_heads, dp=dp, seq_split=seq_split,
-                             rank_order=_rank_order(rank_order))
+        order = None if rank_order is None else numbers(rank_order, "--rank-order", int, "ranks")
+        layout = make_layout(layout_name, tp, heads, kv_heads, dp=dp, seq_split=seq_split, rank_order=order)
     with progress_bar(None, "reconstruct", enabled=not quiet) as advance:
         result, shards = reconstruct_dir(shard_dir, layout, pattern=pattern, seq_len=seq_len,
                                          transpose_keys=transposed_keys, replica_atol=replica_atol, on_layer=advance)
     if out is not None:
         result.to_snapshot(imported_meta(shards), logits=shards.logits()).save(out)
-    report = {**result.to_dict(), "out": out}
-    if json_path != "-":
-        _print_summary(result, shards, out)
-    write_json(json_path, report)
+    _print_summary(console(json_path), result, shards, out)
+    write_json(json_path, {**result.to_dict(), "out": out})
     return 0 if result.ok else 1
 
 
-def _print_summary(result, shards, out) -> None:
+def _print_summary(con, result, shards, out) -> None:
     from rich.table import Table
 
     layout = result.layout
-    con = console()
     con.print(f"[bold]layout {layout.name}[/bold]  tp={layout.tp}  {layout.n_kv_heads} KV heads"
               + (f"  dp={layout.dp}" if layout.dp > 1 else "") + ("  sequence split" if layout.seq_split else ""))
     table = Table("rank", "file", "KV head per slot", box=None)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, output_dir, output_file, quiet_option, write_json
+from kvlab.cli.common import (console, json_and_quiet, json_option, make_table, model_option, output_dir, output_file,
+                              write_json)
+from kvlab.cli.scales_vllm import export_command, verify_command
+from kvlab.errors import KvlabError
 
 
 @click.group("scales")
@@ -18,7 +21,7 @@ def scales_group() -> None:
 
 
 @scales_group.command("calibrate")
-@click.option("--model", "-m", "model_spec", default="smollm2", show_default=True, help="Model spec (see `kvlab models`).")
+@model_option
 @click.option("--run", "run_text", default="", metavar="SPEC", help="Run spec to calibrate under (dtype, attn, device).")
 @click.option("--data", default=None, metavar="FILE", help="Calibration text file (default: the built-in text).")
 @click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True, help="Number of text windows.")
@@ -33,8 +36,7 @@ def scales_group() -> None:
               show_default=True, help="What to write into --out.")
 @click.option("--chat/--no-chat", default=None, help="Wrap each window in the chat template (default: if the model has one).")
 @click.option("--out", "-o", required=True, metavar="DIR", callback=output_dir, help="Folder for the files.")
-@json_option
-@quiet_option
+@json_and_quiet
 def calibrate_command(model_spec, run_text, data, samples, seq_len, granularity, fp8_format, tp, out_format, chat,
                       out, json_path, quiet) -> None:
     """Run calibration text through the model, track K/V amax per layer (and KV head), write scales.
@@ -55,19 +57,15 @@ def calibrate_command(model_spec, run_text, data, samples, seq_len, granularity,
     cal, scales = result.calibration, result.scales
     summary = {"model": model_spec, "fp8_format": fp8_format, "granularity": granularity, **result.to_dict()}
     _warn(result.warnings)
-    if json_path != "-":
-        from rich.table import Table
-
-        con = console()
-        con.print(f"[bold]{model_spec}[/bold]: {cal.n_samples} samples, {cal.n_tokens} tokens of {cal.source}")
-        table = Table(title=f"K/V amax and {fp8_format} scales ({granularity})", title_justify="left")
-        for column in ("layer", "K amax", "V amax", "K scale", "V scale"):
-            table.add_column(column, justify="right")
-        for i, (ka, va, ks, vs) in enumerate(zip(cal.key_amax, cal.value_amax, scales.keys, scales.values)):
-            table.add_row(str(i), _floats(ka), _floats(va), _floats(ks), _floats(vs))
-        con.print(table)
-        for path in result.files:
-            con.print(f"wrote {path}")
+    con = console(json_path)
+    con.print(f"[bold]{model_spec}[/bold]: {cal.n_samples} samples, {cal.n_tokens} tokens of {cal.source}")
+    table = make_table(f"K/V amax and {fp8_format} scales ({granularity})",
+                       ("layer", "K amax", "V amax", "K scale", "V scale"))
+    for i, (ka, va, ks, vs) in enumerate(zip(cal.key_amax, cal.value_amax, scales.keys, scales.values)):
+        table.add_row(str(i), _floats(ka), _floats(va), _floats(ks), _floats(vs))
+    con.print(table)
+    for path in result.files:
+        con.print(f"wrote {path}")
     write_json(json_path, summary)
 
 
@@ -94,16 +92,15 @@ def extract_command(checkpoint, tp_size, load_format, model_type, out, json_path
     found, path = extract_to_file(checkpoint, out, tp_size=tp_size, load_format=load_format, model_type=model_type)
     summary = {"checkpoint": checkpoint, **found.to_dict(out=path)}
     _warn(found.warnings)
-    if json_path != "-":
-        con = console()
-        con.print(f"{checkpoint}: {found.kind}, model_type {found.model_type!r}, tp {found.tp}, "
-                  f"{found.n_layers} layers, from {len(found.files)} file(s)")
-        for rank in sorted(found.ranks):
-            values = list(found.ranks[rank].values())
-            con.print(f"  rank {rank}: scales {min(values):.6g} .. {max(values):.6g}")
-        for note in found.notes:
-            con.print(f"[yellow]note:[/yellow] {note}")
-        con.print(f"wrote {path}")
+    con = console(json_path)
+    con.print(f"{checkpoint}: {found.kind}, model_type {found.model_type!r}, tp {found.tp}, "
+              f"{found.n_layers} layers, from {len(found.files)} file(s)")
+    for rank in sorted(found.ranks):
+        values = list(found.ranks[rank].values())
+        con.print(f"  rank {rank}: scales {min(values):.6g} .. {max(values):.6g}")
+    for note in found.notes:
+        con.print(f"[yellow]note:[/yellow] {note}")
+    con.print(f"wrote {path}")
     write_json(json_path, summary)
 
 
@@ -127,7 +124,7 @@ def check_command(file, model_spec, layers, tp, model_type, no_model_type, json_
     finite positive numeric scales, keys written plainly ("7", not "07"), no duplicate keys, and
     with --model a tp vLLM can run the model at.
     """
-    from kvlab.errors import KvlabError
+    from kvlab.model_facts import model_shape
     from kvlab.scales.api import check_file
 
     if model_spec is not None and layers is not None:
@@ -145,17 +142,16 @@ def check_command(file, model_spec, layers, tp, model_type, no_model_type, json_
             model_type = model_type or config.model_type
     result = check_file(file, tp=tp, n_layers=layers, model_type=model_type, expect_model_type=not no_model_type,
                         n_heads=n_heads, n_kv_heads=n_kv_heads)
-    if json_path != "-":
-        con = console()
-        where = ", ".join(f"{k}={v}" for k, v in result.context.items())
-        con.print(f"{file}" + (f" ({where})" if where else "") + ": "
-                  + ("valid under vLLM's schema and kvlab's rules" if result.ok else _counts(result)))
-        for title, items in (("vLLM's schema rejects:", result.vllm_violations),
-                             ("kvlab's own rules:", result.kvlab_violations)):
-            if items:
-                con.print(f" {title}")
-            for problem in items:
-                con.print(f"  - {problem}", markup=False)
+    con = console(json_path)
+    where = ", ".join(f"{k}={v}" for k, v in result.context.items())
+    con.print(f"{file}" + (f" ({where})" if where else "") + ": "
+              + ("valid under vLLM's schema and kvlab's rules" if result.ok else _counts(result)))
+    for title, items in (("vLLM's schema rejects:", result.vllm_violations),
+                         ("kvlab's own rules:", result.kvlab_violations)):
+        if items:
+            con.print(f" {title}")
+        for problem in items:
+            con.print(f"  - {problem}", markup=False)
     write_json(json_path, {"file": file, **result.to_dict()})
     if not result.ok:
         raise KvlabError(f"{file}: {_counts(result)}")
@@ -172,18 +168,13 @@ def _counts(result) -> str:
 
 def _warn(warnings: list[str]) -> None:
     """Each warning on stderr, one line each: the file was written, but an engine would refuse it."""
-    import sys
-
     for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        click.echo(f"warning: {warning}", err=True)
 
 
 def _floats(t) -> str:
     return " ".join(f"{x:.4g}" for x in t.reshape(-1).tolist())
 
-
-from kvlab.cli.scales_vllm import export_command, verify_command  # noqa: E402  (vLLM checkpoints)
-from kvlab.model_facts import model_shape
 
 scales_group.add_command(export_command)
 scales_group.add_command(verify_command)

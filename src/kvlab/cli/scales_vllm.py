@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, quiet_option, write_json
-from kvlab.cli.engine_python import engine_python_option
+from kvlab.cli.common import (console, engine_python_option, json_and_quiet, json_option, make_table, read_prompt,
+                              write_json)
+from kvlab.errors import KvlabError
 
 
 @click.command("export")
@@ -16,8 +17,7 @@ from kvlab.cli.engine_python import engine_python_option
               help="Checkpoint folder to write (replaced if it is one).")
 @click.option("--granularity", type=click.Choice(["tensor", "head"]), default=None,
               help="Per tensor (per-head scales folded to their maximum) or per head (default: as SCALES are).")
-@json_option
-@quiet_option
+@json_and_quiet
 def export_command(scales, model_dir, out, granularity, json_path, quiet) -> None:
     """Merge SCALES into MODEL_DIR as a compressed-tensors checkpoint vLLM loads with kv_cache_dtype=fp8.
 
@@ -29,13 +29,11 @@ def export_command(scales, model_dir, out, granularity, json_path, quiet) -> Non
     from kvlab.scales.vllm_export import export_checkpoint
 
     result = export_checkpoint(scales, _model_folder(model_dir), out, granularity=granularity)
-    summary = result.to_dict()
-    if json_path != "-" and not quiet:
-        con = console()
+    if not quiet:
         how = "hard-linked" if result.linked else "copied"
-        con.print(f"wrote {result.path}: {result.scales.n_layers} layers of {result.scales.granularity} scales "
-                  f"(compressed-tensors), model weights {how}")
-    write_json(json_path, summary)
+        console(json_path).print(f"wrote {result.path}: {result.scales.n_layers} layers of {result.scales.granularity} "
+                                 f"scales (compressed-tensors), model weights {how}")
+    write_json(json_path, result.to_dict())
 
 
 @click.command("verify")
@@ -53,32 +51,25 @@ def verify_command(checkpoint, engine, prompt_file, tokens, json_path) -> None:
     scale) and the scale fits this text's range; `fallback 1.0` is vLLM silently ignoring the
     checkpoint's scales. Exits non-zero when any layer fails.
     """
-    from pathlib import Path
-
-    from kvlab.errors import KvlabError
     from kvlab.scales.vllm_verify import verify_checkpoint
 
-    text = Path(prompt_file).read_text() if prompt_file else None
+    text = read_prompt(None, prompt_file, required=False)
     result = verify_checkpoint(checkpoint, text=text, max_tokens=tokens)
-    if json_path != "-":
-        from rich.table import Table
-
-        con = console()
-        con.print(f"{checkpoint}: vLLM {result.vllm_version}, kv_cache_dtype fp8, {result.granularity} scales, "
-                  f"{result.n_tokens} tokens")
-        for note in result.notes:
-            con.print(f"[yellow]note:[/yellow] {note}")
-        table = Table(title="per layer: the checkpoint's scale, the share of stored codes it explains, the share of "
-                            "e4m3's range it uses here", title_justify="left")
-        for column in ("layer", "status", "K scale", "K codes", "K range", "V scale", "V codes", "V range"):
-            table.add_column(column, justify="right")
-        for layer in result.layers:
-            row = [str(layer.layer), layer.status]
-            for side in (layer.k, layer.v):
-                codes = "scale 1.0" if side.status == "fallback 1.0" else f"{side.match_checkpoint:.1%}"
-                row += [f"{side.expected:.3g}", codes, f"{side.range_use:.0%}"]
-            table.add_row(*row)
-        con.print(table)
+    con = console(json_path)
+    con.print(f"{checkpoint}: vLLM {result.vllm_version}, kv_cache_dtype fp8, {result.granularity} scales, "
+              f"{result.n_tokens} tokens")
+    for note in result.notes:
+        con.print(f"[yellow]note:[/yellow] {note}")
+    table = make_table("per layer: the checkpoint's scale, the share of stored codes it explains, the share of "
+                       "e4m3's range it uses here",
+                       ("layer", "status", "K scale", "K codes", "K range", "V scale", "V codes", "V range"))
+    for layer in result.layers:
+        row = [str(layer.layer), layer.status]
+        for side in (layer.k, layer.v):
+            codes = "scale 1.0" if side.status == "fallback 1.0" else f"{side.match_checkpoint:.1%}"
+            row += [f"{side.expected:.3g}", codes, f"{side.range_use:.0%}"]
+        table.add_row(*row)
+    con.print(table)
     write_json(json_path, result.to_dict())
     failed = [layer for layer in result.layers if not layer.ok]
     if failed:
@@ -86,8 +77,7 @@ def verify_command(checkpoint, engine, prompt_file, tokens, json_path) -> None:
         raise KvlabError(f"vLLM did not use {checkpoint}'s scales as given in {len(failed)} of {len(result.layers)} "
                          f"layers ({', '.join(kinds)}; layers {', '.join(str(x.layer) for x in failed[:8])}"
                          + ("..." if len(failed) > 8 else "") + ")")
-    if json_path != "-":
-        console().print(f"all {len(result.layers)} layers stored codes under the checkpoint's scales")
+    con.print(f"all {len(result.layers)} layers stored codes under the checkpoint's scales")
 
 
 def _model_folder(spec: str):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from kvlab.cli.common import console, json_option, output_file, quiet_option, read_prompt, write_json
-from kvlab.model_facts import model_shape
+from kvlab.cli.common import (console, json_and_quiet, make_table, model_option, output_file, read_prompt,
+                              with_engine, write_json)
 
 DEFAULT_PROMPT = "The key-value cache of a transformer keeps, for every layer,"
 
@@ -32,7 +32,7 @@ def trace_group() -> None:
 
 
 @trace_group.command("record")
-@click.option("--model", "-m", "model_spec", default="smollm2", show_default=True, help="Model spec (see `kvlab models`).")
+@model_option
 @click.option("--layers", "-l", "layers_text", default="0", show_default=True, metavar="LIST",
               help="Layers to record: 0,5 or 0-3 or all.")
 @click.option("--steps", "-n", type=click.IntRange(min=1), default=8, show_default=True, help="Decode steps to record.")
@@ -44,8 +44,7 @@ def trace_group() -> None:
 @click.option("--chat", is_flag=True, help="Wrap the prompt as one user turn in the model's chat template.")
 @click.option("--prefill", is_flag=True, help="Also record the prompt's forward pass, as step 0.")
 @click.option("--out", "-o", required=True, metavar="FILE", callback=output_file, help="Trace file to write (.gguf).")
-@json_option
-@quiet_option
+@json_and_quiet
 def record_command(model_spec, layers_text, steps, run_text, engine, prompt, prompt_file, chat, prefill, out,
                    json_path, quiet) -> None:
     """Record q, k, v, mask and attention output of LAYERS at each decode step into a GGUF trace.
@@ -55,7 +54,6 @@ def record_command(model_spec, layers_text, steps, run_text, engine, prompt, pro
     shapes and permutations in kvlab.* metadata. Step n is the n-th forward pass: 0 the
     prompt, 1.. the decode steps.
     """
-    from kvlab.cli.capture import with_engine
     from kvlab.runner import record_prompt_trace
     from kvlab.runspec import RunSpec
 
@@ -64,17 +62,11 @@ def record_command(model_spec, layers_text, steps, run_text, engine, prompt, pro
     text = read_prompt(prompt, prompt_file, required=False) or DEFAULT_PROMPT
     summary = record_prompt_trace(model_spec, text, run, layers=layers, steps=steps, out=out, chat=chat,
                                   prefill=prefill, progress=not quiet)
-    _report_record(model_spec, summary, json_path)
-
-
-def _report_record(model_spec: str, summary, json_path: str | None) -> None:
-    """What `trace record` prints of a recorded trace, whoever ran the model."""
-    if json_path != "-":
-        con = console()
-        con.print(f"[bold]{model_spec}[/bold]  run: {summary.run}")
-        con.print(f"layers {', '.join(map(str, summary.layers))}  steps {summary.steps[0]}..{summary.steps[-1]}  "
-                  f"{len(summary.tensors)} tensors, {summary.bytes / 2**20:.2f} MiB in {summary.seconds:.2f}s")
-        con.print(f"trace written to {summary.path}")
+    con = console(json_path)
+    con.print(f"[bold]{model_spec}[/bold]  run: {summary.run}")
+    con.print(f"layers {', '.join(map(str, summary.layers))}  steps {summary.steps[0]}..{summary.steps[-1]}  "
+              f"{len(summary.tensors)} tensors, {summary.bytes / 2**20:.2f} MiB in {summary.seconds:.2f}s")
+    con.print(f"trace written to {summary.path}")
     write_json(json_path, summary.to_dict())
 
 
@@ -94,8 +86,7 @@ def _report_record(model_spec: str, summary, json_path: str | None) -> None:
                    "kvlab recorded from llama.cpp with flash attention).")
 @click.option("--per-head", is_flag=True, help="One table row per head instead of per layer and step.")
 @click.option("--plot", "plot_path", default=None, metavar="PNG", callback=output_file, help="Also draw the errors per layer, step and head.")
-@json_option
-@quiet_option
+@json_and_quiet
 def check_command(trace_path, tol, max_abs, scale, layout, deinterleave_qk, rounding, per_head, plot_path,
                   json_path, quiet) -> int:
     """Recompute each recorded attention in float64 and compare element-wise with the recorded output.
@@ -116,22 +107,17 @@ def check_command(trace_path, tol, max_abs, scale, layout, deinterleave_qk, roun
         from kvlab.trace.plot import plot_check
 
         plot_check(report, plot_path)
-    if json_path != "-":
-        _print_report(report, per_head)
-        if plot_path is not None:
-            console().print(f"plot written to {plot_path}")
+    con = console(json_path)
+    _print_report(con, report, per_head)
+    if plot_path is not None:
+        con.print(f"plot written to {plot_path}")
     write_json(json_path, report.to_dict())
     return 0 if report.ok else 1
 
 
-def _print_report(report, per_head: bool) -> None:
-    from rich.table import Table
-
-    con = console()
+def _print_report(con, report, per_head: bool) -> None:
     types = ", ".join(f"{role} {kind}" for role, kind in report.types.items())
-    table = Table(title=f"{report.path}  ({types})", title_justify="left")
-    for column in ("layer", "step", "head", "max abs", "rel L2", "1 - cosine", ""):
-        table.add_column(column, justify="right")
+    table = make_table(f"{report.path}  ({types})", ("layer", "step", "head", "max abs", "rel L2", "1 - cosine", ""))
     rows: dict[tuple[int, int], list] = {}
     for entry in report.entries:
         rows.setdefault((entry.layer, entry.step), []).append(entry)

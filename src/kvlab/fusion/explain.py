@@ -24,7 +24,8 @@ from transformers import DynamicCache
 
 from kvlab.caches.taps import attention_taps, rows_attention
 from kvlab.compare.cachediff import CacheDiff, Divergence, diff_caches
-from kvlab.fusion.fused import Prefill, eos_ids, greedy_decode, prefill
+from kvlab.decode import decode_n_tokens, eos_ids
+from kvlab.fusion.fused import Prefill, prefill
 from kvlab.errors import KvlabError
 from kvlab.fusion.prompt import DEFAULT_CHUNK_TOKENS, FusionPrompt, task_prompt
 from kvlab.fusion.store.base import ChunkStore
@@ -195,7 +196,8 @@ def explain(loaded: "LoadedModel", prompt: FusionPrompt, task: Task, strategy: S
     attention_fused = question_attention(model, fused.cache, prompt, positions)
     answers = {}  # decoded last: decoding appends to the caches
     for name, done in (("full", full), ("fused", fused)):
-        tokens = greedy_decode(model, done.cache, done.logits, max_new_tokens, eos_ids(model)).tokens
+        tokens = decode_n_tokens(model, done.cache, prompt.ids, max_new_tokens, eos=eos_ids(model),
+                                 attention_mask=False, prefilled=done.logits[None]).ids
         answers[name] = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
     return Explanation(task, strategy, prompt, token_texts, full, fused, diff, tol, evidence, attention_full,
                        attention_fused, answers)

@@ -356,21 +356,6 @@ def _observation_taps(model, evict: EvictionPolicy | None, prompt: FusionPrompt,
 
 
 @dataclass
-class Decoded:
-    tokens: list[int]
-    step_seconds: list[float]
-
-
-def greedy_decode(model, cache: Cache, logits: torch.Tensor, max_new_tokens: int, eos: set[int]) -> Decoded:
-    """Greedy tokens from the first token's logits on, each fed back through `cache`."""
-    token = int(torch.argmax(logits))
-    if max_new_tokens <= 1 or token in eos:
-        return Decoded([token], [])
-    decoded = decode_n_tokens(model, cache, [token], max_new_tokens - 1, eos=eos, attention_mask=False)
-    return Decoded([token, *decoded.ids], decoded.seconds)
-
-
-@dataclass
 class Answer:
     text: str
     tokens: list[int]
@@ -394,8 +379,10 @@ def answer(loaded: "LoadedModel", prompt: FusionPrompt, strategy: Strategy, stor
     result = prefill(loaded, prompt, strategy, store, evict=evict)
     int(torch.argmax(result.logits))  # the first token is part of the time to first token
     ttft, ttft_cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    decoded = greedy_decode(loaded.model, result.cache, result.logits, max_new_tokens, eos_ids(loaded.model))
-    tokens = decoded.tokens
+    decoded = decode_n_tokens(loaded.model, result.cache, prompt.ids, max_new_tokens, eos=eos_ids(loaded.model),
+                              attention_mask=False, prefilled=result.logits[None])
+    tokens = decoded.ids
     text = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
-    tpot = sum(decoded.step_seconds) / len(decoded.step_seconds) if decoded.step_seconds else None
+    steps = decoded.seconds[1:]  # step 0 is the prefill, counted in TTFT
+    tpot = sum(steps) / len(steps) if steps else None
     return Answer(text, tokens, ttft, tpot, result, ttft_cpu)
