@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvlab.errors import KvlabError
+from kvlab.errors import KvlabError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -79,8 +79,7 @@ def apply_attention(model, attn: str) -> None:
     try:
         model.set_attn_implementation(attn)
     except (ValueError, ImportError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise KvlabError(f"attn={attn} cannot be used with this model here: {first}") from None
+        raise KvlabError(f"attn={attn} cannot be used with this model here: {first_line(err)}") from None
 
 
 def decoder_layers(model) -> "torch.nn.ModuleList":

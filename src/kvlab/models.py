@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvlab.errors import KvlabError
+from kvlab.errors import KvlabError, first_line
 from kvlab.model_facts import LoadedModel, apply_attention, quiet_transformers
 
 if TYPE_CHECKING:
@@ -188,8 +188,7 @@ def _load_folder(path: Path, spec: str):
             model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise KvlabError(f"cannot load model from {path}: {first}") from None
+        raise KvlabError(f"cannot load model from {path}: {first_line(err)}") from None
     return model, tokenizer
 
 

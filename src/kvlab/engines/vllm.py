@@ -318,9 +318,7 @@ def capture(
     max_new_tokens: int = 32,
     top_k: int = 20,
     stop_at_eos: bool = True,
-    keep_logits: bool = True,
     on_step: Callable[[int], None] | None = None,
-    extra_meta: dict[str, Any] | None = None,
     prompt_text: str | None = None,
     python: str | None = None,
 ) -> Snapshot:
@@ -386,6 +384,5 @@ def capture(
         "seconds": worker.result["seconds"],
     }
     meta = run_meta(describe, str(spec), ids, len(prompt), steps.argmax(dim=-1).tolist(), top_ids.tolist(),
-                    top_values.tolist(), force=force, forced=forced is not None, extra_meta=extra_meta,
-                    engine=engine)
-    return Snapshot.from_layers(pairs, meta, extras=extras, logits=steps.contiguous() if keep_logits else None)
+                    top_values.tolist(), force=force, forced=forced is not None, engine=engine)
+    return Snapshot.from_layers(pairs, meta, extras=extras, logits=steps.contiguous())

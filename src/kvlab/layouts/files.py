@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from kvlab.errors import first_line
 from kvlab.layouts.layout import Layout, LayoutError
 from kvlab.layouts.reconstruct import KV, Reconstruction, reconstruct
 from kvlab.snapshot import Snapshot, read_meta
@@ -110,7 +111,7 @@ class _Reader:
             try:
                 handle = safe_open(str(path), framework="pt")
             except (SafetensorError, OSError) as err:
-                raise ShardFileError(f"{path} is not a readable safetensors file ({_first_line(err)})") from None
+                raise ShardFileError(f"{path} is not a readable safetensors file ({first_line(err)})") from None
             self.names = list(handle.keys())
             self._get = handle.get_tensor
         else:
@@ -132,7 +133,7 @@ def _load_torch(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a foreign or truncated file
-        raise ShardFileError(f"{path} is not a readable torch file ({_first_line(err)})") from None
+        raise ShardFileError(f"{path} is not a readable torch file ({first_line(err)})") from None
     flat: dict[str, torch.Tensor] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -328,11 +329,6 @@ def imported_meta(shards: ShardDir) -> dict[str, Any]:
             "files": {str(rank): path.name for rank, path in sorted(shards.files.items())},
         },
     }
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _list(items) -> str:

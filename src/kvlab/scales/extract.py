@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from kvlab.errors import first_line
 from kvlab.quant.fp8 import FORMATS, fp8_max
 from kvlab.scales.engine_tp import vllm_tp_problem
 from kvlab.scales.scales import KVScales, RankScales, ScalesError
@@ -128,8 +129,7 @@ def named_tensors(path: Path, fmt: str, wanted) -> Iterator[tuple[str, torch.Ten
     except ScalesError:
         raise
     except Exception as err:  # a truncated or foreign file: say which, in one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ScalesError(f"cannot read {path}: {first}") from None
+        raise ScalesError(f"cannot read {path}: {first_line(err)}") from None
 
 
 def layer_of(name: str, delimiter: str) -> int:
@@ -291,8 +291,7 @@ def header_fp8_format(path: Path) -> str | None:
         with safe_open(str(path), framework="pt") as handle:
             fmt = (handle.metadata() or {}).get(FP8_FORMAT_KEY)
     except Exception as err:  # a truncated or foreign file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ScalesError(f"cannot read {path}: {first}") from None
+        raise ScalesError(f"cannot read {path}: {first_line(err)}") from None
     if fmt is not None and fmt not in FORMATS:
         raise ScalesError(f"{path.name}: its header names fp8 format {fmt!r}; known: {', '.join(FORMATS)}")
     return fmt

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvlab.errors import first_line
 from kvlab.trace import ggml
 from kvlab.trace.gguf_scan import scan_gguf
 from kvlab.trace.format import (
@@ -95,7 +96,7 @@ def open_gguf(path: str | os.PathLike):
 
 def _reason(err: BaseException) -> str:
     """GGUFReader's exception, said in terms of the file."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = first_line(err)
     if isinstance(err, IndexError) or "size must be a divisor" in text:
         return "it ends in the middle of its header, or a count or length in the header is wrong"
     for kind, what in (("GGMLQuantizationType", "a tensor has an unknown ggml type"),
