@@ -215,13 +215,6 @@ class Snapshot:
             raise SnapshotError(f"{self.path / LOGITS_FILE} is truncated or corrupt ({first_line(err)})") from None
         return self._logits
 
-    def topk(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per-step top-k `(ids, values)` from meta.json, or None."""
-        info = self.meta.get("logits")
-        if not info or "ids" not in info:
-            return None
-        return torch.tensor(info["ids"], dtype=torch.long), torch.tensor(info["values"], dtype=torch.float32)
-
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:
             raise SnapshotError(f"layer {layer} out of range: snapshot has {self.n_layers} layers")
