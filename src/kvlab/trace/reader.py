@@ -29,6 +29,7 @@ from kvlab.trace.format import (
     ROLES,
     TensorLayout,
     TraceError,
+    element_count,
     parse_name,
     layer_key,
     tensor_key,
@@ -205,9 +206,10 @@ class TraceFile:
         layout = self.layout_of(name)
         stored = self.stored_ne(name)
         flat = self._elements(name, info)
-        if stored and flat.numel() != _count(stored) and _count(stored) % max(flat.numel(), 1) == 0:
+        count = element_count(stored)
+        if stored and flat.numel() != count and count % max(flat.numel(), 1) == 0:
             # raw bytes read back as a wider dtype: ne[0] counted bytes
-            stored = (stored[0] * flat.numel() // _count(stored), *stored[1:])
+            stored = (stored[0] * flat.numel() // count, *stored[1:])
         try:
             source = layout.resolve_source(stored, head_dim)
             view = ggml.permuted_view(flat, source, layout.permute)
@@ -298,10 +300,6 @@ class TraceFile:
                     raise TraceError(f"{self.path}: metadata {key} is not a number")
                 return float(value)
         return None
-
-
-def _count(ne) -> int:
-    return int(np.prod([int(n) for n in ne], dtype=np.int64)) if ne else 1
 
 
 def _torch_dtype(name: Any, tensor: str) -> torch.dtype:
