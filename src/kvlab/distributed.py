@@ -125,10 +125,8 @@ def check_tp_fits(config, tp: int) -> None:
     if q % tp or kv % tp:
         fits = [n for n in range(2, kv + 1) if kv % n == 0 and q % n == 0]
         hint = f"tp={' or '.join(map(str, fits))}" if fits else "only tp=1"
-        raise KvlabError(
-            f"tp={tp}: transformers' tensor-parallel plan gives every rank the same number of heads, and "
-            f"{q} heads / {kv} KV heads do not split {tp} ways; this model allows {hint}"
-        )
+        raise KvlabError(f"tp={tp}: transformers' tensor-parallel plan gives every rank the same number of heads, and "
+                         f"{q} heads / {kv} KV heads do not split {tp} ways; this model allows {hint}")
 
 
 # ---- local or tensor parallel: chosen here only ------------------------------------------

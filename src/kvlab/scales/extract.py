@@ -240,10 +240,8 @@ def extract(folder: str | Path, tp_size: int | None = None, load_format: str = "
     if n_ammo and hf:
         raise ScalesError(f"{folder} mixes AMMO {AMMO_MARK} tensors with Hugging Face k_scale/v_scale tensors")
     if not n_ammo and not hf:
-        raise ScalesError(
-            f"no KV cache scales in {folder} ({len(files)} {fmt} file(s); looked for {AMMO_MARK}, "
-            "self_attn.k_scale/v_scale, self_attn.kv_scale, k_proj.output_scale, k_proj.k_scale)"
-        )
+        raise ScalesError(f"no KV cache scales in {folder} ({len(files)} {fmt} file(s); looked for {AMMO_MARK}, "
+                          "self_attn.k_scale/v_scale, self_attn.kv_scale, k_proj.output_scale, k_proj.k_scale)")
     if n_ammo:
         found = _from_ammo(folder, ammo, delimiter, meta, tp_size, fmt)
     else:
