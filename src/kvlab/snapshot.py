@@ -300,9 +300,8 @@ def read_meta(path: Path) -> dict[str, Any]:
     if name != FORMAT_NAME or not version.isdigit():
         raise SnapshotError(f"{path} is not a kvlab snapshot (format {fmt!r})")
     if int(version) > FORMAT_VERSION:
-        raise SnapshotError(
-            f"{path} was written by a newer kvlab ({fmt}); this kvlab reads up to {FORMAT}: upgrade kvlab"
-        )
+        raise SnapshotError(f"{path} was written by a newer kvlab ({fmt}); this kvlab reads up to {FORMAT}: "
+                            "upgrade kvlab")
     return meta
 
 

@@ -154,10 +154,9 @@ def check_comparable(golden: Snapshot, test: Snapshot, g_src: SnapshotSource, t_
         at = next((i for i, (a, b) in enumerate(zip(g_ids, t_ids)) if a != b), min(len(g_ids), len(t_ids)))
         detail = (f"they differ at token {at}" if g_ids != t_ids
                   else f"prompt lengths differ ({golden.n_prompt} vs {test.n_prompt})")
-        raise DiffError(
-            f"the snapshots hold different token ids (golden {len(g_ids)}, test {len(t_ids)} tokens; {detail}): "
-            "capture the test teacher-forced on the golden run (kvlab capture --force-tokens GOLDEN)"
-        )
+        raise DiffError(f"the snapshots hold different token ids (golden {len(g_ids)}, test {len(t_ids)} tokens; "
+                        f"{detail}): capture the test teacher-forced on the golden run "
+                        "(kvlab capture --force-tokens GOLDEN)")
     if golden.n_layers != test.n_layers:
         raise DiffError(f"the snapshots have different layer counts: golden {golden.n_layers}, test {test.n_layers}")
     if golden.n_layers == 0:

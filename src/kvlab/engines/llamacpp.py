@@ -60,10 +60,9 @@ def require():
     try:
         import llama_cpp
     except (ImportError, OSError) as err:
-        raise EngineUnavailable(
-            f"engine=llama.cpp needs {PACKAGE}=={PINNED_VERSION}: pip install 'kvlab[llamacpp]' "
-            f"(builds llama.cpp from source, 15-25 minutes once) ({type(err).__name__}: {err})"
-        ) from None
+        raise EngineUnavailable(f"engine=llama.cpp needs {PACKAGE}=={PINNED_VERSION}: pip install 'kvlab[llamacpp]' "
+                                "(builds llama.cpp from source, 15-25 minutes once) "
+                                f"({type(err).__name__}: {err})") from None
     return llama_cpp
 
 

@@ -279,10 +279,9 @@ def _check_shapes(parts: Sequence[torch.Tensor], layout: Layout, where: str) -> 
                               "[batch, kv_heads, seq, head_dim]")
         want = len(layout.heads(rank))
         if part.shape[1] != want:
-            raise LayoutError(
-                f"{where}: rank {rank} holds {part.shape[1]} KV heads but layout {layout.name} "
-                f"(tp={layout.tp}, {layout.n_kv_heads} KV heads) puts {want} there: {list(layout.heads(rank))}"
-            )
+            raise LayoutError(f"{where}: rank {rank} holds {part.shape[1]} KV heads but layout {layout.name} "
+                              f"(tp={layout.tp}, {layout.n_kv_heads} KV heads) puts {want} there: "
+                              f"{list(layout.heads(rank))}")
         if part.shape[3] != first.shape[3]:
             raise LayoutError(f"{where}: head_dim differs: rank 0 has {first.shape[3]}, rank {rank} {part.shape[3]}")
         if part.shape[2] != first.shape[2]:

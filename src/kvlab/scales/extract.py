@@ -173,9 +173,8 @@ def folder_metadata(folder: Path) -> dict[str, Any]:
             if value is None:
                 continue
             if key in found and found[key][0] != value:
-                raise ScalesError(
-                    f"{folder}: {found[key][1]} says {key} = {found[key][0]!r} but {path.name} says {value!r}"
-                )
+                raise ScalesError(f"{folder}: {found[key][1]} says {key} = {found[key][0]!r} "
+                                  f"but {path.name} says {value!r}")
             found.setdefault(key, (value, path.name))
     return {key: value for key, (value, _) in found.items()}
 
@@ -315,9 +314,8 @@ def _from_ammo(folder: Path, per_file: dict[Path, list[tuple[str, torch.Tensor]]
             if layer in layers:
                 raise ScalesError(f"{path.name}: two scales for layer {layer} (second: {name!r})")
             if tensor.numel() != 1:
-                raise ScalesError(
-                    f"{path.name}: {name!r} has shape {tuple(tensor.shape)}; AMMO KV scales must be scalars"
-                )
+                raise ScalesError(f"{path.name}: {name!r} has shape {tuple(tensor.shape)}; "
+                                  "AMMO KV scales must be scalars")
             layers[layer] = float(tensor.reshape(()).float())
         ranks[rank] = layers
     expected = tp_size or meta_tp or max(ranks) + 1
