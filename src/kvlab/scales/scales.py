@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvlab.errors import KvlabError
-from kvlab.quant.fp8 import fp8_max, scale_from_amax
+from kvlab.quant.fp8 import scale_from_amax
 from kvlab.scales.rank_heads import heads_of_rank
 
 RankScales = dict[int, dict[int, float]]  # {tp rank: {layer: scale}}, vLLM's scaling_factor
@@ -93,11 +93,6 @@ class KVScales:
     @property
     def granularity(self) -> str:
         return "head" if self.per_head else "tensor"
-
-    def amax(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The amax each scale stands for (`scale * fp8_max`)."""
-        limit = fp8_max(self.fp8_format)
-        return [s * limit for s in self.keys], [s * limit for s in self.values]
 
     # ---- changing granularity --------------------------------------------------------------
     def per_tensor_scales(self) -> "KVScales":
