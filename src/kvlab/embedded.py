@@ -58,7 +58,6 @@ def ensure_converted(progress: bool = False) -> Path:
             from rich.console import Console
 
             Console(stderr=True).print(f"[dim]converting {source.name} once into {target} ...[/dim]")
-
         if target.exists():  # a leftover without its marker: never trust it
             shutil.rmtree(target)
         with atomic_dir(target) as tmp:
@@ -72,9 +71,7 @@ def _convert(source: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with quiet_transformers():
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            source.parent, gguf_file=source.name, dtype=torch.float32
-        )
+        gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
