@@ -54,16 +54,12 @@ class EngineUnavailable(KvlabError):
 
 def find_python(explicit: str | os.PathLike | None = None) -> Path:
     """vLLM's Python: `explicit`, `$KVLAB_VLLM_PYTHON`, or `.venv-vllm` in the repository root or cwd."""
-    if explicit:
-        path = Path(explicit).expanduser()
-        if not _runs(path):
-            raise EngineUnavailable(f"--engine-python {path}: no such Python")
-        return path
-    if os.environ.get(PYTHON_ENV):
-        path = Path(os.environ[PYTHON_ENV]).expanduser()
-        if not _runs(path):
-            raise EngineUnavailable(f"{PYTHON_ENV}={path}: no such Python")
-        return path
+    for given, label in ((explicit, "--engine-python "), (os.environ.get(PYTHON_ENV), f"{PYTHON_ENV}=")):
+        if given:
+            path = Path(given).expanduser()
+            if not _runs(path):
+                raise EngineUnavailable(f"{label}{path}: no such Python")
+            return path
     for base in (REPO_ROOT, Path.cwd()):
         candidate = base / VENV_NAME / "bin" / "python"
         if _runs(candidate):

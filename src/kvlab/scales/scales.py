@@ -111,11 +111,8 @@ class KVScales:
                 return s.expand(n_kv_heads).clone()
             raise ScalesError(f"layer {i} has {s.numel()} {kind} head scales but the model has {n_kv_heads} KV heads")
 
-        return KVScales(
-            tuple(widen(s, i, "K") for i, s in enumerate(self.keys)),
-            tuple(widen(s, i, "V") for i, s in enumerate(self.values)),
-            self.fp8_format, self.meta,
-        )
+        return KVScales(tuple(widen(s, i, "K") for i, s in enumerate(self.keys)),
+                        tuple(widen(s, i, "V") for i, s in enumerate(self.values)), self.fp8_format, self.meta)
 
     def fitted(self, n_layers: int, n_kv_heads: int, granularity: str) -> "KVScales":
         """These scales checked against a model's geometry and brought to `granularity`."""
