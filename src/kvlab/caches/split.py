@@ -264,6 +264,7 @@ class SplitCache(Cache):
         self.reset()
         self.mover = Mover(self.device, self.mover.lanes)
 
+
 class SplitPolicy(CachePolicy):
     """What the FlexGen and KVPR policies share: a `SplitCache` and a short spec."""
 
