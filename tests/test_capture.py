@@ -33,7 +33,8 @@ def test_capture_stores_what_generate_holds(name):
     # the full logits of each step are generate's, and top-k is read off them
     logits = snap.logits()
     assert torch.equal(logits, torch.cat(out.logits).float())
-    top_ids, top_values = snap.topk()
+    top = snap.meta["logits"]
+    top_ids, top_values = torch.tensor(top["ids"]), torch.tensor(top["values"], dtype=torch.float32)
     assert torch.equal(top_ids[:, 0], torch.tensor(snap.greedy_ids))
     assert torch.equal(top_values, torch.topk(logits, top_ids.shape[1]).values)
 

@@ -67,11 +67,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary folder; on a clean exit it becomes `path`.
 
-    An existing `path` is replaced (moved aside, then removed) when `replace` is true; the
-    moment between the two renames is the only time `path` does not exist.
+    An existing `path` is replaced (moved aside, then removed); the moment between the two
+    renames is the only time `path` does not exist.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,8 +86,6 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Pat
                 with open(child, "rb") as handle:
                     os.fsync(handle.fileno())
         if path.exists():
-            if not replace:
-                raise FileExistsError(path)
             aside = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.old"
             os.rename(path, aside)
             os.rename(tmp, path)

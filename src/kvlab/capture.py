@@ -35,7 +35,6 @@ def capture(
     max_new_tokens: int = 32,
     top_k: int = DEFAULT_TOP_K,
     stop_at_eos: bool = True,
-    keep_logits: bool = True,
     on_step: Callable[[int], None] | None = None,
     extra_meta: dict[str, Any] | None = None,
 ) -> Snapshot:
@@ -57,7 +56,7 @@ def capture(
     policy = run.policy
     eos = _eos_ids(hf_model) if stop_at_eos and forced is None else set()
 
-    log = StepLog(top_k, keep_logits, on_step)
+    log = StepLog(top_k, on_step)
     with policy_cache(hf_model, policy, attention=run.attn, max_length=len(prompt) + n_steps) as cache:
         decoded = decode_n_tokens(hf_model, cache, prompt, n_steps, forced=forced, eos=eos, callback=log)
         layers, extras = policy.export(decoded.cache)
@@ -132,11 +131,11 @@ def check_forcing_model(force: Snapshot | Sequence[int] | None, model: dict[str,
 
 
 class StepLog:
-    """The decode loop's callback for a capture: the model's own token and top-k logits of every
-    step, and (with `keep_logits`) its whole logits row; the same for every engine."""
+    """The decode loop's callback for a capture: the model's own token, top-k logits and whole
+    logits row of every step; the same for every engine."""
 
-    def __init__(self, top_k: int, keep_logits: bool = True, on_step: Callable[[int], None] | None = None) -> None:
-        self.top_k, self.keep_logits, self.on_step = top_k, keep_logits, on_step
+    def __init__(self, top_k: int, on_step: Callable[[int], None] | None = None) -> None:
+        self.top_k, self.on_step = top_k, on_step
         self.greedy: list[int] = []
         self.top_ids: list[list[int]] = []
         self.top_values: list[list[float]] = []
@@ -148,8 +147,7 @@ class StepLog:
         self.greedy.append(int(step.greedy[0]))
         self.top_ids.append(indices.tolist())
         self.top_values.append(values.tolist())
-        if self.keep_logits:
-            self.rows.append(last.cpu())
+        self.rows.append(last.cpu())
         if self.on_step is not None:
             self.on_step(1)
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from kvlab.capture import DEFAULT_TOP_K, capture
 from kvlab.capture import _plan as plan_steps
-from kvlab.errors import KvlabError
+from kvlab.errors import KvlabError, first_line
 from kvlab.model_facts import LoadedModel, apply_attention, model_shape, quiet_transformers
 from kvlab.progress import progress_bar
 from kvlab.runspec import RunSpec
@@ -53,13 +53,12 @@ class RankEnv:
     local_rank: int
 
 
-def torchrun_env(environ: dict[str, str] | None = None) -> RankEnv | None:
+def torchrun_env() -> RankEnv | None:
     """The rank this process plays when started by torchrun (or `capture_tp`'s launch), else None."""
-    environ = os.environ if environ is None else environ
-    if not all(name in environ for name in TORCHRUN_VARS):
+    if not all(name in os.environ for name in TORCHRUN_VARS):
         return None
     try:
-        return RankEnv(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ["LOCAL_RANK"]))
+        return RankEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     except ValueError:
         raise KvlabError("RANK, WORLD_SIZE and LOCAL_RANK must be integers in a torchrun environment") from None
 
@@ -126,10 +125,8 @@ def check_tp_fits(config, tp: int) -> None:
     if q % tp or kv % tp:
         fits = [n for n in range(2, kv + 1) if kv % n == 0 and q % n == 0]
         hint = f"tp={' or '.join(map(str, fits))}" if fits else "only tp=1"
-        raise KvlabError(
-            f"tp={tp}: transformers' tensor-parallel plan gives every rank the same number of heads, and "
-            f"{q} heads / {kv} KV heads do not split {tp} ways; this model allows {hint}"
-        )
+        raise KvlabError(f"tp={tp}: transformers' tensor-parallel plan gives every rank the same number of heads, and "
+                         f"{q} heads / {kv} KV heads do not split {tp} ways; this model allows {hint}")
 
 
 # ---- local or tensor parallel: chosen here only ------------------------------------------
@@ -338,8 +335,7 @@ def _capture_rank(job: Job, run: RunSpec, env: RankEnv, on_step) -> Captured:
     if env.rank != 0:
         return Captured(tp=env.world_size, rank=env.rank, snapshot=None, shards=shards, layout=LAYOUT)
     result = reconstruct(gathered, layout)
-    meta = dict(snap.meta)
-    full = result.to_snapshot(meta, logits=snap.logits())
+    full = result.to_snapshot(snap.meta, logits=snap.logits())
     for problem in result.problems:
         print(f"warning: {problem.message()}", file=sys.stderr)
     if job.out is not None:
@@ -367,8 +363,7 @@ def _load_sharded(model_dir: Path, run: RunSpec, tp: int):
                 distributed_config=DistributedConfig(tp_plan="auto", tp_size=tp),
             )
     except (OSError, ValueError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise KvlabError(f"cannot load {model_dir} with tp_plan=auto over {tp} ranks: {first}") from None
+        raise KvlabError(f"cannot load {model_dir} with tp_plan=auto over {tp} ranks: {first_line(err)}") from None
     return model.eval()
 
 

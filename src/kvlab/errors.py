@@ -11,3 +11,9 @@ class KvlabError(Exception):
     """A user-facing error: bad input, missing or corrupt file, mismatched models."""
 
     exit_code = 2
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), for a one-line error."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

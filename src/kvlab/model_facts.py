@@ -14,10 +14,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kvlab.errors import KvlabError
+from kvlab.errors import KvlabError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +32,6 @@ class LoadedModel:
     tokenizer: "PreTrainedTokenizerBase"
     spec: str
     fingerprint: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def config(self):
@@ -43,9 +42,8 @@ class LoadedModel:
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise KvlabError(f"model {self.spec} has no chat template: drop --chat")
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-            )
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                      tokenize=False)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(self.tokenizer(text)["input_ids"])
 
@@ -79,8 +77,7 @@ def apply_attention(model, attn: str) -> None:
     try:
         model.set_attn_implementation(attn)
     except (ValueError, ImportError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise KvlabError(f"attn={attn} cannot be used with this model here: {first}") from None
+        raise KvlabError(f"attn={attn} cannot be used with this model here: {first_line(err)}") from None
 
 
 def decoder_layers(model) -> "torch.nn.ModuleList":

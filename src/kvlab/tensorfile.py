@@ -46,9 +46,6 @@ class TensorFile:
         self._entries: dict[str, dict] = header
         self._data_start = 8 + size
 
-    def names(self) -> list[str]:
-        return list(self._entries)
-
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entry(name)["shape"])
 

@@ -37,48 +37,23 @@ class TinySpec:
     def config(self):
         from transformers import AutoConfig
 
-        kwargs = {**_COMMON, **self.overrides}
-        return AutoConfig.for_model(self.family, **kwargs)
+        return AutoConfig.for_model(self.family, **{**_COMMON, **self.overrides})
 
 
 TINY_MODELS: dict[str, TinySpec] = {
     spec.name: spec
     for spec in [
-        TinySpec(
-            "tiny-llama",
-            "llama",
-            "Llama, 4 layers, 4 query heads sharing 2 KV heads (GQA)",
-            dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0),
-        ),
-        TinySpec(
-            "tiny-mha",
-            "llama",
-            "Llama, 4 layers, 4 heads each with its own KV head (MHA)",
-            dict(num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0),
-            seed=1,
-        ),
-        TinySpec(
-            "tiny-qwen2",
-            "qwen2",
-            "Qwen2, 4 layers, GQA 4/2 with q/k/v biases",
-            dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0),
-            seed=2,
-        ),
-        TinySpec(
-            "tiny-mistral",
-            "mistral",
-            "Mistral, 4 layers, 4 query heads on 1 KV head (MQA), no sliding window",
-            dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=None, head_dim=16),
-            seed=3,
-        ),
-        TinySpec(
-            "tiny-llama-32l",
-            "llama",
-            "Llama, 32 layers, GQA 4/2: catches hard-coded layer counts",
-            dict(num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=32, hidden_size=32,
-                 intermediate_size=64),
-            seed=4,
-        ),
+        TinySpec("tiny-llama", "llama", "Llama, 4 layers, 4 query heads sharing 2 KV heads (GQA)",
+                 dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)),
+        TinySpec("tiny-mha", "llama", "Llama, 4 layers, 4 heads each with its own KV head (MHA)",
+                 dict(num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0), seed=1),
+        TinySpec("tiny-qwen2", "qwen2", "Qwen2, 4 layers, GQA 4/2 with q/k/v biases",
+                 dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0), seed=2),
+        TinySpec("tiny-mistral", "mistral", "Mistral, 4 layers, 4 query heads on 1 KV head (MQA), no sliding window",
+                 dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=None, head_dim=16), seed=3),
+        TinySpec("tiny-llama-32l", "llama", "Llama, 32 layers, GQA 4/2: catches hard-coded layer counts",
+                 dict(num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=32, hidden_size=32,
+                      intermediate_size=64), seed=4),
     ]
 }
 
@@ -101,7 +76,6 @@ def build_seeded(config, seed: int):
     finally:
         torch.random.set_rng_state(generator_state)
     # Random weights never stop on their own: no end-of-sequence token, so runs have a known length.
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=None, pad_token_id=config.pad_token_id
-    )
+    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=None,
+                                               pad_token_id=config.pad_token_id)
     return model.eval()

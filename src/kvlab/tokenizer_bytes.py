@@ -22,17 +22,9 @@ CHAT_TEMPLATE = (
 
 def _byte_alphabet() -> list[str]:
     """The printable stand-in character of each byte, in byte order (GPT-2 convention)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = {}
-    extra = 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    stand_ins = iter(range(256, 512))  # the other bytes, in order, past the byte range
+    return [chr(b) if b in printable else chr(next(stand_ins)) for b in range(256)]
 
 
 @lru_cache(maxsize=1)
@@ -47,12 +39,7 @@ def byte_tokenizer():
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        additional_special_tokens=list(SPECIALS[3:]),
-    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  additional_special_tokens=list(SPECIALS[3:]))
     tok.chat_template = CHAT_TEMPLATE
     return tok

@@ -19,8 +19,8 @@ from typing import Literal
 
 import torch
 
-from kvlab.caches.registry import CachePolicy, register
-from kvlab.caches.split import SplitCache, SplitLayer, compact_spec
+from kvlab.caches.registry import register
+from kvlab.caches.split import SplitCache, SplitLayer, SplitPolicy
 from kvlab.errors import KvlabError
 from kvlab.model_facts import model_shape
 from kvlab.offload import costmodel
@@ -96,7 +96,7 @@ class FlexGenCache(SplitCache):
 
 @register("flexgen")
 @dataclass(frozen=True)
-class FlexGenPolicy(CachePolicy):
+class FlexGenPolicy(SplitPolicy):
     """Positions `[0, gpu_len)` of every layer on the device, the rest on the host or disk.
 
     gpu_ratio: the resident share of the cache's full length (the `max_length` the cache was
@@ -137,12 +137,6 @@ class FlexGenPolicy(CachePolicy):
         rule = self._rule(model, batch_size, max_length)
         return FlexGenCache(model_shape(model.config)["n_layers"], device=model.device, rule=rule,
                             tier=self.tier, directory=self.dir, max_length=max_length)
-
-    def export(self, cache):
-        return cache.export_layers(), {}
-
-    def spec(self) -> str:
-        return compact_spec(self)
 
     def _rule(self, model, batch_size: int, max_length: int | None):
         if self.gpu_len is not None:

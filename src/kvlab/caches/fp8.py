@@ -167,15 +167,12 @@ class FP8Policy(CachePolicy):
 
     def build(self, model, *, batch_size: int = 1, max_length: int | None = None) -> Cache:
         scales = self.resolve_scales(model)
-        exact = self.prefill == "exact"
-        per_head = self.granularity == "head"
-        if scales is None:
-            n_layers = model_shape(model.config)["n_layers"]
-            layers = [FP8Layer(None, None, self.format, exact, per_head) for _ in range(n_layers)]
+        if scales is None:  # scales=prefill: each layer finds its own
+            pairs = [(None, None)] * model_shape(model.config)["n_layers"]
         else:
-            layers = [FP8Layer(k.clone(), v.clone(), self.format, exact, per_head)
-                      for k, v in zip(scales.keys, scales.values)]
-        return Cache(layers=layers)
+            pairs = [(k.clone(), v.clone()) for k, v in zip(scales.keys, scales.values)]
+        exact, per_head = self.prefill == "exact", self.granularity == "head"
+        return Cache(layers=[FP8Layer(k, v, self.format, exact, per_head) for k, v in pairs])
 
     def export(self, cache: Cache):
         """The dequantized K/V, plus `layers.{i}.keys.q` / `.values.q` (fp8) and `.keys.scale` / `.values.scale`."""

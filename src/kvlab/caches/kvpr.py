@@ -26,8 +26,8 @@ from typing import Literal
 import torch
 
 from kvlab.caches.recompute import KVRecomputer
-from kvlab.caches.registry import CachePolicy, register
-from kvlab.caches.split import SplitCache, SplitLayer, compact_spec
+from kvlab.caches.registry import register
+from kvlab.caches.split import SplitCache, SplitLayer, SplitPolicy
 from kvlab.errors import KvlabError
 from kvlab.intercept import intercept
 from kvlab.model_facts import attention_modules, model_shape
@@ -145,7 +145,7 @@ def _capture_attention_input(module, args, kwargs) -> None:
 
 @register("kvpr")
 @dataclass(frozen=True)
-class KVPRPolicy(CachePolicy):
+class KVPRPolicy(SplitPolicy):
     """Keep activations for positions `[0, l)` and recompute their K/V; the rest offloaded.
 
     recompute_len: l in tokens (clipped to the prompt), or `auto`;
@@ -183,12 +183,6 @@ class KVPRPolicy(CachePolicy):
     def session(self, model) -> contextlib.AbstractContextManager[None]:
         """Each attention module's input, kept for the recomputation (forward pre-hooks)."""
         return intercept(model, pre=[(module, _capture_attention_input) for module in attention_modules(model)])
-
-    def export(self, cache):
-        return cache.export_layers(), {}
-
-    def spec(self) -> str:
-        return compact_spec(self)
 
     def _rule(self, model, batch_size: int):
         if isinstance(self.recompute_len, int):

@@ -75,7 +75,6 @@ class KVRecomputer:
             scale = max(1.0, float(want.abs().max()))
             error = float((got.float() - want.float()).abs().max())
             if error > tolerance * scale:
-                raise KvlabError(
-                    f"cache=kvpr: recomputed {name} of layer {layer} differs from the model's by {error:.3g}: "
-                    f"{self.family} attention is not k_proj/v_proj + RoPE; this family is not supported"
-                )
+                raise KvlabError(f"cache=kvpr: recomputed {name} of layer {layer} differs from the model's by "
+                                 f"{error:.3g}: {self.family} attention is not k_proj/v_proj + RoPE; "
+                                 "this family is not supported")

@@ -20,9 +20,11 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
 
+from kvlab.caches.registry import CachePolicy
 from kvlab.caches.staging import Landing, Mover
 from kvlab.caches.tiers import RowStore, make_store
 from kvlab.errors import KvlabError
+from kvlab.params import render
 
 # length of the first update -> split length, or (split length, why this length)
 SplitRule = Callable[[int], "int | tuple[int, str]"]
@@ -263,12 +265,15 @@ class SplitCache(Cache):
         self.mover = Mover(self.device, self.mover.lanes)
 
 
+class SplitPolicy(CachePolicy):
+    """What the FlexGen and KVPR policies share: a `SplitCache` and a short spec."""
 
-def compact_spec(policy) -> str:
-    """`name:p=v,...` with only the parameters that differ from their defaults, flags bare (`auto`)."""
-    from kvlab.params import render
+    def export(self, cache):
+        return cache.export_layers(), {}
 
-    items = [f.name if value is True else f"{f.name}={render(value)}"
-             for f in dataclasses.fields(policy)
-             if (value := getattr(policy, f.name)) != f.default]
-    return policy.name + (":" + ",".join(items) if items else "")
+    def spec(self) -> str:
+        """`name:p=v,...` with only the parameters that differ from their defaults, flags bare (`auto`)."""
+        items = [f.name if value is True else f"{f.name}={render(value)}"
+                 for f in dataclasses.fields(self)
+                 if (value := getattr(self, f.name)) != f.default]
+        return self.name + (":" + ",".join(items) if items else "")

@@ -80,10 +80,6 @@ class CacheDiff:
         return int(self.maps["keys"]["rel_l2"].shape[0])
 
     @property
-    def n_heads(self) -> int:
-        return int(self.maps["keys"]["rel_l2"].shape[1])
-
-    @property
     def n_positions(self) -> int:
         return int(self.maps["keys"]["rel_l2"].shape[2])
 

@@ -138,19 +138,17 @@ _VERDICTS = {
         "device only ({g} -> {t}), same model code: CPU vs device deviates{at}, so per NxDI's table the cause is "
         "lowering, compiler, runtime or collectives (rule out model code with an attn-only diff on CPU)",
     ),
+    "fa": (
+        "flash attention only ({g} -> {t}): the engine's two attention graphs agree",
+        "flash attention only ({g} -> {t}): the engine's attention graphs disagree{at}: its kernel, mask or the V "
+        "layout of one of them (V is stored transposed without flash attention)",
+    ),
+    "rope_base": (
+        "RoPE base only ({g} -> {t}): the caches agree, so the base is not applied: check the engine's override",
+        "RoPE base only ({g} -> {t}): keys move{at}, as a changed base must; a divergence in layer 0 keys with "
+        "clean values is the signature of a RoPE difference",
+    ),
 }
-
-
-_VERDICTS["fa"] = (
-    "flash attention only ({g} -> {t}): the engine's two attention graphs agree",
-    "flash attention only ({g} -> {t}): the engine's attention graphs disagree{at}: its kernel, mask or the V "
-    "layout of one of them (V is stored transposed without flash attention)",
-)
-_VERDICTS["rope_base"] = (
-    "RoPE base only ({g} -> {t}): the caches agree, so the base is not applied: check the engine's override",
-    "RoPE base only ({g} -> {t}): keys move{at}, as a changed base must; a divergence in layer 0 keys with "
-    "clean values is the signature of a RoPE difference",
-)
 
 
 def _engine_verdict(golden: RunSpec, test: RunSpec, diverged: bool, at: str,

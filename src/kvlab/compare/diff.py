@@ -147,19 +147,16 @@ def check_comparable(golden: Snapshot, test: Snapshot, g_src: SnapshotSource, t_
     g_model, t_model = golden.model, test.model
     g_fp, t_fp = g_model.get("fingerprint"), t_model.get("fingerprint")
     if g_fp and t_fp and g_fp != t_fp:
-        raise DiffError(
-            f"the snapshots come from different models: golden {g_model.get('spec')} (fingerprint {g_fp}) "
-            f"vs test {t_model.get('spec')} (fingerprint {t_fp})"
-        )
+        raise DiffError(f"the snapshots come from different models: golden {g_model.get('spec')} (fingerprint {g_fp}) "
+                        f"vs test {t_model.get('spec')} (fingerprint {t_fp})")
     g_ids, t_ids = golden.token_ids, test.token_ids
     if g_ids != t_ids or golden.n_prompt != test.n_prompt:
         at = next((i for i, (a, b) in enumerate(zip(g_ids, t_ids)) if a != b), min(len(g_ids), len(t_ids)))
         detail = (f"they differ at token {at}" if g_ids != t_ids
                   else f"prompt lengths differ ({golden.n_prompt} vs {test.n_prompt})")
-        raise DiffError(
-            f"the snapshots hold different token ids (golden {len(g_ids)}, test {len(t_ids)} tokens; {detail}): "
-            "capture the test teacher-forced on the golden run (kvlab capture --force-tokens GOLDEN)"
-        )
+        raise DiffError(f"the snapshots hold different token ids (golden {len(g_ids)}, test {len(t_ids)} tokens; "
+                        f"{detail}): capture the test teacher-forced on the golden run "
+                        "(kvlab capture --force-tokens GOLDEN)")
     if golden.n_layers != test.n_layers:
         raise DiffError(f"the snapshots have different layer counts: golden {golden.n_layers}, test {test.n_layers}")
     if golden.n_layers == 0:
@@ -171,10 +168,8 @@ def check_comparable(golden: Snapshot, test: Snapshot, g_src: SnapshotSource, t_
         ):
             if g_shape != t_shape:
                 hint = _shard_hint(golden, test)
-                raise DiffError(
-                    f"layer {layer} {name} shapes differ: golden {list(g_shape)} vs test {list(t_shape)} "
-                    f"[batch, kv_heads, seq, head_dim]{hint}"
-                )
+                raise DiffError(f"layer {layer} {name} shapes differ: golden {list(g_shape)} vs test {list(t_shape)} "
+                                f"[batch, kv_heads, seq, head_dim]{hint}")
             if len(g_shape) != 4:
                 raise DiffError(f"layer {layer} {name} has shape {list(g_shape)}; a cache layer is "
                                 "[batch, kv_heads, seq, head_dim]")

@@ -20,8 +20,6 @@ from kvlab.compare.source import TENSORS
 
 MAX_COLUMNS = 800
 _FLOOR = 1e-12
-
-
 MAX_TOKEN_TICKS = 64  # up to this many positions, the x axis names each position's token
 MAX_HOVER_CELLS = 12000  # (layer, position) cells of one panel given a hover text (a bin counts once)
 DPI = 90
@@ -108,8 +106,7 @@ def heatmaps(result: DiffResult, tokens: Sequence[str] | None = None) -> Heatmap
             cells += _position_cells(result, tensor, ax, width, columns, tokens, height)
         cells += _head_cells(result, tensor, ax_h, height)
     labels = [t.get_text() for t in axes[0][0].get_xticklabels()]
-    png = _png(fig)
-    return Heatmaps(png, cells, int(round(fig.bbox.width)), height, labels)
+    return Heatmaps(_png(fig), cells, int(round(fig.bbox.width)), height, labels)
 
 
 def short_token(text: str, limit: int = 10) -> str:
@@ -220,8 +217,8 @@ def logits_png(results: Sequence[DiffResult]) -> bytes:
 
 
 def _head_rel(result: DiffResult, tensor: str) -> torch.Tensor:
-    rows = result.cache.head_errors(tensor)
-    return torch.tensor([[e.rel_l2 for e in layer] for layer in rows], dtype=torch.float64)
+    return torch.tensor([[e.rel_l2 for e in layer] for layer in result.cache.head_errors(tensor)],
+                        dtype=torch.float64)
 
 
 def _pool_positions(grid: torch.Tensor) -> tuple[torch.Tensor, int]:

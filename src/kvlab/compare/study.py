@@ -40,9 +40,7 @@ class Study:
         return self.golden.run
 
     def golden_text(self) -> str | None:
-        if self.decode is None:
-            return None
-        return self.decode(self.golden.token_ids[self.golden.n_prompt:])
+        return None if self.decode is None else self.decode(self.golden.token_ids[self.golden.n_prompt:])
 
     def token_text(self, token: int | None) -> str | None:
         return None if token is None or self.decode is None else self.decode([token])
@@ -52,9 +50,7 @@ class Study:
 
     def tokens(self) -> list[str] | None:
         """The text of the token at each position, or None without a tokenizer."""
-        if self.decode is None:
-            return None
-        return [self.decode([t]) for t in self.golden.token_ids]
+        return None if self.decode is None else [self.decode([t]) for t in self.golden.token_ids]
 
     def position_token(self, position: int) -> str:
         """The token at `position` for a line of text: its text quoted, else its id."""

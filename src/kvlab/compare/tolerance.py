@@ -16,9 +16,6 @@ two runs, because rounding alone already moves every row by about that much:
 so a default run flags rows that drift about twice past the worst that rounding gave at 4k tokens, and
 a clean precision study reports no divergence. `--tol` overrides: one number for every run
 (`--tol 0.02`) or per precision (`--tol bfloat16=0.1,float16=0.02,lossy=0.3,engine=0.2`).
-An engine with its own arithmetic (llama.cpp multiplies quantized weights with activations
-rounded to 8 bits) takes at least the `engine` figure against transformers, whatever its cache
-type; vLLM runs the same float weights in the run's dtype and keeps the dtype's figure.
 """
 
 from __future__ import annotations
@@ -86,9 +83,8 @@ def tolerance_for(precisions: list[str], lossy_cache: bool, override: ToleranceO
     override = override or ToleranceOverride()
     if override.value is not None:
         return Tolerance(override.value, "--tol")
-    table = {**DEFAULT_REL_L2, LOSSY: LOSSY_CACHE_REL_L2, ENGINE: ENGINE_REL_L2}
     given = dict(override.per_key)
-    table.update(given)
+    table = {**DEFAULT_REL_L2, LOSSY: LOSSY_CACHE_REL_L2, ENGINE: ENGINE_REL_L2, **given}
     keys = [p for p in precisions if p in table] or ["float32"]
     if lossy_cache:
         keys.append(LOSSY)

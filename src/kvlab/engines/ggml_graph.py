@@ -86,15 +86,14 @@ class Node:
     data: np.ndarray | None = None  # raw bytes of the node (uint8), when read
 
 
-def describe(ptr: int, with_src: bool = True) -> Node:
+def describe(ptr: int) -> Node:
     lib = libggml()
     t = GgmlTensor.from_address(ptr)
     src = []
-    if with_src:
-        for s in t.src:
-            if not s:
-                break
-            src.append(s.contents.name.decode(errors="replace"))
+    for s in t.src:
+        if not s:
+            break
+        src.append(s.contents.name.decode(errors="replace"))
     return Node(
         name=t.name.decode(errors="replace"),
         op=lib.ggml_op_name(t.op).decode(),

@@ -60,10 +60,9 @@ def require():
     try:
         import llama_cpp
     except (ImportError, OSError) as err:
-        raise EngineUnavailable(
-            f"engine=llama.cpp needs {PACKAGE}=={PINNED_VERSION}: pip install 'kvlab[llamacpp]' "
-            f"(builds llama.cpp from source, 15-25 minutes once) ({type(err).__name__}: {err})"
-        ) from None
+        raise EngineUnavailable(f"engine=llama.cpp needs {PACKAGE}=={PINNED_VERSION}: pip install 'kvlab[llamacpp]' "
+                                "(builds llama.cpp from source, 15-25 minutes once) "
+                                f"({type(err).__name__}: {err})") from None
     return llama_cpp
 
 
@@ -107,7 +106,6 @@ class GgufModel:
                 raise KvlabError(f"{self.spec}: --chat needs the model's chat template; kvlab has it only for "
                                  "smollm2 (give the templated prompt as text)")
             return None
-
         return LoadedModel.encode(self, text, chat=chat)  # type: ignore[arg-type]
 
 
@@ -186,8 +184,7 @@ class Session:
         cparams.n_ctx = max(n_ctx, 16)
         cparams.n_batch = cparams.n_ubatch = max(n_batch, 1)  # the prompt in one ubatch, like transformers
         cparams.n_seq_max = 1
-        threads = settings.threads or torch.get_num_threads() or os.cpu_count() or 1
-        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.n_threads = cparams.n_threads_batch = session_threads(settings)
         cparams.type_k = cparams.type_v = GGML_TYPES[settings.cache]
         cparams.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn
                                    else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
@@ -282,9 +279,7 @@ def capture(
     max_new_tokens: int = 32,
     top_k: int = 20,
     stop_at_eos: bool = True,
-    keep_logits: bool = True,
     on_step: Callable[[int], None] | None = None,
-    extra_meta: dict[str, Any] | None = None,
     prompt_text: str | None = None,
     threads: int | None = None,
 ) -> Snapshot:
@@ -312,7 +307,7 @@ def capture(
             tokens = tokenize(gguf.path, prompt_text)
     prompt, forced, n_steps = _plan(tokens, force, max_new_tokens)
     watch = RotationWatch()
-    log = StepLog(top_k, keep_logits, on_step)
+    log = StepLog(top_k, on_step)
     with Session(gguf.path, settings, n_ctx=len(prompt) + n_steps, n_batch=len(prompt),
                  eval_callback=watch.callback) as session:
         if gguf.describe.get("n_layers") is None:
@@ -343,7 +338,7 @@ def capture(
             "cache": layout,
         }
     meta = run_meta(gguf.describe, str(spec), ids, len(prompt), log.greedy, log.top_ids, log.top_values,
-                    force=force, forced=forced is not None, extra_meta=extra_meta, engine=engine)
+                    force=force, forced=forced is not None, engine=engine)
     return Snapshot.from_layers(layers, meta, extras=extras, logits=log.logits())
 
 

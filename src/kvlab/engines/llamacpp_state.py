@@ -73,11 +73,10 @@ class _Cursor:
         return out
 
 
-def parse_sequence_state(data: bytes, *, n_layers: int, v_elements: int, ext_bytes: int = 0) -> SequenceState:
+def parse_sequence_state(data: bytes, *, n_layers: int, v_elements: int) -> SequenceState:
     """Parse the state of one sequence; `n_layers` and `v_elements` (n_embd_v_gqa) cross-check it.
 
-    ext_bytes: size of the per-cell extension llama.cpp writes for M-RoPE or n-gram models (0 for
-    plain RoPE models such as LLaMA).
+    Cells carry no extension: that is what llama.cpp writes for plain RoPE models such as LLaMA.
     """
     cur = _Cursor(data)
     magic, seq_id = cur.take("<Ii")
@@ -94,7 +93,6 @@ def parse_sequence_state(data: bytes, *, n_layers: int, v_elements: int, ext_byt
         positions = []
         for _ in range(cell_count):
             pos, n_seq = cur.take("<iI")
-            cur.block(ext_bytes)
             seqs = cur.take(f"<{n_seq}i") if n_seq else ()
             if seq_id not in seqs:
                 raise StateError(f"cell at position {pos} does not belong to sequence {seq_id}")

@@ -54,16 +54,12 @@ class EngineUnavailable(KvlabError):
 
 def find_python(explicit: str | os.PathLike | None = None) -> Path:
     """vLLM's Python: `explicit`, `$KVLAB_VLLM_PYTHON`, or `.venv-vllm` in the repository root or cwd."""
-    if explicit:
-        path = Path(explicit).expanduser()
-        if not _runs(path):
-            raise EngineUnavailable(f"--engine-python {path}: no such Python")
-        return path
-    if os.environ.get(PYTHON_ENV):
-        path = Path(os.environ[PYTHON_ENV]).expanduser()
-        if not _runs(path):
-            raise EngineUnavailable(f"{PYTHON_ENV}={path}: no such Python")
-        return path
+    for given, label in ((explicit, "--engine-python "), (os.environ.get(PYTHON_ENV), f"{PYTHON_ENV}=")):
+        if given:
+            path = Path(given).expanduser()
+            if not _runs(path):
+                raise EngineUnavailable(f"{label}{path}: no such Python")
+            return path
     for base in (REPO_ROOT, Path.cwd()):
         candidate = base / VENV_NAME / "bin" / "python"
         if _runs(candidate):
@@ -318,9 +314,7 @@ def capture(
     max_new_tokens: int = 32,
     top_k: int = 20,
     stop_at_eos: bool = True,
-    keep_logits: bool = True,
     on_step: Callable[[int], None] | None = None,
-    extra_meta: dict[str, Any] | None = None,
     prompt_text: str | None = None,
     python: str | None = None,
 ) -> Snapshot:
@@ -386,6 +380,5 @@ def capture(
         "seconds": worker.result["seconds"],
     }
     meta = run_meta(describe, str(spec), ids, len(prompt), steps.argmax(dim=-1).tolist(), top_ids.tolist(),
-                    top_values.tolist(), force=force, forced=forced is not None, extra_meta=extra_meta,
-                    engine=engine)
-    return Snapshot.from_layers(pairs, meta, extras=extras, logits=steps.contiguous() if keep_logits else None)
+                    top_values.tolist(), force=force, forced=forced is not None, engine=engine)
+    return Snapshot.from_layers(pairs, meta, extras=extras, logits=steps.contiguous())

@@ -50,7 +50,6 @@ import torch  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: E402
     KVConnectorBase_V1,
     KVConnectorMetadata,
-    KVConnectorRole,
 )
 
 MODULE = "vllm_worker"
@@ -67,9 +66,6 @@ class KvlabCaptureMetadata(KVConnectorMetadata):
 
 class KvlabCaptureConnector(KVConnectorBase_V1):
     """Keeps a copy of each new request's blocks of every layer; loads nothing."""
-
-    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None) -> None:
-        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
 
     # ---- scheduler side ----
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):

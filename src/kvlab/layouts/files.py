@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from kvlab.errors import first_line
 from kvlab.layouts.layout import Layout, LayoutError
 from kvlab.layouts.reconstruct import KV, Reconstruction, reconstruct
 from kvlab.snapshot import Snapshot, read_meta
@@ -53,15 +54,12 @@ class NamePattern:
         text = PRESETS.get(text.strip(), text.strip())
         parts = [p.strip() for p in text.split(",")]
         if len(parts) != 2 or not all(parts):
-            raise ShardFileError(
-                f"pattern {text!r}: give a preset ({', '.join(PRESETS)}) or KEYS,VALUES such as "
-                "'cache.{layer}.k,cache.{layer}.v'"
-            )
+            raise ShardFileError(f"pattern {text!r}: give a preset ({', '.join(PRESETS)}) or KEYS,VALUES such as "
+                                 "'cache.{layer}.k,cache.{layer}.v'")
         for part in parts:
             if len(_PLACEHOLDER.findall(part)) != 1:
-                raise ShardFileError(
-                    f"pattern {part!r} needs exactly one layer placeholder: {{layer}}, {{2*layer}}, {{2*layer+1}}, ..."
-                )
+                raise ShardFileError(f"pattern {part!r} needs exactly one layer placeholder: "
+                                     "{layer}, {2*layer}, {2*layer+1}, ...")
         return cls(parts[0], parts[1])
 
     def name(self, kind: int, layer: int) -> str:
@@ -97,20 +95,20 @@ class _Reader:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.meta: dict[str, Any] | None = None
-        self.logits: torch.Tensor | None = None
+        self.snapshot: Snapshot | None = None
         if path.is_dir():
             snap = Snapshot.load(path)
             self.meta = snap.meta
             self._get = snap.tensor
             self.names = snap.tensor_names()
-            self._snapshot = snap
+            self.snapshot = snap
         elif path.suffix == ".safetensors":
             from safetensors import SafetensorError, safe_open
 
             try:
                 handle = safe_open(str(path), framework="pt")
             except (SafetensorError, OSError) as err:
-                raise ShardFileError(f"{path} is not a readable safetensors file ({_first_line(err)})") from None
+                raise ShardFileError(f"{path} is not a readable safetensors file ({first_line(err)})") from None
             self.names = list(handle.keys())
             self._get = handle.get_tensor
         else:
@@ -123,16 +121,12 @@ class _Reader:
             raise ShardFileError(f"{self.path.name} has no tensor {name}")
         return self._get(name)
 
-    def snapshot_logits(self) -> torch.Tensor | None:
-        snap = getattr(self, "_snapshot", None)
-        return snap.logits() if snap is not None else None
-
 
 def _load_torch(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a foreign or truncated file
-        raise ShardFileError(f"{path} is not a readable torch file ({_first_line(err)})") from None
+        raise ShardFileError(f"{path} is not a readable torch file ({first_line(err)})") from None
     flat: dict[str, torch.Tensor] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -212,7 +206,8 @@ class ShardDir:
         return self.readers[0].meta
 
     def logits(self) -> torch.Tensor | None:
-        return self.readers[0].snapshot_logits()
+        snap = self.readers[0].snapshot
+        return snap.logits() if snap is not None else None
 
     def layer(self, rank: int, index: int) -> KV:
         reader = self.readers[rank]
@@ -278,7 +273,6 @@ def _recorded_tp(files: dict[int, Path]) -> int | None:
     first = files[min(files)]
     if not first.is_dir():
         return None
-
     layout = read_meta(first).get("layout") or {}
     return int(layout["tp"]) if "tp" in layout else None
 
@@ -328,11 +322,6 @@ def imported_meta(shards: ShardDir) -> dict[str, Any]:
             "files": {str(rank): path.name for rank, path in sorted(shards.files.items())},
         },
     }
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _list(items) -> str:

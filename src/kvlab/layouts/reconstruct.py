@@ -279,10 +279,9 @@ def _check_shapes(parts: Sequence[torch.Tensor], layout: Layout, where: str) -> 
                               "[batch, kv_heads, seq, head_dim]")
         want = len(layout.heads(rank))
         if part.shape[1] != want:
-            raise LayoutError(
-                f"{where}: rank {rank} holds {part.shape[1]} KV heads but layout {layout.name} "
-                f"(tp={layout.tp}, {layout.n_kv_heads} KV heads) puts {want} there: {list(layout.heads(rank))}"
-            )
+            raise LayoutError(f"{where}: rank {rank} holds {part.shape[1]} KV heads but layout {layout.name} "
+                              f"(tp={layout.tp}, {layout.n_kv_heads} KV heads) puts {want} there: "
+                              f"{list(layout.heads(rank))}")
         if part.shape[3] != first.shape[3]:
             raise LayoutError(f"{where}: head_dim differs: rank 0 has {first.shape[3]}, rank {rank} {part.shape[3]}")
         if part.shape[2] != first.shape[2]:
@@ -375,29 +374,22 @@ class ShardSet(Protocol):
     def layer(self, rank: int, index: int) -> KV: ...
 
 
-class _ListShards:
-    def __init__(self, shards: Sequence[Sequence[KV]]) -> None:
+class _Shards:
+    """Per-rank layers of shard snapshots (read on demand) or of in-memory `(keys, values)` lists."""
+
+    def __init__(self, shards: Sequence["Snapshot"] | Sequence[Sequence[KV]]) -> None:
         self._shards = shards
-        counts = {len(s) for s in shards}
+        counts = {s.n_layers if isinstance(s, Snapshot) else len(s) for s in shards}
         if len(counts) != 1:
             raise LayoutError(f"shards hold different numbers of layers: {sorted(counts)}")
         self.n_layers = counts.pop()
 
     def layer(self, rank: int, index: int) -> KV:
-        keys, values = self._shards[rank][index]
+        shard = self._shards[rank]
+        if isinstance(shard, Snapshot):
+            return shard.layer(index)
+        keys, values = shard[index]
         return keys, values
-
-
-class _SnapshotShards:
-    def __init__(self, shards: Sequence["Snapshot"]) -> None:
-        self._shards = shards
-        counts = {s.n_layers for s in shards}
-        if len(counts) != 1:
-            raise LayoutError(f"shard snapshots hold different numbers of layers: {sorted(counts)}")
-        self.n_layers = counts.pop()
-
-    def layer(self, rank: int, index: int) -> KV:
-        return self._shards[rank].layer(index)
 
 
 def shard(full, layout: Layout):
@@ -471,11 +463,7 @@ def reconstruct(
             shards = sorted(shards, key=lambda s: int(s.layout["rank"]))
             if seq_len is None:
                 seq_len = shards[0].layout.get("seq_len")
-        source: ShardSet = _SnapshotShards(shards)
-    elif hasattr(shards, "layer") and hasattr(shards, "n_layers"):
-        source = shards
-    else:
-        source = _ListShards(shards)
+    source: ShardSet = shards if hasattr(shards, "layer") and hasattr(shards, "n_layers") else _Shards(shards)
     if layout is None:
         raise LayoutError("reconstruct needs a layout (or shard snapshots that record theirs)")
 

@@ -75,9 +75,8 @@ def make_layout(
         others = [n for n in applicable(inner, n_heads, n_kv_heads) if n not in (name, "auto")]
         hint = f"; use {' or '.join(others)}" if others else ""
         hint += f" (auto picks {auto_choice(inner, n_heads, n_kv_heads)})"
-        raise NotApplicable(
-            f"layout {name} does not apply to tp={inner}, {n_heads} heads, {n_kv_heads} KV heads: {err}{hint}"
-        ) from None
+        raise NotApplicable(f"layout {name} does not apply to tp={inner}, {n_heads} heads, "
+                            f"{n_kv_heads} KV heads: {err}{hint}") from None
     resolved = auto_choice(inner, n_heads, n_kv_heads) if name == "auto" else name
     return Layout(
         name=resolved,

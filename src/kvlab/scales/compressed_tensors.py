@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from kvlab.atomic import atomic_file, write_text_atomic
+from kvlab.errors import first_line
 from kvlab.scales.extract import hf_kind, hf_scales
 from kvlab.scales.scales import KVScales, ScalesError
 
@@ -73,8 +74,7 @@ def read_file(path: str | Path, n_layers: int | None = None, n_kv_heads: int | N
             metadata = handle.metadata() or {}
             entries = [(path.name, n, handle.get_tensor(n)) for n in handle.keys() if hf_kind(n)]  # noqa: SIM118
     except Exception as err:  # a truncated or foreign file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ScalesError(f"cannot read {path}: {first}") from None
+        raise ScalesError(f"cannot read {path}: {first_line(err)}") from None
     if not entries:
         raise ScalesError(f"{path} holds no KV scales (self_attn.k_scale/v_scale, self_attn.kv_scale, k_proj.output_scale, "
                           "k_proj.k_scale)")

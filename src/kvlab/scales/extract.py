@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from kvlab.errors import first_line
 from kvlab.quant.fp8 import FORMATS, fp8_max
 from kvlab.scales.engine_tp import vllm_tp_problem
 from kvlab.scales.scales import KVScales, RankScales, ScalesError
@@ -128,8 +129,7 @@ def named_tensors(path: Path, fmt: str, wanted) -> Iterator[tuple[str, torch.Ten
     except ScalesError:
         raise
     except Exception as err:  # a truncated or foreign file: say which, in one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ScalesError(f"cannot read {path}: {first}") from None
+        raise ScalesError(f"cannot read {path}: {first_line(err)}") from None
 
 
 def layer_of(name: str, delimiter: str) -> int:
@@ -173,9 +173,8 @@ def folder_metadata(folder: Path) -> dict[str, Any]:
             if value is None:
                 continue
             if key in found and found[key][0] != value:
-                raise ScalesError(
-                    f"{folder}: {found[key][1]} says {key} = {found[key][0]!r} but {path.name} says {value!r}"
-                )
+                raise ScalesError(f"{folder}: {found[key][1]} says {key} = {found[key][0]!r} "
+                                  f"but {path.name} says {value!r}")
             found.setdefault(key, (value, path.name))
     return {key: value for key, (value, _) in found.items()}
 
@@ -240,10 +239,8 @@ def extract(folder: str | Path, tp_size: int | None = None, load_format: str = "
     if n_ammo and hf:
         raise ScalesError(f"{folder} mixes AMMO {AMMO_MARK} tensors with Hugging Face k_scale/v_scale tensors")
     if not n_ammo and not hf:
-        raise ScalesError(
-            f"no KV cache scales in {folder} ({len(files)} {fmt} file(s); looked for {AMMO_MARK}, "
-            "self_attn.k_scale/v_scale, self_attn.kv_scale, k_proj.output_scale, k_proj.k_scale)"
-        )
+        raise ScalesError(f"no KV cache scales in {folder} ({len(files)} {fmt} file(s); looked for {AMMO_MARK}, "
+                          "self_attn.k_scale/v_scale, self_attn.kv_scale, k_proj.output_scale, k_proj.k_scale)")
     if n_ammo:
         found = _from_ammo(folder, ammo, delimiter, meta, tp_size, fmt)
     else:
@@ -291,8 +288,7 @@ def header_fp8_format(path: Path) -> str | None:
         with safe_open(str(path), framework="pt") as handle:
             fmt = (handle.metadata() or {}).get(FP8_FORMAT_KEY)
     except Exception as err:  # a truncated or foreign file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ScalesError(f"cannot read {path}: {first}") from None
+        raise ScalesError(f"cannot read {path}: {first_line(err)}") from None
     if fmt is not None and fmt not in FORMATS:
         raise ScalesError(f"{path.name}: its header names fp8 format {fmt!r}; known: {', '.join(FORMATS)}")
     return fmt
@@ -318,9 +314,8 @@ def _from_ammo(folder: Path, per_file: dict[Path, list[tuple[str, torch.Tensor]]
             if layer in layers:
                 raise ScalesError(f"{path.name}: two scales for layer {layer} (second: {name!r})")
             if tensor.numel() != 1:
-                raise ScalesError(
-                    f"{path.name}: {name!r} has shape {tuple(tensor.shape)}; AMMO KV scales must be scalars"
-                )
+                raise ScalesError(f"{path.name}: {name!r} has shape {tuple(tensor.shape)}; "
+                                  "AMMO KV scales must be scalars")
             layers[layer] = float(tensor.reshape(()).float())
         ranks[rank] = layers
     expected = tp_size or meta_tp or max(ranks) + 1

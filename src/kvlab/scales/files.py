@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from kvlab.scales import compressed_tensors, vllm_json
 from kvlab.scales.extract import extract
@@ -75,13 +74,3 @@ def export_scales(out: str | Path, scales: KVScales, *, fmt: str, tp: int, n_hea
     if fmt in ("compressed-tensors", "both"):
         written += compressed_tensors.write(out, scales, extra_meta)
     return written
-
-
-def describe(scales: KVScales) -> dict[str, Any]:
-    """Per-layer K/V scales as plain lists (for --json output)."""
-    return {
-        "fp8_format": scales.fp8_format,
-        "granularity": scales.granularity,
-        "layers": [{"layer": i, "k_scale": k.tolist(), "v_scale": v.tolist()}
-                   for i, (k, v) in enumerate(zip(scales.keys, scales.values))],
-    }

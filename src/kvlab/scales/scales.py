@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvlab.errors import KvlabError
-from kvlab.quant.fp8 import fp8_max, scale_from_amax
+from kvlab.quant.fp8 import scale_from_amax
 from kvlab.scales.rank_heads import heads_of_rank
 
 RankScales = dict[int, dict[int, float]]  # {tp rank: {layer: scale}}, vLLM's scaling_factor
@@ -94,11 +94,6 @@ class KVScales:
     def granularity(self) -> str:
         return "head" if self.per_head else "tensor"
 
-    def amax(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The amax each scale stands for (`scale * fp8_max`)."""
-        limit = fp8_max(self.fp8_format)
-        return [s * limit for s in self.keys], [s * limit for s in self.values]
-
     # ---- changing granularity --------------------------------------------------------------
     def per_tensor_scales(self) -> "KVScales":
         """One scale per layer and tensor: the largest over the heads."""
@@ -116,11 +111,8 @@ class KVScales:
                 return s.expand(n_kv_heads).clone()
             raise ScalesError(f"layer {i} has {s.numel()} {kind} head scales but the model has {n_kv_heads} KV heads")
 
-        return KVScales(
-            tuple(widen(s, i, "K") for i, s in enumerate(self.keys)),
-            tuple(widen(s, i, "V") for i, s in enumerate(self.values)),
-            self.fp8_format, self.meta,
-        )
+        return KVScales(tuple(widen(s, i, "K") for i, s in enumerate(self.keys)),
+                        tuple(widen(s, i, "V") for i, s in enumerate(self.values)), self.fp8_format, self.meta)
 
     def fitted(self, n_layers: int, n_kv_heads: int, granularity: str) -> "KVScales":
         """These scales checked against a model's geometry and brought to `granularity`."""

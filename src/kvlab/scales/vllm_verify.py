@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 MATCH = 0.999  # fraction of codes that must equal the prediction (measured: all of them)
 MIN_RANGE_USE = 0.4
 MAX_CLIPPED = 1e-3
-FP8_MAX = 448.0
 DEFAULT_TOKENS = 256
 
 
@@ -175,7 +174,7 @@ def check_layers(scales: KVScales, layers: list["LayerCache"]) -> list[LayerChec
 
 def _side(checkpoint: torch.Tensor, inputs: torch.Tensor, codes: torch.Tensor, loaded: list[float],
           used: float) -> SideCheck:
-    from kvlab.engines.vllm import decode_fp8, quantize_toward_zero
+    from kvlab.engines.vllm import FP8_MAX, decode_fp8, quantize_toward_zero
 
     expected = float(checkpoint.max())
     values = decode_fp8(codes, 1.0).flatten()

@@ -10,6 +10,7 @@ decode steps. Metadata lives under `kvlab.`: the trace as a whole (`kvlab.format
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -19,7 +20,6 @@ from kvlab.trace import ggml
 FORMAT = "kvlab.trace/1"
 ARCHITECTURE = "kvlab-trace"
 ROLES = ("q", "k", "v", "mask", "out")
-QUANT_ROLES = ("k_quant", "v_quant")
 # A cache policy's export names its raw payload `layers.{i}.keys.q`, the payload's parts
 # `layers.{i}.keys.{part}`, and the full-precision tail of `layers.{i}.keys` `layers.{i}.keys.hot`.
 PAYLOAD_PART, HOT_PART = "q", "hot"
@@ -111,16 +111,13 @@ class TensorLayout:
             ne = (*ne[:axis], head_dim, ne[axis] // head_dim, *ne[axis + 1:])
         while len(ne) > 4 and ne[-1] == 1:  # ggml keeps trailing 1s ([192, 256, 1, 1]); they carry nothing
             ne = ne[:-1]
-        if _count(ne) != _count(stored_ne):
-            raise TraceError(f"source ne {list(ne)} does not hold the {_count(stored_ne)} stored elements")
+        if element_count(ne) != element_count(stored_ne):
+            raise TraceError(f"source ne {list(ne)} does not hold the {element_count(stored_ne)} stored elements")
         return ne
 
 
-def _count(ne) -> int:
-    total = 1
-    for n in ne:
-        total *= int(n)
-    return total
+def element_count(ne) -> int:
+    return math.prod(int(n) for n in ne)
 
 
 # How tensors without kvlab metadata are laid out, role by role.

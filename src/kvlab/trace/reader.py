@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvlab.errors import first_line
 from kvlab.trace import ggml
 from kvlab.trace.gguf_scan import scan_gguf
 from kvlab.trace.format import (
@@ -28,6 +29,7 @@ from kvlab.trace.format import (
     ROLES,
     TensorLayout,
     TraceError,
+    element_count,
     parse_name,
     layer_key,
     tensor_key,
@@ -95,7 +97,7 @@ def open_gguf(path: str | os.PathLike):
 
 def _reason(err: BaseException) -> str:
     """GGUFReader's exception, said in terms of the file."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = first_line(err)
     if isinstance(err, IndexError) or "size must be a divisor" in text:
         return "it ends in the middle of its header, or a count or length in the header is wrong"
     for kind, what in (("GGMLQuantizationType", "a tensor has an unknown ggml type"),
@@ -204,9 +206,10 @@ class TraceFile:
         layout = self.layout_of(name)
         stored = self.stored_ne(name)
         flat = self._elements(name, info)
-        if stored and flat.numel() != _count(stored) and _count(stored) % max(flat.numel(), 1) == 0:
+        count = element_count(stored)
+        if stored and flat.numel() != count and count % max(flat.numel(), 1) == 0:
             # raw bytes read back as a wider dtype: ne[0] counted bytes
-            stored = (stored[0] * flat.numel() // _count(stored), *stored[1:])
+            stored = (stored[0] * flat.numel() // count, *stored[1:])
         try:
             source = layout.resolve_source(stored, head_dim)
             view = ggml.permuted_view(flat, source, layout.permute)
@@ -297,10 +300,6 @@ class TraceFile:
                     raise TraceError(f"{self.path}: metadata {key} is not a number")
                 return float(value)
         return None
-
-
-def _count(ne) -> int:
-    return int(np.prod([int(n) for n in ne], dtype=np.int64)) if ne else 1
 
 
 def _torch_dtype(name: Any, tensor: str) -> torch.dtype:
