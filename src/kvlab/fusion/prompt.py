@@ -24,7 +24,7 @@ from pathlib import Path
 from kvlab.errors import KvlabError
 from kvlab.fusion.chunking import DEFAULT_CHUNK_TOKENS, document_chunks
 from kvlab.model_facts import LoadedModel
-from kvlab.tasks.records import DEFAULT_INSTRUCTION, Task
+from kvlab.tasks.records import DEFAULT_INSTRUCTION, Task, read_task_file
 
 
 _MARK = "\u0000kvlab-user-text\u0000"
@@ -136,6 +136,14 @@ def task_prompt(loaded: "LoadedModel", task: Task, *, chat: bool | None = None, 
                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> FusionPrompt:
     """The prompt of a task: its documents (`chunks`, or a LongBench `context`) cut into chunks."""
     return build_prompt(loaded, task.documents(), task.question, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
+
+
+def find_task(path: str | Path, task_id: str) -> Task:
+    """The task named `task_id` in a task file (`fuse run --id`, `fuse explain --id`)."""
+    for task in read_task_file(path):
+        if task.id == task_id:
+            return task
+    raise KvlabError(f"task file {path} has no task with id {task_id!r}")
 
 
 def read_chunks_file(path: str | Path) -> list[str]:
