@@ -29,7 +29,7 @@ import torch
 
 from kvlab.fusion.chunks import ChunkKey, ChunkKV
 from kvlab.fusion.store import codec
-from kvlab.fusion.store.base import ChunkStore, EntryInfo, VerifyReport, check_entry
+from kvlab.fusion.store.base import ChunkStore, EntryInfo, check_entry
 from kvlab.fusion.store.claims import new_owner, owner_is_dead
 from kvlab.fusion.store.errors import CorruptChunkError, StoreError, store_errors
 from kvlab.fusion.store.resp import BulkReader, RespError
@@ -94,11 +94,6 @@ class RedisStore(ChunkStore):
 
     # -- the contract ---------------------------------------------------------------------
 
-    def contains(self, key: ChunkKey) -> bool:
-        digest = key.digest()
-        with self._errors():
-            return self._r.exists(self._name(digest, "meta"), self._name(digest, "data")) == 2
-
     def put(self, key: ChunkKey, chunk: ChunkKV) -> bool:
         digest = key.digest()
         parts, meta = codec.encode_parts(key, chunk)
@@ -155,9 +150,6 @@ class RedisStore(ChunkStore):
         stored_key, chunk = codec.decode(data, where)
         return row, stored_key, chunk
 
-    def delete(self, key: ChunkKey) -> bool:
-        return self.delete_digest(key.digest())
-
     def delete_digest(self, digest: str) -> bool:
         with self._errors():
             return self._r.delete(self._name(digest, "meta"), self._name(digest, "data")) > 0
@@ -201,7 +193,7 @@ class RedisStore(ChunkStore):
         with self._errors():
             memory = self._r.info("memory").get("used_memory")
         return {**super().stats(), "ttl": self.ttl, "prefix": self.prefix, "server_used_memory": memory,
-                "leftovers": len(self._halves())}
+                "leftovers": self.count_leftovers()}
 
     # -- claims ---------------------------------------------------------------------------
 
@@ -231,10 +223,8 @@ class RedisStore(ChunkStore):
         metas, datas = set(self._digests("meta")), set(self._digests("data"))
         return [self._name(d, "meta") for d in metas - datas] + [self._name(d, "data") for d in datas - metas]
 
-    def verify(self, repair: bool = False, on_entry=None) -> VerifyReport:
-        report = super().verify(repair=repair, on_entry=on_entry)
-        report.stray = len(self._halves())
-        return report
+    def count_leftovers(self) -> int:
+        return len(self._halves())
 
     def gc(self, capacity: int | None = None, min_age_s: float = 3600.0) -> dict[str, Any]:
         """Remove half-written pairs and claims of dead owners; with `capacity`, evict the chunks
