@@ -19,6 +19,7 @@ import json
 import os
 import re
 import struct
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -40,16 +41,6 @@ _BY_NAME = {name: dtype for dtype, name in _DTYPES.items()}
 def is_digest(name: str) -> bool:
     """True for a chunk name (64 lowercase hex digits): the only names a store turns into paths."""
     return isinstance(name, str) and _DIGEST.fullmatch(name) is not None
-
-
-def key_to_dict(key: ChunkKey) -> dict[str, Any]:
-    return {
-        "fingerprint": key.fingerprint,
-        "dtype": key.dtype,
-        "token_ids": list(key.token_ids),
-        "position_base": key.position_base,
-        "prefix_digest": key.prefix_digest,
-    }
 
 
 def key_from_dict(data: dict[str, Any]) -> ChunkKey:
@@ -88,7 +79,7 @@ def encode_parts(key: ChunkKey, chunk: ChunkKV) -> tuple[list[bytes | memoryview
     unknown = sorted({str(t.dtype) for t in tensors.values() if t.dtype not in _DTYPES})
     if unknown:
         raise ValueError(f"cannot store tensors of dtype {unknown[0]}")
-    header: dict[str, Any] = {"__metadata__": {"format": FORMAT, "key": json.dumps(key_to_dict(key)),
+    header: dict[str, Any] = {"__metadata__": {"format": FORMAT, "key": json.dumps(asdict(key)),
                                                "meta": json.dumps(meta)}}
     parts: list[bytes | memoryview] = []
     offset = 0
@@ -102,11 +93,6 @@ def encode_parts(key: ChunkKey, chunk: ChunkKV) -> tuple[list[bytes | memoryview
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return [struct.pack("<Q", len(text)) + text, *parts], meta
-
-
-def encode(key: ChunkKey, chunk: ChunkKV) -> bytes:
-    """The stored bytes of `chunk` under `key`, joined."""
-    return b"".join(encode_parts(key, chunk)[0])
 
 
 def decode(data: torch.Tensor | bytearray, where: str) -> tuple[ChunkKey, ChunkKV]:

@@ -236,7 +236,7 @@ class RedisStore(ChunkStore):
             for digest in list(self._digests("claim")):
                 holder = self._r.get(self._name(digest, "claim"))
                 if holder is not None and owner_is_dead(holder.decode(errors="replace")):
-                    released += self._release_dead(digest, holder)
+                    released += int(self._release_claim(keys=[self._name(digest, "claim")], args=[holder]))
             evicted = freed = 0
             if capacity is not None:
                 infos = list(self.entries())
@@ -251,9 +251,6 @@ class RedisStore(ChunkStore):
                         freed += info.nbytes
         return {"url": self.url, "removed_stray": removed, "released_claims": released, "evicted": evicted,
                 "evicted_bytes": freed, "capacity": capacity}
-
-    def _release_dead(self, digest: str, holder: bytes) -> int:
-        return int(self._release_claim(keys=[self._name(digest, "claim")], args=[holder]))
 
     def _idle_s(self, digest: str) -> float:
         try:
