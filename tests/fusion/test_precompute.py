@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from kvlab.fusion.chunks import chunk_key, compute_chunk_kv
-from kvlab.fusion.precompute import plan_chunks, prefix_token_ids
+from kvlab.fusion.precompute import plan_chunks
+from kvlab.fusion.prompt import prompt_frame
 from kvlab.fusion.store import CorruptChunkError, open_store
 from kvlab.fusion.store.local import LocalStore
 from kvlab.tasks import read_task_file
@@ -25,7 +26,7 @@ PREFIX = "System: answer from the documents."
 
 def planned_keys(model: str, tasks, chunk_tokens: int, prefix: str | None = None):
     loaded = tiny(model)
-    prefix_ids = prefix_token_ids(loaded, prefix)
+    prefix_ids = list(prompt_frame(loaded, None, prefix).prefix)
     plan = plan_chunks(loaded, read_task_file(tasks), chunk_tokens)
     stored_prefix = [(prefix_ids, chunk_key(loaded, prefix_ids))] if prefix_ids else []  # the prefix, at position 0
     return loaded, prefix_ids, stored_prefix + [(ids, chunk_key(loaded, ids, prefix_ids)) for ids in plan]
