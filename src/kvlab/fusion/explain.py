@@ -16,7 +16,7 @@ For one task and strategy:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,9 +48,6 @@ class Evidence:
     text: str
     positions: list[int]  # prompt positions (prefix first), empty when not found
     chunk: int | None  # the chunk holding its first token
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "positions": self.positions, "chunk": self.chunk}
 
 
 @dataclass
@@ -116,7 +113,7 @@ class Explanation:
             "tolerance": self.tol,
             "first_divergence": None if first is None else {**first.to_dict(), **self.where(first.position)},
             "chunk_errors": self.chunk_errors(),
-            "evidence": [{**e.to_dict(), "selected": sum(p in selected for p in e.positions)} for e in self.evidence],
+            "evidence": [{**asdict(e), "selected": sum(p in selected for p in e.positions)} for e in self.evidence],
             "attention_on_evidence": {"full": self.attention_full, "fused": self.attention_fused},
         }
 
