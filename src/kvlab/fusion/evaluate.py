@@ -292,6 +292,6 @@ def evaluate_model(model_spec: str, run: "RunSpec", source: str, n_tasks: int, s
     if report:
         from kvlab.fusion.report import write_report
 
-        written = write_report(report, rows + [r for kind_rows in by_kind.values() for r in kind_rows], title)
+        written = write_report(report, rows, title, by_kind)
     summary = result.to_dict(model=model_spec, task=source, evict=str(evict) if evict else None)
     return ModelEval(result, title, rows, by_kind, written, summary)
