@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvlab.errors import KvlabError
 from kvlab.fusion.chunking import DEFAULT_CHUNK_TOKENS, SentenceEnds, document_chunks
-from kvlab.fusion.chunks import chunk_key, compute_chunk_kv
+from kvlab.fusion.chunks import chunk_key, compute_chunk_kv, prefix_state
 from kvlab.fusion.prompt import prompt_frame
 from kvlab.fusion.store import ChunkStore, CorruptChunkError, open_store
 from kvlab.tasks import read_task_file
@@ -141,7 +141,7 @@ def compute_missing(
     A chunk another process has claimed is put aside and looked at again later: by then it is
     either stored (and counted as existing) or its claim is gone and this process computes it.
     """
-    prefix_cache, prefix_logits = _prefix_state(loaded, prefix_ids)
+    prefix_cache, prefix_logits = prefix_state(loaded, prefix_ids)
     pending = [list(ids) for ids in chunks]
     outcomes = []
     while pending:
@@ -176,20 +176,6 @@ def _stored_state(store: ChunkStore, key) -> str:
         return EXISTING if store.get(key) is not None else COMPUTED
     except CorruptChunkError:
         return REPAIRED
-
-
-def _prefix_state(loaded, prefix_ids: Sequence[int]):
-    """The prefix's cache and last logits, computed once and shared by every chunk."""
-    if not prefix_ids:
-        return None, None
-    import torch
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=loaded.model.config)
-    with torch.no_grad():
-        out = loaded.model(torch.tensor([list(prefix_ids)], device=loaded.model.device), past_key_values=cache,
-                           use_cache=True)
-    return cache, out.logits[0, -1]
 
 
 # -- worker processes -----------------------------------------------------------------------
