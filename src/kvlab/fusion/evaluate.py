@@ -111,6 +111,7 @@ class EvalResult:
             same = [same_answer(outcome.texts[i], full.texts[i]) for i in picked]
             same_tokens = [outcome.tokens[i][:self.agree_tokens] == full.tokens[i][:self.agree_tokens] for i in picked]
             interval = score_interval([outcome.scores[self.metric][i] for i in picked])
+            tpot = [outcome.tpot[i] for i in picked if outcome.tpot[i] is not None]
             rows.append({
                 "strategy": outcome.strategy.name,
                 "spec": outcome.strategy.spec(),
@@ -121,7 +122,7 @@ class EvalResult:
                 "accuracy_low": interval[0] if interval else None,
                 "accuracy_high": interval[1] if interval else None,
                 "ttft_s": ttft,
-                "tpot_s": _mean([outcome.tpot[i] for i in picked if outcome.tpot[i] is not None]),
+                "tpot_s": statistics.fmean(tpot) if tpot else None,
                 "speedup": base_ttft / ttft if ttft > 0 else None,
                 "recomputed_fraction": statistics.fmean(outcome.fractions[i] for i in picked),
                 "n": len(picked),
@@ -196,10 +197,6 @@ def same_answer(text: str, reference: str) -> bool:
 
 def _first_line(text: str) -> str:
     return next((line for line in text.splitlines() if line.strip()), "")
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return statistics.fmean(values) if values else None
 
 
 # ---- `kvlab fuse run` and `kvlab fuse eval` from a model spec and a store URL ----------------------

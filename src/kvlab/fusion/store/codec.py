@@ -16,6 +16,7 @@ one buffer the bytes were read into.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -130,12 +131,9 @@ def _parse(buf: torch.Tensor) -> tuple[ChunkKey, dict[str, Any], dict[str, torch
     for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
         dtype, shape = _BY_NAME[info["dtype"]], [int(d) for d in info["shape"]]
         begin, end = (int(x) for x in info["data_offsets"])
-        n = 1
-        for d in shape:
-            if d < 0:
-                raise ValueError(f"tensor {name} has a negative dimension")
-            n *= d
-        if begin != expected or end - begin != n * dtype.itemsize:
+        if any(d < 0 for d in shape):
+            raise ValueError(f"tensor {name} has a negative dimension")
+        if begin != expected or end - begin != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"tensor {name} does not fit its offsets")
         if start + end > total:
             raise ValueError("truncated")

@@ -48,7 +48,7 @@ _RELEASE_CLAIM = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.cal
 class RedisStore(ChunkStore):
     """Chunk caches on a Redis server; `ttl` (seconds) makes entries expire."""
 
-    def __init__(self, url: str, *, ttl: int | None = None, prefix: str | None = None) -> None:
+    def __init__(self, url: str) -> None:
         parts = urlsplit(url)
         query = parse_qs(parts.query)
         unknown = sorted(set(query) - _OPTIONS)
@@ -56,12 +56,12 @@ class RedisStore(ChunkStore):
             allowed = ", ".join(sorted(_OPTIONS))
             raise StoreError(f"unknown option {unknown[0]!r} in store URL {url!r}: allowed: {allowed}")
         try:
-            self.ttl = ttl if ttl is not None else (int(query["ttl"][-1]) if "ttl" in query else None)
+            self.ttl = int(query["ttl"][-1]) if "ttl" in query else None
         except ValueError:
             raise StoreError(f"ttl in {url!r} must be a whole number of seconds") from None
         if self.ttl is not None and self.ttl <= 0:
             raise StoreError(f"ttl must be a positive number of seconds, not {self.ttl}")
-        self.prefix = prefix or query.get("prefix", [DEFAULT_PREFIX])[-1]
+        self.prefix = query.get("prefix", [DEFAULT_PREFIX])[-1]
         if not self.prefix or any(c in self.prefix for c in "*?[]"):
             raise StoreError(f"bad key prefix {self.prefix!r} in {url!r}")
         kept = {k: v for k, v in query.items() if k not in _OPTIONS}
