@@ -38,9 +38,7 @@ class SentenceEnds:
 
 
 def _ends_sentence(text: str) -> bool:
-    if "\n" in text:
-        return True
-    return text.rstrip().rstrip(_CLOSERS).endswith(_SENTENCE_ENDS)
+    return "\n" in text or text.rstrip().rstrip(_CLOSERS).endswith(_SENTENCE_ENDS)
 
 
 def split_at_sentences(ids: Sequence[int], ends: Sequence[bool], chunk_tokens: int) -> list[list[int]]:

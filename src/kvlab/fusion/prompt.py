@@ -43,10 +43,7 @@ class FusionPrompt:
 
     @cached_property
     def ids(self) -> list[int]:
-        out = list(self.prefix)
-        for chunk in self.chunks:
-            out.extend(chunk)
-        return out + list(self.question)
+        return [t for part in (self.prefix, *self.chunks, self.question) for t in part]
 
     @property
     def n_prefix(self) -> int:
