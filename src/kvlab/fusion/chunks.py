@@ -31,9 +31,7 @@ def is_legacy_checksum(stated: object) -> bool:
 
 def token_digest(token_ids: Sequence[int]) -> str:
     """A hash of a token id sequence ("" for an empty one)."""
-    if not token_ids:
-        return ""
-    return hashlib.sha256(json.dumps([int(t) for t in token_ids]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([int(t) for t in token_ids]).encode()).hexdigest() if token_ids else ""
 
 
 @dataclass(frozen=True)

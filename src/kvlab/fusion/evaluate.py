@@ -232,9 +232,8 @@ def answer_question(model_spec: str, run: "RunSpec", store_url: str, strategy: S
 
     loaded = load_model(model_spec, run, progress=progress)
     if task is not None:
-        prompt = task_prompt(loaded, task, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
-    else:
-        prompt = build_prompt(loaded, documents, question, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
+        documents, question = task.documents(), task.question
+    prompt = build_prompt(loaded, documents, question, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
     with open_chunk_store(store_url) as store:
         got = answer(loaded, prompt, strategy, store, evict=evict, max_new_tokens=max_new_tokens)
     result = got.prefill

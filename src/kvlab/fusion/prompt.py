@@ -152,8 +152,7 @@ def read_chunks_file(path: str | Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise KvlabError(f"chunks file {path} is not UTF-8 text") from None
-    stripped = text.lstrip()
-    if stripped.startswith(("[", "{")):
+    if text.lstrip().startswith(("[", "{")):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
