@@ -131,7 +131,7 @@ class ChunkStore(ABC):
         return report
 
     def count_leftovers(self) -> int:
-        """Leftovers of interrupted writes: not damage, and `gc` removes them."""
+        """How many leftovers of interrupted writes the store holds (not damage: `gc` removes them)."""
         return 0
 
     def rewrite(self, key: ChunkKey, chunk: ChunkKV) -> bool:
