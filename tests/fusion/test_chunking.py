@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvlab.errors import KvlabError
-from kvlab.fusion.chunking import SentenceEnds, chunk_text, split_at_sentences, task_chunks
+from kvlab.fusion.chunking import SentenceEnds, chunk_text, document_chunks, split_at_sentences
 from kvlab.tasks import Task
 from kvlab.tokenizer_bytes import byte_tokenizer
 
@@ -60,6 +60,6 @@ def test_chunks_cover_the_document_in_order_and_respect_the_size(parts, size):
 def test_given_chunks_are_kept_whole_when_they_fit():
     tok = byte_tokenizer()
     task = Task("t", [" short one. ", "x" * 25], "q?", [])  # each document stripped, then a blank line
-    assert [tok.decode(p) for p in task_chunks(tok, task, 12)] == ["short one.\n\n", "x" * 12, "x" * 12, "x\n\n"]
+    assert [tok.decode(p) for p in document_chunks(tok, task.documents(), 12)] == ["short one.\n\n", "x" * 12, "x" * 12, "x\n\n"]
     longbench = Task("l", [], "q?", [], context="Yes. No.")
-    assert [tok.decode(p) for p in task_chunks(tok, longbench, 4)] == ["Yes.", " No.", "\n\n"]
+    assert [tok.decode(p) for p in document_chunks(tok, longbench.documents(), 4)] == ["Yes.", " No.", "\n\n"]

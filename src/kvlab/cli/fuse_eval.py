@@ -68,10 +68,9 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
     Chunks missing from the store are computed and stored (their time counts in TTFT).
     """
     from kvlab.fusion.evaluate import answer_question
-    from kvlab.fusion.prompt import read_chunks_file
+    from kvlab.fusion.prompt import find_task, read_chunks_file
     from kvlab.fusion.strategies import make_strategy
     from kvlab.runspec import RunSpec
-    from kvlab.tasks import read_task_file
 
     if (task_file is None) == (chunks_file is None):
         raise click.UsageError("give --task-file FILE --id ID, or --chunks-file FILE --question Q")
@@ -81,10 +80,7 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
     if task_file is not None:
         if task_id is None:
             raise click.UsageError("--task-file needs --id")
-        tasks = {t.id: t for t in read_task_file(task_file)}
-        if task_id not in tasks:
-            raise KvlabError(f"task file {task_file} has no task with id {task_id!r}")
-        task = tasks[task_id]
+        task = find_task(task_file, task_id)
     elif not question:
         raise click.UsageError("--chunks-file needs --question")
     docs = read_chunks_file(chunks_file) if chunks_file else None

@@ -124,24 +124,14 @@ def check_command(file, model_spec, layers, tp, model_type, no_model_type, json_
     finite positive numeric scales, keys written plainly ("7", not "07"), no duplicate keys, and
     with --model a tp vLLM can run the model at.
     """
-    from kvlab.model_facts import model_shape
     from kvlab.scales.api import check_file
 
     if model_spec is not None and layers is not None:
         raise click.UsageError("give --model or --layers, not both")
     if no_model_type and model_type is not None:
         raise click.UsageError("give --model-type or --no-model-type, not both")
-    n_heads = n_kv_heads = None
-    if model_spec is not None:
-        from kvlab.models import load_model
-
-        config = load_model(model_spec).config
-        shape = model_shape(config)
-        layers, n_heads, n_kv_heads = shape["n_layers"], shape["n_heads"], shape["n_kv_heads"]
-        if not no_model_type:
-            model_type = model_type or config.model_type
     result = check_file(file, tp=tp, n_layers=layers, model_type=model_type, expect_model_type=not no_model_type,
-                        n_heads=n_heads, n_kv_heads=n_kv_heads)
+                        model=model_spec)
     con = console(json_path)
     where = ", ".join(f"{k}={v}" for k, v in result.context.items())
     con.print(f"{file}" + (f" ({where})" if where else "") + ": "

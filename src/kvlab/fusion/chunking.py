@@ -8,18 +8,14 @@ tokenization, so the chunks laid end to end are exactly the tokens of the docume
 `chunks` entry is kept whole when it fits and cut the same way when it does not.
 
 Precompute and fused prefill must agree on these token ids (they name the chunks in the store):
-both call `task_chunks`.
+both call `document_chunks`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from kvlab.errors import KvlabError
-
-if TYPE_CHECKING:
-    from kvlab.tasks import Task
 
 DEFAULT_CHUNK_TOKENS = 512
 _SENTENCE_ENDS = (".", "!", "?", "\u3002", "\uff01", "\uff1f")
@@ -42,9 +38,7 @@ class SentenceEnds:
 
 
 def _ends_sentence(text: str) -> bool:
-    if "\n" in text:
-        return True
-    return text.rstrip().rstrip(_CLOSERS).endswith(_SENTENCE_ENDS)
+    return "\n" in text or text.rstrip().rstrip(_CLOSERS).endswith(_SENTENCE_ENDS)
 
 
 def split_at_sentences(ids: Sequence[int], ends: Sequence[bool], chunk_tokens: int) -> list[list[int]]:
@@ -85,9 +79,3 @@ def document_chunks(tokenizer, documents: Sequence[str], chunk_tokens: int = DEF
     """The token chunks of some documents, in order."""
     ends = sentence_ends or SentenceEnds(tokenizer)
     return [piece for doc in documents for piece in chunk_text(tokenizer, as_document(doc), chunk_tokens, ends)]
-
-
-def task_chunks(tokenizer, task: "Task", chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                sentence_ends: SentenceEnds | None = None) -> list[list[int]]:
-    """The token chunks of a task's documents, in order."""
-    return document_chunks(tokenizer, task.documents(), chunk_tokens, sentence_ends)

@@ -31,9 +31,7 @@ def is_legacy_checksum(stated: object) -> bool:
 
 def token_digest(token_ids: Sequence[int]) -> str:
     """A hash of a token id sequence ("" for an empty one)."""
-    if not token_ids:
-        return ""
-    return hashlib.sha256(json.dumps([int(t) for t in token_ids]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([int(t) for t in token_ids]).encode()).hexdigest() if token_ids else ""
 
 
 @dataclass(frozen=True)
@@ -147,6 +145,20 @@ def chunk_key(loaded: "LoadedModel", token_ids: Sequence[int], prefix_ids: Seque
     )
 
 
+def prefix_state(loaded: "LoadedModel", prefix_ids: Sequence[int]) -> tuple[Any, torch.Tensor | None]:
+    """The prefix's cache and its last logits (None, None without a prefix), computed once for the
+    chunks that follow it."""
+    if not prefix_ids:
+        return None, None
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=loaded.model.config)
+    with torch.no_grad():
+        out = loaded.model(torch.tensor([list(prefix_ids)], device=loaded.model.device), past_key_values=cache,
+                           use_cache=True)
+    return cache, out.logits[0, -1]
+
+
 def compute_chunk_kv(
     loaded: "LoadedModel",
     token_ids: Sequence[int],
@@ -159,7 +171,8 @@ def compute_chunk_kv(
     """Run the chunk (after the prefix) through the model and keep its own K/V.
 
     `prefix_cache` may hold the prefix's cache already computed (it is not modified), and
-    `prefix_logits` the logits at the prefix's last position (for the first token's surprisal).
+    `prefix_logits` the logits at the prefix's last position (for the first token's surprisal):
+    see `prefix_state`.
     """
     import copy
 
@@ -175,12 +188,7 @@ def compute_chunk_kv(
     base = len(prefix_ids)
     with torch.no_grad():
         if base and prefix_cache is None:
-            prefix_cache = DynamicCache(config=model.config)
-            prefix_out = model(torch.tensor([list(prefix_ids)], device=device), past_key_values=prefix_cache,
-                               use_cache=True)
-            prefix_last = prefix_out.logits[0, -1]
-        else:
-            prefix_last = prefix_logits
+            prefix_cache, prefix_logits = prefix_state(loaded, prefix_ids)
         cache = copy.deepcopy(prefix_cache) if base else DynamicCache(config=model.config)
         ids = torch.tensor([list(token_ids)], device=device)
         positions = torch.arange(base, base + len(token_ids), device=device)[None]
@@ -194,10 +202,10 @@ def compute_chunk_kv(
             logp = torch.log_softmax(logits[:-1], dim=-1)
             targets = ids[0, 1:]
             rest = -logp.gather(-1, targets[:, None])[:, 0]
-            if prefix_last is None and base:
-                prefix_last = model(torch.tensor([list(prefix_ids)], device=device)).logits[0, -1]
-            if prefix_last is not None:
-                first = -torch.log_softmax(prefix_last.float(), dim=-1)[ids[0, 0]]
+            if prefix_logits is None and base:
+                prefix_logits = model(torch.tensor([list(prefix_ids)], device=device)).logits[0, -1]
+            if prefix_logits is not None:
+                first = -torch.log_softmax(prefix_logits.float(), dim=-1)[ids[0, 0]]
             else:
                 first = torch.tensor(float("nan"), device=logits.device)
             surprisal_t = torch.cat([first.reshape(1), rest]).float().cpu()

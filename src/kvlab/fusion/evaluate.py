@@ -111,6 +111,7 @@ class EvalResult:
             same = [same_answer(outcome.texts[i], full.texts[i]) for i in picked]
             same_tokens = [outcome.tokens[i][:self.agree_tokens] == full.tokens[i][:self.agree_tokens] for i in picked]
             interval = score_interval([outcome.scores[self.metric][i] for i in picked])
+            tpot = [outcome.tpot[i] for i in picked if outcome.tpot[i] is not None]
             rows.append({
                 "strategy": outcome.strategy.name,
                 "spec": outcome.strategy.spec(),
@@ -121,7 +122,7 @@ class EvalResult:
                 "accuracy_low": interval[0] if interval else None,
                 "accuracy_high": interval[1] if interval else None,
                 "ttft_s": ttft,
-                "tpot_s": _mean([outcome.tpot[i] for i in picked if outcome.tpot[i] is not None]),
+                "tpot_s": statistics.fmean(tpot) if tpot else None,
                 "speedup": base_ttft / ttft if ttft > 0 else None,
                 "recomputed_fraction": statistics.fmean(outcome.fractions[i] for i in picked),
                 "n": len(picked),
@@ -198,10 +199,6 @@ def _first_line(text: str) -> str:
     return next((line for line in text.splitlines() if line.strip()), "")
 
 
-def _mean(values: Sequence[float]) -> float | None:
-    return statistics.fmean(values) if values else None
-
-
 # ---- `kvlab fuse run` and `kvlab fuse eval` from a model spec and a store URL ----------------------
 
 def open_chunk_store(url: str) -> ChunkStore:
@@ -235,9 +232,8 @@ def answer_question(model_spec: str, run: "RunSpec", store_url: str, strategy: S
 
     loaded = load_model(model_spec, run, progress=progress)
     if task is not None:
-        prompt = task_prompt(loaded, task, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
-    else:
-        prompt = build_prompt(loaded, documents, question, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
+        documents, question = task.documents(), task.question
+    prompt = build_prompt(loaded, documents, question, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
     with open_chunk_store(store_url) as store:
         got = answer(loaded, prompt, strategy, store, evict=evict, max_new_tokens=max_new_tokens)
     result = got.prefill
@@ -292,6 +288,6 @@ def evaluate_model(model_spec: str, run: "RunSpec", source: str, n_tasks: int, s
     if report:
         from kvlab.fusion.report import write_report
 
-        written = write_report(report, rows + [r for kind_rows in by_kind.values() for r in kind_rows], title)
+        written = write_report(report, rows, title, by_kind)
     summary = result.to_dict(model=model_spec, task=source, evict=str(evict) if evict else None)
     return ModelEval(result, title, rows, by_kind, written, summary)

@@ -16,7 +16,7 @@ For one task and strategy:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,11 +27,11 @@ from kvlab.compare.cachediff import CacheDiff, Divergence, diff_caches
 from kvlab.decode import decode_n_tokens, eos_ids
 from kvlab.fusion.fused import Prefill, prefill
 from kvlab.errors import KvlabError
-from kvlab.fusion.prompt import DEFAULT_CHUNK_TOKENS, FusionPrompt, task_prompt
+from kvlab.fusion.prompt import DEFAULT_CHUNK_TOKENS, FusionPrompt, find_task, task_prompt
 from kvlab.fusion.store.base import ChunkStore
 from kvlab.fusion.strategies import Strategy, make_strategy
 from kvlab.model_facts import LoadedModel, decoder_layers
-from kvlab.tasks.records import Task, read_task_file
+from kvlab.tasks.records import Task
 from kvlab.tasks.scoring import score
 
 if TYPE_CHECKING:
@@ -48,9 +48,6 @@ class Evidence:
     text: str
     positions: list[int]  # prompt positions (prefix first), empty when not found
     chunk: int | None  # the chunk holding its first token
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "positions": self.positions, "chunk": self.chunk}
 
 
 @dataclass
@@ -116,7 +113,7 @@ class Explanation:
             "tolerance": self.tol,
             "first_divergence": None if first is None else {**first.to_dict(), **self.where(first.position)},
             "chunk_errors": self.chunk_errors(),
-            "evidence": [{**e.to_dict(), "selected": sum(p in selected for p in e.positions)} for e in self.evidence],
+            "evidence": [{**asdict(e), "selected": sum(p in selected for p in e.positions)} for e in self.evidence],
             "attention_on_evidence": {"full": self.attention_full, "fused": self.attention_fused},
         }
 
@@ -221,10 +218,7 @@ def explain_task(model_spec: str, run: "RunSpec", task_file: str, task_id: str, 
 
     if strategy.is_full:
         raise KvlabError("--strategy full is the reference itself: explain a fused strategy")
-    tasks = {t.id: t for t in read_task_file(task_file)}
-    if task_id not in tasks:
-        raise KvlabError(f"task file {task_file} has no task with id {task_id!r}")
-    task = tasks[task_id]
+    task = find_task(task_file, task_id)
     loaded = load_model(model_spec, run, progress=progress)
     prompt = task_prompt(loaded, task, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
     with open_chunk_store(store_url) as store:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from pathlib import Path
 
 from kvlab.atomic import write_text_atomic
 from kvlab.fusion.explain import Explanation
+from kvlab.fusion.report import png_bytes, pyplot
 
 _STYLE = (
     "body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:1em 0}"
@@ -87,23 +87,13 @@ def _prompt_html(e: Explanation, selected: set[int], divergence: int | None) -> 
 
 
 def _attention_png(e: Explanation) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 3.2), dpi=100)
-    try:
-        layers = range(len(e.attention_full))
-        axes.plot(layers, e.attention_full, marker="o", color="black", label="full prefill")
-        axes.plot(layers, e.attention_fused, marker="o", label=e.strategy.label())
-        axes.set_xlabel("layer")
-        axes.set_ylabel("attention mass on the evidence")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        return base64.b64encode(buffer.getvalue()).decode()
-    finally:
-        plt.close(figure)
+    figure, axes = pyplot().subplots(figsize=(7, 3.2), dpi=100)
+    layers = range(len(e.attention_full))
+    axes.plot(layers, e.attention_full, marker="o", color="black", label="full prefill")
+    axes.plot(layers, e.attention_fused, marker="o", label=e.strategy.label())
+    axes.set_xlabel("layer")
+    axes.set_ylabel("attention mass on the evidence")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    return base64.b64encode(png_bytes(figure)).decode()

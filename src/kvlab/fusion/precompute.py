@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvlab.errors import KvlabError
-from kvlab.fusion.chunking import DEFAULT_CHUNK_TOKENS, SentenceEnds, task_chunks
-from kvlab.fusion.chunks import chunk_key, compute_chunk_kv
+from kvlab.fusion.chunking import DEFAULT_CHUNK_TOKENS, SentenceEnds, document_chunks
+from kvlab.fusion.chunks import chunk_key, compute_chunk_kv, prefix_state
 from kvlab.fusion.prompt import prompt_frame
 from kvlab.fusion.store import ChunkStore, CorruptChunkError, open_store
 from kvlab.tasks import read_task_file
@@ -54,19 +54,12 @@ class PrecomputeReport:
         return asdict(self)
 
 
-def prefix_token_ids(loaded, prefix: str | None, chat: bool | None = None) -> list[int]:
-    """The shared prefix's tokens, as a fused prompt starts (`kvlab.fusion.prompt.prompt_frame`):
-    the given text with the tokenizer's special tokens, else the chat template's opening (when
-    `chat`, by default when the model has a template), else the tokenizer's leading specials."""
-    return list(prompt_frame(loaded, chat, prefix).prefix)
-
-
 def plan_chunks(loaded, tasks, chunk_tokens: int) -> list[list[int]]:
     """The distinct token chunks of all tasks, in first-seen order."""
     ends = SentenceEnds(loaded.tokenizer)
     seen: dict[tuple[int, ...], None] = {}
     for task in tasks:
-        for ids in task_chunks(loaded.tokenizer, task, chunk_tokens, ends):
+        for ids in document_chunks(loaded.tokenizer, task.documents(), chunk_tokens, ends):
             seen.setdefault(tuple(ids), None)
     return [list(ids) for ids in seen]
 
@@ -88,8 +81,9 @@ def precompute(
     """Compute every missing chunk of the task file `tasks` with `model` into `store` (a URL, or
     an open store, which is left open), the model loaded for `run` (None: kvlab's defaults).
 
-    The prefix (`prefix_token_ids`) is stored as a chunk of its own at position 0 and every
-    chunk is computed after it, as `kvlab fuse run` and `kvlab fuse eval` look them up.
+    The prefix a fused prompt starts with (`kvlab.fusion.prompt.prompt_frame`) is stored as a chunk
+    of its own at position 0 and every chunk is computed after it, as `kvlab fuse run` and
+    `kvlab fuse eval` look them up.
 
     `on_start(n_chunks)` is called once the plan is known, `on_chunk(outcome)` after each chunk.
     """
@@ -109,7 +103,7 @@ def precompute(
     loaded = load_model(model, run)  # a bad model spec fails before a new store folder is made
     with open_store(store) if isinstance(store, str) else contextlib.nullcontext(store) as store:
         plan = plan_chunks(loaded, task_list, chunk_tokens)
-        prefix_ids = prefix_token_ids(loaded, prefix, chat)
+        prefix_ids = list(prompt_frame(loaded, chat, prefix).prefix)
         report = PrecomputeReport(store.url, model, chunk_key(loaded, [0]).dtype, len(task_list),
                                   len(plan) + bool(prefix_ids), workers=workers, chunk_tokens=chunk_tokens,
                                   prefix_tokens=len(prefix_ids), surprisal=surprisal)
@@ -147,7 +141,7 @@ def compute_missing(
     A chunk another process has claimed is put aside and looked at again later: by then it is
     either stored (and counted as existing) or its claim is gone and this process computes it.
     """
-    prefix_cache, prefix_logits = _prefix_state(loaded, prefix_ids)
+    prefix_cache, prefix_logits = prefix_state(loaded, prefix_ids)
     pending = [list(ids) for ids in chunks]
     outcomes = []
     while pending:
@@ -182,20 +176,6 @@ def _stored_state(store: ChunkStore, key) -> str:
         return EXISTING if store.get(key) is not None else COMPUTED
     except CorruptChunkError:
         return REPAIRED
-
-
-def _prefix_state(loaded, prefix_ids: Sequence[int]):
-    """The prefix's cache and last logits, computed once and shared by every chunk."""
-    if not prefix_ids:
-        return None, None
-    import torch
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=loaded.model.config)
-    with torch.no_grad():
-        out = loaded.model(torch.tensor([list(prefix_ids)], device=loaded.model.device), past_key_values=cache,
-                           use_cache=True)
-    return cache, out.logits[0, -1]
 
 
 # -- worker processes -----------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 from kvlab.errors import KvlabError
 from kvlab.fusion.chunking import DEFAULT_CHUNK_TOKENS, document_chunks
 from kvlab.model_facts import LoadedModel
-from kvlab.tasks.records import DEFAULT_INSTRUCTION, Task
+from kvlab.tasks.records import DEFAULT_INSTRUCTION, Task, read_task_file
 
 
 _MARK = "\u0000kvlab-user-text\u0000"
@@ -43,10 +43,7 @@ class FusionPrompt:
 
     @cached_property
     def ids(self) -> list[int]:
-        out = list(self.prefix)
-        for chunk in self.chunks:
-            out.extend(chunk)
-        return out + list(self.question)
+        return [t for part in (self.prefix, *self.chunks, self.question) for t in part]
 
     @property
     def n_prefix(self) -> int:
@@ -138,6 +135,14 @@ def task_prompt(loaded: "LoadedModel", task: Task, *, chat: bool | None = None, 
     return build_prompt(loaded, task.documents(), task.question, chat=chat, prefix=prefix, chunk_tokens=chunk_tokens)
 
 
+def find_task(path: str | Path, task_id: str) -> Task:
+    """The task named `task_id` in a task file (`fuse run --id`, `fuse explain --id`)."""
+    for task in read_task_file(path):
+        if task.id == task_id:
+            return task
+    raise KvlabError(f"task file {path} has no task with id {task_id!r}")
+
+
 def read_chunks_file(path: str | Path) -> list[str]:
     """Chunks from a file: a JSON list of strings (or {"chunks": [...]}), else blank-line separated text."""
     path = Path(path)
@@ -147,8 +152,7 @@ def read_chunks_file(path: str | Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise KvlabError(f"chunks file {path} is not UTF-8 text") from None
-    stripped = text.lstrip()
-    if stripped.startswith(("[", "{")):
+    if text.lstrip().startswith(("[", "{")):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:

@@ -7,35 +7,38 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from kvlab.atomic import atomic_file, write_text_atomic
 
 
-def plot_png(rows: Sequence[dict[str, Any]], title: str) -> bytes:
-    """PNG bytes: x = mean TTFT (s), y = accuracy; each strategy's rates joined in rate order and labelled."""
-    import matplotlib.pyplot as plt
-
-    figure, _ = draw_plot(rows, title)
-    try:
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        return buffer.getvalue()
-    finally:
-        plt.close(figure)
-
-
-def draw_plot(rows: Sequence[dict[str, Any]], title: str):
-    """The figure and its rate labels, each moved off the points' other labels (rates of nearby
-    points, or of several strategies at one spot, would otherwise print on top of each other)."""
+def pyplot():
+    """matplotlib.pyplot drawing off screen (the Agg backend): reports are made without a display."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    return plt
+
+
+def png_bytes(figure) -> bytes:
+    """A figure as PNG bytes; the figure is closed."""
+    try:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        return buffer.getvalue()
+    finally:
+        pyplot().close(figure)
+
+
+def draw_plot(rows: Sequence[dict[str, Any]], title: str):
+    """x = mean TTFT (s), y = accuracy, each strategy's rates joined in rate order: the figure and its
+    rate labels, each moved off the points' other labels (rates of nearby points, or of several
+    strategies at one spot, would otherwise print on top of each other)."""
+    figure, axes = pyplot().subplots(figsize=(7.5, 4.8), dpi=110)
     labels = []
     by_strategy: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -85,35 +88,24 @@ def _separate(figure, labels) -> None:
         placed.append(label.get_window_extent(renderer))
 
 
-def write_report(path: str | Path, rows: Sequence[dict[str, Any]], title: str) -> list[Path]:
-    """`R.png` writes the plot; any other name writes `R` as HTML (plot and table) and the PNG beside it."""
+def write_report(path: str | Path, rows: Sequence[dict[str, Any]], title: str,
+                 by_kind: Mapping[str, Sequence[dict[str, Any]]] | None = None) -> list[Path]:
+    """`R.png` writes the plot of `rows` (all tasks); any other name writes `R` as HTML (the plot, the
+    table of `rows`, then one of each task kind's rows in `by_kind`) and the PNG beside it."""
     path = Path(path)
-    rows, by_kind = _split_by_kind(rows)  # the plot and first table: all tasks; then a table per kind
-    png = plot_png(rows, title)
+    png = png_bytes(draw_plot(rows, title)[0])
     png_path = path if path.suffix.lower() == ".png" else path.with_suffix(".png")
     with atomic_file(png_path, "wb") as handle:
         handle.write(png)
     if path.suffix.lower() == ".png":
         return [png_path]
     html_path = path if path.suffix else path.with_suffix(".html")
-    write_text_atomic(html_path, _html(rows, title, png, by_kind))
+    write_text_atomic(html_path, _html(rows, title, png, by_kind or {}))
     return [html_path, png_path]
 
 
-def _split_by_kind(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """Rows over all tasks (no `kind`, or "all"), and the rows of each task kind in order."""
-    overall, by_kind = [], {}
-    for row in rows:
-        kind = row.get("kind", "all")
-        if kind == "all":
-            overall.append(row)
-        else:
-            by_kind.setdefault(kind, []).append(row)
-    return overall, by_kind
-
-
 def _html(rows: Sequence[dict[str, Any]], title: str, png: bytes,
-          by_kind: dict[str, Sequence[dict[str, Any]]]) -> str:
+          by_kind: Mapping[str, Sequence[dict[str, Any]]]) -> str:
     image = base64.b64encode(png).decode()
     tables = _table(rows) + "".join(f"<h2>{html.escape(kind)}: {group[0]['n']} tasks</h2>" + _table(group)
                                     for kind, group in by_kind.items() if group)

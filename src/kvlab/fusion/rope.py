@@ -69,11 +69,9 @@ _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, RopeShift]" = weakref.WeakKe
 
 def rope_shift(model) -> RopeShift:
     """The model's key rotation, checked to compose; RopeError when it cannot be used."""
-    found = _CACHE.get(model)
-    if found is None:
-        found = _build(model)
-        _CACHE[model] = found
-    return found
+    if model not in _CACHE:
+        _CACHE[model] = _build(model)
+    return _CACHE[model]
 
 
 def _rope_type(model, rotary) -> str:

@@ -98,11 +98,21 @@ class CheckResult:
 
 def check_file(path: str | Path, *, tp: int | None = None, n_layers: int | None = None,
                model_type: str | None = None, expect_model_type: bool = True,
-               n_heads: int | None = None, n_kv_heads: int | None = None) -> CheckResult:
+               model: str | None = None) -> CheckResult:
     """Every rule a `kv_cache_scales.json` breaks (with the given context), vLLM's schema's and kvlab's.
 
-    With the model's head counts also kvlab's rule that vLLM can run the model at the file's tp.
+    `model` (a model spec, in place of `n_layers`) gives the layer count, the model type unless one is
+    given or none is expected, and the head counts, for kvlab's rule that vLLM can run it at the file's tp.
     """
+    n_heads = n_kv_heads = None
+    if model is not None:
+        from kvlab.models import load_model
+
+        config = load_model(model).config
+        shape = model_shape(config)
+        n_layers, n_heads, n_kv_heads = shape["n_layers"], shape["n_heads"], shape["n_kv_heads"]
+        if expect_model_type:
+            model_type = model_type or config.model_type
     data, duplicates = vllm_json.load_text(path)
     found = vllm_json.problems(data, tp=tp, n_layers=n_layers, model_type=model_type,
                                expect_model_type=expect_model_type)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import shutil
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -141,9 +142,9 @@ def test_chunk_files_are_plain_safetensors_both_ways(tmp_path):
     with safe_open(store._path(key.digest()), "pt") as handle:  # what we write, safetensors reads
         assert handle.metadata()["format"] == codec.FORMAT
         assert all(torch.equal(handle.get_tensor(n), t) for n, t in chunk.tensors().items())
-    header = {"format": codec.FORMAT, "key": json.dumps(codec.key_to_dict(key)), "meta": json.dumps(chunk.meta)}
+    header = {"format": codec.FORMAT, "key": json.dumps(asdict(key)), "meta": json.dumps(chunk.meta)}
     theirs = save(chunk.tensors(), metadata=header)  # what safetensors writes, we read
-    assert len(theirs) == len(codec.encode(key, chunk))  # the same layout (header key order may differ)
+    assert len(theirs) == store._path(key.digest()).stat().st_size  # the same layout (header key order may differ)
     back_key, back = codec.decode(bytearray(theirs), "test")
     assert back_key == key and same_chunk(back, chunk)
     for damaged in (theirs[:-1], theirs[:20], theirs + b"\0", b"\xff" * 8 + theirs[8:]):

@@ -72,11 +72,8 @@ class ChunkStore(ABC):
     def put(self, key: ChunkKey, chunk: ChunkKV) -> bool:
         """Store `chunk` under `key`; False when an intact entry was already there."""
 
-    @abstractmethod
-    def contains(self, key: ChunkKey) -> bool: ...
-
-    @abstractmethod
-    def delete(self, key: ChunkKey) -> bool: ...
+    def delete(self, key: ChunkKey) -> bool:
+        return self.delete_digest(key.digest())
 
     @abstractmethod
     def entries(self) -> Iterator[EntryInfo]: ...
@@ -130,7 +127,12 @@ class ChunkStore(ABC):
                         report.migrated += 1
             if on_entry is not None:
                 on_entry()
+        report.stray = self.count_leftovers()
         return report
+
+    def count_leftovers(self) -> int:
+        """How many leftovers of interrupted writes the store holds (not damage: `gc` removes them)."""
+        return 0
 
     def rewrite(self, key: ChunkKey, chunk: ChunkKV) -> bool:
         """Store a verified entry again in the current format (its checksum resealed). The old entry

@@ -16,9 +16,11 @@ one buffer the bytes were read into.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -40,16 +42,6 @@ _BY_NAME = {name: dtype for dtype, name in _DTYPES.items()}
 def is_digest(name: str) -> bool:
     """True for a chunk name (64 lowercase hex digits): the only names a store turns into paths."""
     return isinstance(name, str) and _DIGEST.fullmatch(name) is not None
-
-
-def key_to_dict(key: ChunkKey) -> dict[str, Any]:
-    return {
-        "fingerprint": key.fingerprint,
-        "dtype": key.dtype,
-        "token_ids": list(key.token_ids),
-        "position_base": key.position_base,
-        "prefix_digest": key.prefix_digest,
-    }
 
 
 def key_from_dict(data: dict[str, Any]) -> ChunkKey:
@@ -88,7 +80,7 @@ def encode_parts(key: ChunkKey, chunk: ChunkKV) -> tuple[list[bytes | memoryview
     unknown = sorted({str(t.dtype) for t in tensors.values() if t.dtype not in _DTYPES})
     if unknown:
         raise ValueError(f"cannot store tensors of dtype {unknown[0]}")
-    header: dict[str, Any] = {"__metadata__": {"format": FORMAT, "key": json.dumps(key_to_dict(key)),
+    header: dict[str, Any] = {"__metadata__": {"format": FORMAT, "key": json.dumps(asdict(key)),
                                                "meta": json.dumps(meta)}}
     parts: list[bytes | memoryview] = []
     offset = 0
@@ -102,11 +94,6 @@ def encode_parts(key: ChunkKey, chunk: ChunkKV) -> tuple[list[bytes | memoryview
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return [struct.pack("<Q", len(text)) + text, *parts], meta
-
-
-def encode(key: ChunkKey, chunk: ChunkKV) -> bytes:
-    """The stored bytes of `chunk` under `key`, joined."""
-    return b"".join(encode_parts(key, chunk)[0])
 
 
 def decode(data: torch.Tensor | bytearray, where: str) -> tuple[ChunkKey, ChunkKV]:
@@ -144,12 +131,9 @@ def _parse(buf: torch.Tensor) -> tuple[ChunkKey, dict[str, Any], dict[str, torch
     for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
         dtype, shape = _BY_NAME[info["dtype"]], [int(d) for d in info["shape"]]
         begin, end = (int(x) for x in info["data_offsets"])
-        n = 1
-        for d in shape:
-            if d < 0:
-                raise ValueError(f"tensor {name} has a negative dimension")
-            n *= d
-        if begin != expected or end - begin != n * dtype.itemsize:
+        if any(d < 0 for d in shape):
+            raise ValueError(f"tensor {name} has a negative dimension")
+        if begin != expected or end - begin != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"tensor {name} does not fit its offsets")
         if start + end > total:
             raise ValueError("truncated")

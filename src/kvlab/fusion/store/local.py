@@ -29,7 +29,7 @@ from urllib.parse import quote
 from kvlab.atomic import file_mode
 from kvlab.fusion.chunks import ChunkKey, ChunkKV
 from kvlab.fusion.store import codec
-from kvlab.fusion.store.base import ChunkStore, EntryInfo, VerifyReport, check_entry
+from kvlab.fusion.store.base import ChunkStore, EntryInfo, check_entry
 from kvlab.fusion.store.claims import new_owner, owner_is_dead
 from kvlab.fusion.store.errors import CorruptChunkError, StoreError, store_errors
 
@@ -213,9 +213,6 @@ class LocalStore(ChunkStore):
 
     # -- the contract ---------------------------------------------------------------------
 
-    def contains(self, key: ChunkKey) -> bool:
-        return bool(self._read("SELECT 1 FROM chunks WHERE digest = ?", (key.digest(),)))
-
     def put(self, key: ChunkKey, chunk: ChunkKV) -> bool:
         digest = key.digest()
         final = self._path(digest)
@@ -295,18 +292,13 @@ class LocalStore(ChunkStore):
             return None
         return codec.decode(data, f"chunk file {digest[:12]} in {self.url}")
 
-    def delete(self, key: ChunkKey) -> bool:
-        return self.delete_digest(key.digest())
-
     def delete_digest(self, digest: str) -> bool:
-        if not codec.is_digest(digest):  # a tampered index row: drop the row, touch no file
-            with self._write() as db:
-                return db.execute("DELETE FROM chunks WHERE digest = ?", (digest,)).rowcount > 0
-        path = self._path(digest)
         with self._write() as db:
             had_row = db.execute("DELETE FROM chunks WHERE digest = ?", (digest,)).rowcount > 0
+            if not codec.is_digest(digest):  # a tampered index row: drop the row, touch no file
+                return had_row
             try:
-                os.unlink(path)
+                os.unlink(self._path(digest))
             except FileNotFoundError:
                 return had_row
         return True
@@ -335,7 +327,7 @@ class LocalStore(ChunkStore):
             yield EntryInfo(digest, model, dtype, n_tokens, base, nbytes, created, used)
 
     def stats(self) -> dict[str, Any]:
-        return {**super().stats(), "capacity": self.capacity, "leftovers": self._count_leftovers()}
+        return {**super().stats(), "capacity": self.capacity, "leftovers": self.count_leftovers()}
 
     # -- claims ---------------------------------------------------------------------------
 
@@ -354,11 +346,10 @@ class LocalStore(ChunkStore):
 
     # -- upkeep ---------------------------------------------------------------------------
 
-    def _leftovers(self, min_age_s: float, db: sqlite3.Connection | None = None) -> dict[str, list]:
+    def _leftovers(self, min_age_s: float, db: sqlite3.Connection) -> dict[str, list]:
         """Temporary files, files without a row and rows without a file, older than `min_age_s`."""
         cutoff = time.time() - min_age_s
-        indexed = {row[0] for row in (db.execute("SELECT digest FROM chunks").fetchall() if db is not None
-                                      else self._read("SELECT digest FROM chunks"))}
+        indexed = {row[0] for row in db.execute("SELECT digest FROM chunks").fetchall()}
         found: dict[str, list] = {"temporary": [], "unindexed": [], "missing": []}
         on_disk = set()
         for sub in sorted((self.root / CHUNKS).iterdir()):
@@ -376,14 +367,9 @@ class LocalStore(ChunkStore):
         found["missing"] = sorted(indexed - on_disk)
         return found
 
-    def _count_leftovers(self) -> int:
+    def count_leftovers(self) -> int:
         with self._write() as db:  # no write is half-done while the lock is held
             return sum(len(v) for v in self._leftovers(0.0, db).values())
-
-    def verify(self, repair: bool = False, on_entry=None) -> VerifyReport:
-        report = super().verify(repair=repair, on_entry=on_entry)
-        report.stray = self._count_leftovers()
-        return report
 
     def gc(self, capacity: int | None = None, min_age_s: float = 3600.0) -> dict[str, Any]:
         """Remove leftovers of interrupted writes, expired claims, and evict down to the capacity.

@@ -28,12 +28,6 @@ class MemoryStore(ChunkStore):
         self._data[digest] = (key, chunk)
         return True
 
-    def contains(self, key: ChunkKey) -> bool:
-        return key.digest() in self._data
-
-    def delete(self, key: ChunkKey) -> bool:
-        return self._data.pop(key.digest(), None) is not None
-
     def entries(self) -> Iterator[EntryInfo]:
         for digest, (key, chunk) in list(self._data.items()):
             yield EntryInfo(digest, chunk.meta.get("model", ""), key.dtype, len(key.token_ids), key.position_base,

@@ -29,7 +29,7 @@ import torch
 
 from kvlab.fusion.chunks import ChunkKey, ChunkKV
 from kvlab.fusion.store import codec
-from kvlab.fusion.store.base import ChunkStore, EntryInfo, VerifyReport, check_entry
+from kvlab.fusion.store.base import ChunkStore, EntryInfo, check_entry
 from kvlab.fusion.store.claims import new_owner, owner_is_dead
 from kvlab.fusion.store.errors import CorruptChunkError, StoreError, store_errors
 from kvlab.fusion.store.resp import BulkReader, RespError
@@ -48,7 +48,7 @@ _RELEASE_CLAIM = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.cal
 class RedisStore(ChunkStore):
     """Chunk caches on a Redis server; `ttl` (seconds) makes entries expire."""
 
-    def __init__(self, url: str, *, ttl: int | None = None, prefix: str | None = None) -> None:
+    def __init__(self, url: str) -> None:
         parts = urlsplit(url)
         query = parse_qs(parts.query)
         unknown = sorted(set(query) - _OPTIONS)
@@ -56,12 +56,12 @@ class RedisStore(ChunkStore):
             allowed = ", ".join(sorted(_OPTIONS))
             raise StoreError(f"unknown option {unknown[0]!r} in store URL {url!r}: allowed: {allowed}")
         try:
-            self.ttl = ttl if ttl is not None else (int(query["ttl"][-1]) if "ttl" in query else None)
+            self.ttl = int(query["ttl"][-1]) if "ttl" in query else None
         except ValueError:
             raise StoreError(f"ttl in {url!r} must be a whole number of seconds") from None
         if self.ttl is not None and self.ttl <= 0:
             raise StoreError(f"ttl must be a positive number of seconds, not {self.ttl}")
-        self.prefix = prefix or query.get("prefix", [DEFAULT_PREFIX])[-1]
+        self.prefix = query.get("prefix", [DEFAULT_PREFIX])[-1]
         if not self.prefix or any(c in self.prefix for c in "*?[]"):
             raise StoreError(f"bad key prefix {self.prefix!r} in {url!r}")
         kept = {k: v for k, v in query.items() if k not in _OPTIONS}
@@ -93,11 +93,6 @@ class RedisStore(ChunkStore):
             self._reader.close()
 
     # -- the contract ---------------------------------------------------------------------
-
-    def contains(self, key: ChunkKey) -> bool:
-        digest = key.digest()
-        with self._errors():
-            return self._r.exists(self._name(digest, "meta"), self._name(digest, "data")) == 2
 
     def put(self, key: ChunkKey, chunk: ChunkKV) -> bool:
         digest = key.digest()
@@ -155,9 +150,6 @@ class RedisStore(ChunkStore):
         stored_key, chunk = codec.decode(data, where)
         return row, stored_key, chunk
 
-    def delete(self, key: ChunkKey) -> bool:
-        return self.delete_digest(key.digest())
-
     def delete_digest(self, digest: str) -> bool:
         with self._errors():
             return self._r.delete(self._name(digest, "meta"), self._name(digest, "data")) > 0
@@ -201,7 +193,7 @@ class RedisStore(ChunkStore):
         with self._errors():
             memory = self._r.info("memory").get("used_memory")
         return {**super().stats(), "ttl": self.ttl, "prefix": self.prefix, "server_used_memory": memory,
-                "leftovers": len(self._halves())}
+                "leftovers": self.count_leftovers()}
 
     # -- claims ---------------------------------------------------------------------------
 
@@ -231,10 +223,8 @@ class RedisStore(ChunkStore):
         metas, datas = set(self._digests("meta")), set(self._digests("data"))
         return [self._name(d, "meta") for d in metas - datas] + [self._name(d, "data") for d in datas - metas]
 
-    def verify(self, repair: bool = False, on_entry=None) -> VerifyReport:
-        report = super().verify(repair=repair, on_entry=on_entry)
-        report.stray = len(self._halves())
-        return report
+    def count_leftovers(self) -> int:
+        return len(self._halves())
 
     def gc(self, capacity: int | None = None, min_age_s: float = 3600.0) -> dict[str, Any]:
         """Remove half-written pairs and claims of dead owners; with `capacity`, evict the chunks
@@ -246,7 +236,7 @@ class RedisStore(ChunkStore):
             for digest in list(self._digests("claim")):
                 holder = self._r.get(self._name(digest, "claim"))
                 if holder is not None and owner_is_dead(holder.decode(errors="replace")):
-                    released += self._release_dead(digest, holder)
+                    released += int(self._release_claim(keys=[self._name(digest, "claim")], args=[holder]))
             evicted = freed = 0
             if capacity is not None:
                 infos = list(self.entries())
@@ -261,9 +251,6 @@ class RedisStore(ChunkStore):
                         freed += info.nbytes
         return {"url": self.url, "removed_stray": removed, "released_claims": released, "evicted": evicted,
                 "evicted_bytes": freed, "capacity": capacity}
-
-    def _release_dead(self, digest: str, holder: bytes) -> int:
-        return int(self._release_claim(keys=[self._name(digest, "claim")], args=[holder]))
 
     def _idle_s(self, digest: str) -> float:
         try:
