@@ -6,8 +6,9 @@ modules call whatever function transformers' `AttentionInterface` names in the c
 length of a `with attention_taps(...)` block that name is a kvlab wrapper which calls the
 layer's tap, then the kernel the model used before (sdpa or eager) — directly, or through the
 layer's route, which may call the kernel on parts of the queries (a fused prefill runs the
-selected rows in blocks, each with only the keys it can see). The block always puts the
-model's own kernel back.
+selected rows in blocks, each with only the keys it can see). Blocks nest: an inner block's
+tap runs after the outer one's, its route calls the outer route as its kernel, and each block
+puts back what it found.
 """
 
 from __future__ import annotations
@@ -88,16 +89,34 @@ def attention_taps(model, taps: Mapping[int, Tap], routes: Mapping[int, Route] |
     try:
         for registry, items in ((_TAPS, taps), (_ROUTES, routes)):
             for index, fn in items.items():
-                registry[modules[index]] = fn
-                installed.append((registry, modules[index]))
+                module = modules[index]
+                found = registry.get(module)
+                registry[module] = fn if found is None else _nest(registry, found, fn)
+                installed.append((registry, module, found))
         with intercept(model, attention=name):
             if current_attention(model) != name:
                 raise KvlabError(f"{type(model).__name__} does not route attention through transformers' "
                                  "AttentionInterface")
             yield
     finally:
-        for registry, module in installed:
-            registry.pop(module, None)
+        for registry, module, found in reversed(installed):
+            if found is None:
+                registry.pop(module, None)
+            else:
+                registry[module] = found
+
+
+def _nest(registry, outer: Callable, inner: Callable) -> Callable:
+    """A block inside another on the same layer: both taps see the call; the inner route's kernel is the outer route."""
+    if registry is _TAPS:
+        def both(*args: Any) -> None:
+            outer(*args)
+            inner(*args)
+        return both
+
+    def through(kernel, *args: Any, **kwargs: Any):
+        return inner(functools.partial(outer, kernel), *args, **kwargs)
+    return through
 
 
 def rows_attention(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
