@@ -7,14 +7,20 @@ at the cost of one forward pass instead of N decode steps. Also printed: the sha
 tokens that agree, the mean log-probability of full's answer, and how much of the evidence (the
 planted facts' tokens) the strategy recomputed.
 
-Besides the registered strategies, two A^3 variants are defined here through the public
-strategy registry (they are ideas under measurement, not part of kvlab):
+Besides the registered strategies, these ideas are defined here through the public strategy
+registry and attention routes (they are under measurement, not part of kvlab):
 
     a3x:starts=K     the first K tokens of every chunk are recomputed too (EPIC's chunk starts),
                      inside the same budget
     a3x:sentences=1  whole sentences by their best pooled token score, until the budget is spent
+    oracle           the evidence tokens (the planted facts, known only to a benchmark) first,
+                     then A^3's best scores until the budget is spent; `oracle:pad=K` also takes
+                     K neighbours on each side of every evidence token
+    --ape T:S        APE's attention for the question and answer rows in the selective layers:
+                     logits over the document keys divided by T, and the documents' share of
+                     the attention rescaled as APE does (log-sum-exp times T*S); 1:1 is exact
 
-    python bench/fusion_variants.py [--seed 1] [--n 20] [-N 24] a3@0.15 a3x:starts=8@0.15 ...
+    python bench/fusion_variants.py [--seed 1] [--n 20] [-N 24] [--ape 0.9:0.9,...] a3@0.15 oracle@0.15 ...
 """
 
 from __future__ import annotations
@@ -28,12 +34,14 @@ from typing import ClassVar
 import torch
 
 import kvlab
+from kvlab.caches.taps import attention_taps
 from kvlab.decode import decode_n_tokens, eos_ids
 from kvlab.fusion.chunking import SentenceEnds
 from kvlab.fusion.evaluate import make_tasks
 from kvlab.fusion.explain import evidence_texts, locate
 from kvlab.fusion.fused import load_chunks, prefill
 from kvlab.fusion.prompt import task_prompt
+from kvlab.model_facts import decoder_layers
 from kvlab.fusion.store.memory import MemoryStore
 from kvlab.fusion.strategies import A3, make_strategy, register_strategy, top_rows
 from kvlab.tasks.intervals import wilson_interval
@@ -80,6 +88,63 @@ class A3Variant(A3):
         return torch.nonzero(chosen).flatten()
 
 
+@register_strategy("oracle")
+class EvidenceOracle(A3):
+    """The evidence tokens first, then A^3's scores: does recomputing the right tokens suffice?"""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"attention"})
+    pad: int = 0
+    evidence: tuple[int, ...] = ()
+
+    def select(self, inputs):
+        n = inputs.n_docs
+        chosen = torch.zeros(n, dtype=torch.bool)
+        for p in self.evidence:
+            chosen[max(0, p - self.pad):min(n, p + self.pad + 1)] = True
+        left = self.budget(n) - int(chosen.sum())
+        if left > 0:
+            chosen[top_rows(inputs.attention.float().masked_fill(chosen, -1.0), left)] = True
+        return torch.nonzero(chosen).flatten()
+
+
+def ape_route(temperature: float, scale: float, docs: slice):
+    """An attention route: rows that see past the documents (question, answer) attend as in APE.
+
+    Per document key j: logit_j / T + (T*S - 1) * logsumexp over the visible document keys of
+    logit / T; other keys keep their logits. That is APE's two-group softmax (documents at
+    temperature T, their group log-sum-exp times T*S) written as one softmax.
+    """
+    def route(kernel, module, query, key, value, mask, **kwargs):
+        out, weights = kernel(module, query, key, value, mask, **kwargs)
+        n_rows, n_keys = query.shape[-2], key.shape[-2]
+        if n_keys <= docs.stop:
+            return out, weights
+        if mask is None:  # causal, aligned to the last key
+            visible = torch.arange(n_keys)[None, :] <= torch.arange(n_keys - n_rows, n_keys)[:, None]
+        else:
+            visible = (mask if mask.dtype == torch.bool else mask == 0)[0, 0, :, :n_keys].cpu()
+        rows = torch.nonzero(visible[:, docs.stop]).flatten()
+        if not rows.numel():
+            return out, weights
+        q, k, v = query[:, :, rows].float(), key.float(), value.float()
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        scaling = kwargs.get("scaling") or q.shape[-1] ** -0.5
+        logits = q @ k.transpose(-1, -2) * scaling
+        is_doc = torch.zeros(n_keys, dtype=torch.bool)
+        is_doc[docs] = True
+        seen = visible[rows]
+        doc_logits = (logits / temperature).masked_fill(~(seen & is_doc), float("-inf"))
+        group = torch.logsumexp(doc_logits, -1, keepdim=True)
+        adjusted = torch.where(is_doc, logits / temperature + (temperature * scale - 1) * group, logits)
+        probs = torch.softmax(adjusted.masked_fill(~seen, float("-inf")), -1)
+        out = out.clone()
+        out[:, rows] = (probs @ v).transpose(1, 2).to(out.dtype)
+        return out, weights
+
+    return route
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("strategies", nargs="+", help="strategy@rate, e.g. a3@0.15 a3x:starts=8@0.15")
@@ -88,15 +153,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="task seed (1: not the default suite's seed 0)")
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("-N", "--new-tokens", type=int, default=24)
+    parser.add_argument("--ape", default=None, help="also each strategy with APE's attention at these T:S, comma-separated")
     args = parser.parse_args()
+    apes = [tuple(float(x) for x in item.split(":")) for item in args.ape.split(",")] if args.ape else []
 
     loaded = kvlab.load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     tasks = make_tasks(loaded, args.task, args.n, seed=args.seed)
     sentence_ends = SentenceEnds(tokenizer)
     store = MemoryStore()
-    strategies = {text: make_strategy(text.split("@")[0], float(text.split("@")[1]) if "@" in text else None)
-                  for text in args.strategies}
+    strategies = {}
+    for text in args.strategies:
+        strategy = make_strategy(text.split("@")[0], float(text.split("@")[1]) if "@" in text else None)
+        strategies[text] = (strategy, None)
+        for temperature, scale in apes:
+            strategies[f"{text} ape={temperature:g}:{scale:g}"] = (strategy, (temperature, scale))
     rows: dict[str, list[dict]] = {text: [] for text in strategies}
     full_right: list[bool] = []
     started = time.perf_counter()
@@ -114,10 +185,16 @@ def main() -> None:
         text = tokenizer.decode(answer, skip_special_tokens=True)
         full_right.append(score(text, task.answers, verbatim=bool(task.meta.get("verbatim")))["substring"] == 1.0)
         marks = []
-        for name, strategy in strategies.items():
+        for name, (strategy, ape) in strategies.items():
             if isinstance(strategy, A3Variant):
                 strategy = dataclasses.replace(strategy, ends=ends)
-            with torch.no_grad():
+            if isinstance(strategy, EvidenceOracle):
+                strategy = dataclasses.replace(strategy, evidence=tuple(evidence))
+            routes = {}
+            if ape is not None:
+                route = ape_route(*ape, slice(prompt.n_prefix, prompt.n_prefix + prompt.n_docs))
+                routes = {i: route for i in range(strategy.first_selective_layer(), len(decoder_layers(model)))}
+            with torch.no_grad(), attention_taps(model, {}, routes):
                 fused = prefill(loaded, prompt, strategy, store)
                 logits = [fused.logits]
                 if len(answer) > 1:
