@@ -4,8 +4,9 @@ For every task, full prefill answers greedily (N tokens); then each strategy's f
 teacher-forced on that answer. All N greedy choices agreeing is exactly "the fused greedy answer
 is full prefill's answer, token for token" (a stricter test than `fuse eval`'s same first line),
 at the cost of one forward pass instead of N decode steps. Also printed: the share of answer
-tokens that agree, the mean log-probability of full's answer, and how much of the evidence (the
-planted facts' tokens) the strategy recomputed.
+tokens that agree, the mean log-probability of full's answer, how much of the evidence (the
+planted facts' tokens) the strategy recomputed, and the fused prefill's seconds (store reads
+included).
 
 Besides the registered strategies, these ideas are defined here through the public strategy
 registry and attention routes (they are under measurement, not part of kvlab):
@@ -13,6 +14,8 @@ registry and attention routes (they are under measurement, not part of kvlab):
     a3x:starts=K     the first K tokens of every chunk are recomputed too (EPIC's chunk starts),
                      inside the same budget
     a3x:sentences=1  whole sentences by their best pooled token score, until the budget is spent
+    a3x:per_chunk=1  the budget shared out over the chunks by their length, each chunk's best
+                     scores within it (A^3's own choice gathers late in the prompt)
     oracle           the evidence tokens (the planted facts, known only to a benchmark) first,
                      then A^3's best scores until the budget is spent; `oracle:pad=K` also takes
                      K neighbours on each side of every evidence token
@@ -43,7 +46,7 @@ from kvlab.fusion.fused import load_chunks, prefill
 from kvlab.fusion.prompt import task_prompt
 from kvlab.model_facts import decoder_layers
 from kvlab.fusion.store.memory import MemoryStore
-from kvlab.fusion.strategies import A3, make_strategy, register_strategy, top_rows
+from kvlab.fusion.strategies import A3, make_strategy, register_strategy, top_per_chunk, top_rows
 from kvlab.tasks.intervals import wilson_interval
 from kvlab.tasks.scoring import score
 from kvlab.tasks.suite import task_kind
@@ -51,11 +54,13 @@ from kvlab.tasks.suite import task_kind
 
 @register_strategy("a3x")
 class A3Variant(A3):
-    """A^3 scores, plus chunk starts and/or whole sentences (`ends`: which document tokens end a sentence)."""
+    """A^3 scores, plus chunk starts, whole sentences (`ends`: which document tokens end a sentence), or
+    the budget shared out over the chunks by their length (`per_chunk`)."""
 
     needs: ClassVar[frozenset[str]] = frozenset({"attention"})
     starts: int = 0
     sentences: bool = False
+    per_chunk: bool = False
     ends: tuple[bool, ...] = ()
 
     def select(self, inputs):
@@ -68,7 +73,9 @@ class A3Variant(A3):
         for start, end in inputs.spans:
             chosen[start:min(end, start + self.starts)] = True
         left = budget - int(chosen.sum())
-        if left > 0 and not self.sentences:
+        if left > 0 and self.per_chunk:
+            chosen[top_per_chunk(scores.masked_fill(chosen, -1.0), inputs.spans, left)] = True
+        elif left > 0 and not self.sentences:
             chosen[top_rows(scores.masked_fill(chosen, -1.0), left)] = True
         elif left > 0:
             sentence = torch.tensor(self.ends[:n], dtype=torch.long).cumsum(0).roll(1)
@@ -208,6 +215,7 @@ def main() -> None:
                 "same": bool(agree.all()), "tokens": float(agree.mean()),
                 "logprob": float(torch.log_softmax(logits, -1).gather(1, target[:, None]).mean()),
                 "evidence": sum(p in picked for p in evidence) / len(evidence) if evidence else None,
+                "seconds": fused.seconds,
             })
             marks.append(str(int(agree.all())))
         print(f"[{index}] {task_kind(task):8} full {'right' if full_right[-1] else 'wrong'}  same: {' '.join(marks)}",
@@ -215,7 +223,7 @@ def main() -> None:
     right = [i for i, ok in enumerate(full_right) if ok]
     print(f"\n{args.model}, {args.task} seed {args.seed}: {len(tasks)} tasks, full prefill right on {len(right)} "
           f"({time.perf_counter() - started:.0f} s)")
-    print(f"{'strategy':28} {'same | full right':>24} {'same (all)':>11} {'tokens':>7} {'logprob':>8} {'evidence':>9}")
+    print(f"{'strategy':28} {'same | full right':>24} {'same (all)':>11} {'tokens':>7} {'logprob':>8} {'evidence':>9} {'prefill s':>10}")
     for name, got in rows.items():
         same_right = sum(got[i]["same"] for i in right)
         low, high = wilson_interval(same_right, len(right)) if right else (float("nan"), float("nan"))
@@ -223,7 +231,8 @@ def main() -> None:
         print(f"{name:28} {same_right:>5}/{len(right):<3} [{low:.2f}, {high:.2f}] {sum(g['same'] for g in got):>6}/"
               f"{len(got):<4} {statistics.fmean(g['tokens'] for g in got):7.3f} "
               f"{statistics.fmean(g['logprob'] for g in got):8.3f} "
-              f"{statistics.fmean(evidence) if evidence else float('nan'):9.2f}")
+              f"{statistics.fmean(evidence) if evidence else float('nan'):9.2f} "
+              f"{statistics.fmean(g['seconds'] for g in got):10.2f}")
 
 
 if __name__ == "__main__":
