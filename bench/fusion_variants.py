@@ -160,7 +160,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="task seed (1: not the default suite's seed 0)")
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("-N", "--new-tokens", type=int, default=24)
-    parser.add_argument("--ape", default=None, help="also each strategy with APE's attention at these T:S, comma-separated")
+    parser.add_argument("--ape", default=None,
+                        help="also each strategy with APE's attention at these T:S, comma-separated")
     args = parser.parse_args()
     apes = [tuple(float(x) for x in item.split(":")) for item in args.ape.split(",")] if args.ape else []
 
@@ -223,7 +224,8 @@ def main() -> None:
     right = [i for i, ok in enumerate(full_right) if ok]
     print(f"\n{args.model}, {args.task} seed {args.seed}: {len(tasks)} tasks, full prefill right on {len(right)} "
           f"({time.perf_counter() - started:.0f} s)")
-    print(f"{'strategy':28} {'same | full right':>24} {'same (all)':>11} {'tokens':>7} {'logprob':>8} {'evidence':>9} {'prefill s':>10}")
+    print(f"{'strategy':28} {'same | full right':>24} {'same (all)':>11} {'tokens':>7} {'logprob':>8} {'evidence':>9} "
+          f"{'prefill s':>10}")
     for name, got in rows.items():
         same_right = sum(got[i]["same"] for i in right)
         low, high = wilson_interval(same_right, len(right)) if right else (float("nan"), float("nan"))
