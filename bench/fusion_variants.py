@@ -163,7 +163,10 @@ def main() -> None:
     parser.add_argument("--ape", default=None,
                         help="also each strategy with APE's attention at these T:S, comma-separated")
     args = parser.parse_args()
-    apes = [tuple(float(x) for x in item.split(":")) for item in args.ape.split(",")] if args.ape else []
+    try:
+        apes = [(float(t), float(s)) for t, s in (item.split(":") for item in args.ape.split(","))] if args.ape else []
+    except ValueError:
+        parser.error(f"--ape {args.ape!r}: expected T:S pairs such as 0.9:0.9,1:0.9")
 
     loaded = kvlab.load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
