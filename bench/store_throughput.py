@@ -8,6 +8,9 @@ method writes the same chunks and reads them back, methods alternating in each r
     LocalStore                safetensors file + SQLite index, fsync, checksum on write and read
     LocalStore (no fsync)     the same without fsync (durable=False)
     RedisStore                a redis-server on loopback (started here unless --redis URL)
+    loopback socket           the bytes of each chunk sent by another process over loopback TCP and
+                              received into one buffer: no server, no checksum, no parsing. The
+                              ceiling for any store that reads over a socket on this machine.
 
 Reads come from the page cache (or Redis memory): the figures compare software overheads on
 one machine, not disks.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import multiprocessing
 import platform
 import shutil
 import socket
@@ -78,6 +82,51 @@ class TorchFiles:
 
     def close(self) -> None:
         pass
+
+
+def _serve_bytes(listener: socket.socket) -> None:
+    """The far end of LoopbackSocket: keeps what it is sent, sends back what it is asked for."""
+    held: dict[int, bytes] = {}
+    conn, _ = listener.accept()
+    with conn, conn.makefile("rb") as reader:
+        while line := reader.readline():
+            verb, index, size = line.split()
+            if verb == b"P":
+                held[int(index)] = reader.read(int(size))
+            else:
+                conn.sendall(held[int(index)])
+
+
+class LoopbackSocket:
+    """A chunk's bytes over loopback TCP from another process: what the transport alone costs."""
+
+    def __init__(self) -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.server = multiprocessing.get_context("fork").Process(target=_serve_bytes, args=(listener,), daemon=True)
+        self.server.start()
+        self.sock = socket.create_connection(listener.getsockname())
+        listener.close()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sizes: dict[str, int] = {}
+
+    def put(self, key, chunk: ChunkKV) -> None:
+        data = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in chunk.tensors().values())
+        self.sizes[key.digest()] = len(data)
+        self.sock.sendall(b"P %d %d\n" % (len(self.sizes) - 1, len(data)) + data)
+
+    def get(self, key) -> torch.Tensor:
+        index = list(self.sizes).index(key.digest())
+        size = self.sizes[key.digest()]
+        self.sock.sendall(b"G %d 0\n" % index)
+        buf = torch.empty(size, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        while done < size:
+            done += self.sock.recv_into(view[done:])
+        return buf
+
+    def close(self) -> None:
+        self.sock.close()
+        self.server.join()
 
 
 def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
@@ -142,6 +191,7 @@ def main() -> None:
                 "LocalStore": lambda: LocalStore(tmp / f"local{next(counter)}"),
                 "LocalStore (no fsync)": lambda: LocalStore(tmp / f"nofsync{next(counter)}", durable=False),
                 "RedisStore": fresh_redis,
+                "loopback socket": LoopbackSocket,
             }
             time_method(methods["LocalStore"], keys[:1], chunks[:1])  # warm-up
             times = {name: ([], []) for name in methods}
