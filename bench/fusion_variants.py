@@ -16,6 +16,8 @@ registry and attention routes (they are under measurement, not part of kvlab):
     a3x:sentences=1  whole sentences by their best pooled token score, until the budget is spent
     a3x:per_chunk=1  the budget shared out over the chunks by their length, each chunk's best
                      scores within it (A^3's own choice gathers late in the prompt)
+    a3x:whole=1      whole chunks, the most attended first (summed A^3 scores), while they fit in
+                     the budget; the rest by score (no chunk mixes fresh and stored tokens but one)
     oracle           the evidence tokens (the planted facts, known only to a benchmark) first,
                      then A^3's best scores until the budget is spent; `oracle:pad=K` also takes
                      K neighbours on each side of every evidence token
@@ -61,6 +63,7 @@ class A3Variant(A3):
     starts: int = 0
     sentences: bool = False
     per_chunk: bool = False
+    whole: bool = False
     ends: tuple[bool, ...] = ()
 
     def select(self, inputs):
@@ -72,6 +75,12 @@ class A3Variant(A3):
         chosen = torch.zeros(n, dtype=torch.bool)
         for start, end in inputs.spans:
             chosen[start:min(end, start + self.starts)] = True
+        if self.whole:
+            mass = [float(inputs.attention[start:end].sum()) for start, end in inputs.spans]
+            for c in sorted(range(len(mass)), key=lambda c: -mass[c]):
+                start, end = inputs.spans[c]
+                if end - start + int(chosen.sum()) <= budget:
+                    chosen[start:end] = True
         left = budget - int(chosen.sum())
         if left > 0 and self.per_chunk:
             chosen[top_per_chunk(scores.masked_fill(chosen, -1.0), inputs.spans, left)] = True
