@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from kvlab.errors import KvlabError
 from kvlab.fusion.fused import answer, prefill
@@ -12,7 +13,7 @@ from kvlab.model_facts import decoder_layers
 from tests.conftest import tiny
 from tests.fusion.helpers import QUESTION, full_run, llama_from_config, tiny_prompt
 
-REUSING = ["last", "cacheblend", "a3", "epic", "surprisal"]
+REUSING = ["last", "cacheblend", "a3", "a3:scout=true", "epic", "surprisal"]
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-llama-32l"])
@@ -138,6 +139,25 @@ def test_a3_picks_the_documents_the_question_attends_to():
     assert torch.equal(result.selected, expected)
 
 
+def test_a3_scout_scores_the_question_attention_over_the_stored_cache():
+    loaded = tiny("tiny-mha", "attn=eager")
+    prompt = tiny_prompt(loaded)
+    store = MemoryStore()
+    result = prefill(loaded, prompt, make_strategy("a3:pool=1,scout=true", 0.2), store)
+    stored = prefill(loaded, prompt, make_strategy("reuse"), store).cache  # prefix and documents as loaded
+    m = prompt.n_prefix + prompt.n_docs
+    past = DynamicCache(ddp_cache_data=[(layer.keys[:, :, :m], layer.values[:, :, :m]) for layer in stored.layers])
+    with torch.no_grad():
+        out = loaded.model(torch.tensor([prompt.question]), position_ids=torch.arange(m, prompt.n_tokens)[None],
+                           past_key_values=past, output_attentions=True)
+    start, end = prompt.query_span
+    scores = out.attentions[1][0][:, start:end, prompt.n_prefix: m].sum(dim=(0, 1))
+    expected = torch.topk(scores, round(0.2 * prompt.n_docs)).indices.sort().values
+    assert torch.equal(result.selected, expected)
+    fresh = prefill(loaded, prompt, make_strategy("a3:pool=1", 0.2), store)
+    assert not torch.equal(fresh.selected, expected)  # the stored cache scores differently from a full pass
+
+
 def test_minimal_config_without_optional_keys_works():
     loaded = llama_from_config()  # no head_dim, KV heads or rope settings given
     prompt = tiny_prompt(loaded)
@@ -161,7 +181,8 @@ def test_full_prefill_needs_no_store_and_fused_needs_one():
         prefill(loaded, prompt, make_strategy("reuse"))
 
 
-def test_hooks_and_attention_are_restored_even_when_a_strategy_fails(monkeypatch):
+@pytest.mark.parametrize("spec", ["a3", "a3:scout=true"])
+def test_hooks_and_attention_are_restored_even_when_a_strategy_fails(monkeypatch, spec):
     from kvlab.fusion.strategies import A3
 
     loaded = tiny("tiny-llama")
@@ -172,9 +193,9 @@ def test_hooks_and_attention_are_restored_even_when_a_strategy_fails(monkeypatch
 
     monkeypatch.setattr(A3, "select", broken)
     with pytest.raises(RuntimeError, match="selection failed"):
-        prefill(loaded, prompt, make_strategy("a3", 0.2), MemoryStore())
+        prefill(loaded, prompt, make_strategy(spec, 0.2), MemoryStore())
     assert loaded.model.config._attn_implementation == "sdpa"
-    assert not any(layer._forward_pre_hooks for layer in decoder_layers(loaded.model))
+    assert not any(layer._forward_pre_hooks or layer._forward_hooks for layer in decoder_layers(loaded.model))
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ from kvlab.fusion.prompt import FusionPrompt
 from kvlab.fusion.rope import rope_shift
 from kvlab.fusion.store.base import ChunkStore
 from kvlab.fusion.store.errors import CorruptChunkError
-from kvlab.fusion.strategies import SelectionInputs, Strategy
+from kvlab.fusion.strategies import Reuse, SelectionInputs, Strategy
 from kvlab.intercept import intercept
 from kvlab.model_facts import LoadedModel, decoder_layers
 
@@ -164,10 +164,13 @@ def _fused_prefill(loaded, prompt: FusionPrompt, strategy: Strategy, store: Chun
         surprisal = torch.cat([c.surprisal.float() for c in chunks])
     selector = _Selector(model, plan, strategy, SelectionInputs(prompt.spans, surprisal=surprisal))
     observed: dict[int, torch.Tensor] = {}
-    question_taps = {strategy.check_layer_index: plan} if "attention" in strategy.needs else {}
-    selective = range(first_selective, n_layers)
     ids = torch.tensor([prompt.ids], device=model.device)
     positions = torch.arange(prompt.n_tokens, device=model.device)[None]
+    if strategy.scout_layer is not None:
+        _scout(model, prompt, plan, strategy.scout_layer, ids, positions, cache)
+    question_taps = ({strategy.check_layer_index: plan}
+                     if "attention" in strategy.needs and strategy.scout_layer is None else {})
+    selective = range(first_selective, n_layers)
     with selector.hooks(selective), _observation_taps(model, evict, prompt, observed, question_taps,
                                                       {i: selector.blockwise for i in selective}):
         out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -182,6 +185,31 @@ def _fused_prefill(loaded, prompt: FusionPrompt, strategy: Strategy, store: Chun
     if evict is not None:
         cache = evict.adopt(cache, observed, window=len(prompt.question))
     return Prefill(cache, logits, prompt.n_tokens, prompt.n_docs, int(selected.numel()), selected, stats, seconds)
+
+
+class _Scouted(Exception):
+    """Ends a scout pass once its last layer has run: nothing after it is needed."""
+
+
+def _scout(model, prompt: FusionPrompt, plan: FusionPlan, layer: int, ids, positions, cache: Cache) -> None:
+    """The question's attention at `layer` over the stored cache, into `plan.observations`.
+
+    Only the question's rows run, through layers 0..`layer`; their K/V land in the question's
+    slots, which the fused pass then recomputes. Layer 0's stored K/V are exact (they depend on
+    the token and its position alone), so the scores differ from a full pass only by the stored
+    layers above it.
+    """
+    scout = _Selector(model, plan, Reuse(), SelectionInputs(prompt.spans))
+    scouted = range(layer + 1)
+
+    def stop(module, args, kwargs, output):
+        raise _Scouted
+
+    with contextlib.suppress(_Scouted), scout.hooks(scouted), \
+            intercept(model, post=[(decoder_layers(model)[layer], stop)]), \
+            _observation_taps(model, None, prompt, {}, {layer: plan}, {i: scout.blockwise for i in scouted}):
+        model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    plan.rows = None
 
 
 def _assemble(shift, prefix: ChunkKV | None, chunks: Sequence[ChunkKV], prompt: FusionPrompt,

@@ -4,15 +4,17 @@ A strategy turns what the check layer saw (or static facts: chunk spans, surpris
 document rows to recompute; the question is always recomputed on top. `rate` is the fraction
 of document tokens to recompute, and the count is clamped to at least 1 and at most the number
 of document tokens (a tiny rate never selects nothing). Strategies that look at the model
-(`cacheblend`, `a3`) compute every token up to and including `check_layer`; the others select
-before the forward pass and compute only the selected tokens from layer 0.
+(`cacheblend`, `a3`) compute every token up to and including `check_layer` (`a3:scout=true` only
+the question's); the others select before the forward pass and compute only the selected tokens
+from layer 0.
 
     full        full prefill, the baseline (no cache reuse)
     reuse       recompute the question only
     last        the last document tokens (those nearest the question)
     cacheblend  largest squared L2 of V_fresh - V_cached at the check layer (CacheBlend)
     a3          attention of the user's question tokens to each document token at the check layer,
-                summed over heads and question tokens, average-pooled with width `pool` (A^3)
+                summed over heads and question tokens, average-pooled with width `pool` (A^3);
+                `scout=true` scores it over the stored cache with the question's rows alone
     epic        the first tokens of every chunk (EPIC's LegoLink; `k` per chunk, or the rate)
     surprisal   budget split across chunks by length, the most surprising tokens of each chunk
 """
@@ -76,6 +78,11 @@ class Strategy:
 
     @property
     def check_layer_index(self) -> int | None:
+        return None
+
+    @property
+    def scout_layer(self) -> int | None:
+        """Where a question-only pass over the stored cache stops before selecting (None: no such pass)."""
         return None
 
     def select(self, inputs: SelectionInputs) -> torch.Tensor:
@@ -208,11 +215,21 @@ class CacheBlend(CheckedStrategy):
 class A3(CheckedStrategy):
     needs: ClassVar[frozenset[str]] = frozenset({"attention"})
     pool: int = 5  # average-pool width over neighbouring tokens (1 = none)
+    # score over the stored cache (only the question runs up to check_layer), then recompute the
+    # selected rows from layer 0; otherwise every token runs up to check_layer and is scored fresh
+    scout: bool = False
 
     def validate(self) -> None:
         super().validate()
         if self.pool < 1 or self.pool % 2 == 0:
             raise ValueError(f"pool must be an odd width of at least 1, got {self.pool}")
+
+    def first_selective_layer(self) -> int:
+        return 0 if self.scout else super().first_selective_layer()
+
+    @property
+    def scout_layer(self) -> int | None:
+        return self.check_layer if self.scout else None
 
     def select(self, inputs: SelectionInputs) -> torch.Tensor:
         scores = _required(inputs.attention, "attention").float()
@@ -256,6 +273,23 @@ def _required(value: torch.Tensor | None, what: str) -> torch.Tensor:
     if value is None:
         raise RuntimeError(f"the strategy needs the {what} scores, which were not observed")
     return value
+
+
+def split_strategies(text: str) -> list[str]:
+    """`a3:check_layer=0,scout=true,cacheblend` -> ["a3:check_layer=0,scout=true", "cacheblend"].
+
+    A comma starts a new strategy unless what follows is a `name=value` parameter (strategy
+    names have no `=`; a strategy's own parameters follow its `:`).
+    """
+    specs: list[str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if specs and "=" in item and ":" not in item.split("=", 1)[0]:
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    return specs
 
 
 def make_strategy(text: str, rate: float | None = None) -> Strategy:
