@@ -25,6 +25,7 @@ import torch
 import kvlab
 from kvlab.fusion.evaluate import evaluate, expand, make_tasks
 from kvlab.fusion.store import open_store
+from kvlab.fusion.strategies import split_strategies
 
 
 def main() -> None:
@@ -48,7 +49,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     loaded = kvlab.load_model(args.model)
-    runs = expand(args.strategies.split(","), [args.rate])
+    runs = expand(split_strategies(args.strategies), [args.rate])
     print(f"model {args.model}, {args.chunks} chunks x {args.chunk_tokens} tokens + question, n={args.n} per task "
           f"kind, rate {args.rate}, store {args.store}, torch threads {torch.get_num_threads()}, "
           f"{platform.processor() or platform.machine()}", flush=True)
@@ -105,7 +106,7 @@ def _profile(loaded, args) -> None:
     kind = args.kinds.split(",")[0]
     task = make_tasks(loaded, kind, 1, n_chunks=args.chunks, chunk_tokens=args.chunk_tokens)[0]
     prompt = task_prompt(loaded, task, chunk_tokens=args.chunk_tokens)
-    strategy = make_strategy(args.strategies.split(",")[0], args.rate)
+    strategy = make_strategy(split_strategies(args.strategies)[0], args.rate)
     with open_store("memory://") as store:
         prefill(loaded, prompt, strategy, store)  # fills the store and warms up
         started = time.perf_counter()

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from kvlab.fusion.strategies import SelectionInputs, StrategyError, make_strategy, split_budget, strategy_names
+from kvlab.fusion.strategies import (SelectionInputs, StrategyError, make_strategy, split_budget, split_strategies,
+                                     strategy_names)
 
 SPANS = [(0, 10), (10, 14), (14, 30)]  # three chunks of 10, 4 and 16 tokens
 
@@ -75,7 +76,9 @@ def test_check_layer_starts_the_selective_layers():
     assert make_strategy("a3").first_selective_layer() == 2
     assert make_strategy("cacheblend:check_layer=0").first_selective_layer() == 1
     assert make_strategy("epic").first_selective_layer() == 0
-    assert make_strategy("a3:check_layer=3", 0.3).spec() == "a3:check_layer=3,per_chunk=false,pool=5"
+    assert make_strategy("a3:scout=true").first_selective_layer() == 0
+    assert make_strategy("a3:scout=true,check_layer=3").scout_layer == 3 and make_strategy("a3").scout_layer is None
+    assert make_strategy("a3:check_layer=3", 0.3).spec() == "a3:check_layer=3,per_chunk=false,pool=5,scout=false"
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -90,3 +93,11 @@ def test_bad_specs_are_one_line_errors(text, fragment):
     with pytest.raises(StrategyError, match=fragment.replace("[", r"\[").replace("]", r"\]")) as info:
         make_strategy(text)
     assert "\n" not in str(info.value)
+
+
+def test_a_strategy_list_keeps_each_strategy_with_its_parameters():
+    assert split_strategies("a3:check_layer=0,scout=true,cacheblend, epic:k=4,") == [
+        "a3:check_layer=0,scout=true", "cacheblend", "epic:k=4"]
+    assert split_strategies("reuse,a3") == ["reuse", "a3"]
+    # a parameter with nothing before it is left alone, for make_strategy to refuse by name
+    assert split_strategies("pool=3,a3") == ["pool=3", "a3"]

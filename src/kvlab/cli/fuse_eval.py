@@ -109,7 +109,8 @@ def run_command(model_spec, store_url, task_file, task_id, chunks_file, question
               help="Generated tasks (mixed: every kind in turn), or a task file (kvlab or LongBench JSON lines).")
 @click.option("--n", "n_tasks", type=click.IntRange(min=1), default=48, show_default=True, help="Number of tasks.")
 @click.option("--strategies", default="reuse,cacheblend,a3,epic,surprisal", show_default=True,
-              help="Comma-separated strategies (full prefill is always run as the baseline).")
+              help="Comma-separated strategies, each with its parameters (a3:check_layer=0,scout=true,cacheblend); "
+                   "full prefill is always run as the baseline.")
 @click.option("--rates", default="0.05,0.15,0.3", show_default=True, help="Comma-separated recompute rates.")
 @_store
 @_evict_option
@@ -131,10 +132,10 @@ def eval_command(model_spec, task_source, n_tasks, strategies, rates, store_url,
     """Accuracy (with its 95% interval), agreement with full prefill, TTFT and speedup of each strategy and
     rate, over all tasks and per task kind."""
     from kvlab.fusion.evaluate import evaluate_model, expand
+    from kvlab.fusion.strategies import split_strategies
     from kvlab.runspec import RunSpec
 
-    names = [s.strip() for s in strategies.split(",") if s.strip()]
-    runs = expand(names, numbers(rates, "--rates"))
+    runs = expand(split_strategies(strategies), numbers(rates, "--rates"))
     policy = _evict(evict_spec)
     done = evaluate_model(model_spec, RunSpec.parse(run_text), task_source, n_tasks, runs, store_url, evict=policy,
                           n_chunks=n_chunks, chunk_tokens=chunk_tokens, seed=seed, metric=metric,
