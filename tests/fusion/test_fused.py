@@ -13,7 +13,7 @@ from kvlab.model_facts import decoder_layers
 from tests.conftest import tiny
 from tests.fusion.helpers import QUESTION, full_run, llama_from_config, tiny_prompt
 
-REUSING = ["last", "cacheblend", "a3", "a3:scout=true", "epic", "surprisal"]
+REUSING = ["last", "cacheblend", "a3", "a3:check_layer=1", "a3:check_layer=1,scout=true", "epic", "surprisal"]
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-llama-32l"])
@@ -124,13 +124,16 @@ def test_cacheblend_picks_the_largest_value_deviation_at_the_check_layer():
     assert torch.equal(result.selected, expected)
 
 
-def test_a3_picks_the_documents_the_question_attends_to():
+@pytest.mark.parametrize("check_layer", [0, 1])
+def test_a3_picks_the_documents_the_question_attends_to(check_layer):
+    # at layer 0 only the question runs before selecting (the stored keys are the fresh ones there);
+    # at layer 1 every token does: both must pick what the question attends to in a full pass
     loaded = tiny("tiny-mha", "attn=eager")
     prompt = tiny_prompt(loaded)
-    result = prefill(loaded, prompt, make_strategy("a3:pool=1", 0.2), MemoryStore())
+    result = prefill(loaded, prompt, make_strategy(f"a3:pool=1,check_layer={check_layer}", 0.2), MemoryStore())
     with torch.no_grad():
         out = loaded.model(torch.tensor([prompt.ids]), output_attentions=True)
-    probs = out.attentions[1][0]  # check layer 1: [heads, query, key]
+    probs = out.attentions[check_layer][0]  # [heads, query, key]
     p, question = prompt.n_prefix, prompt.n_prefix + prompt.n_docs  # the question part starts here
     start, end = prompt.query_span  # the user's question within it (not the instruction or template)
     assert loaded.decode(list(prompt.question[start:end])) == QUESTION
@@ -143,7 +146,7 @@ def test_a3_scout_scores_the_question_attention_over_the_stored_cache():
     loaded = tiny("tiny-mha", "attn=eager")
     prompt = tiny_prompt(loaded)
     store = MemoryStore()
-    result = prefill(loaded, prompt, make_strategy("a3:pool=1,scout=true", 0.2), store)
+    result = prefill(loaded, prompt, make_strategy("a3:pool=1,check_layer=1,scout=true", 0.2), store)
     stored = prefill(loaded, prompt, make_strategy("reuse"), store).cache  # prefix and documents as loaded
     m = prompt.n_prefix + prompt.n_docs
     past = DynamicCache(ddp_cache_data=[(layer.keys[:, :, :m], layer.values[:, :, :m]) for layer in stored.layers])
@@ -154,7 +157,7 @@ def test_a3_scout_scores_the_question_attention_over_the_stored_cache():
     scores = out.attentions[1][0][:, start:end, prompt.n_prefix: m].sum(dim=(0, 1))
     expected = torch.topk(scores, round(0.2 * prompt.n_docs)).indices.sort().values
     assert torch.equal(result.selected, expected)
-    fresh = prefill(loaded, prompt, make_strategy("a3:pool=1", 0.2), store)
+    fresh = prefill(loaded, prompt, make_strategy("a3:pool=1,check_layer=1", 0.2), store)
     assert not torch.equal(fresh.selected, expected)  # the stored cache scores differently from a full pass
 
 
@@ -181,7 +184,7 @@ def test_full_prefill_needs_no_store_and_fused_needs_one():
         prefill(loaded, prompt, make_strategy("reuse"))
 
 
-@pytest.mark.parametrize("spec", ["a3", "a3:scout=true"])
+@pytest.mark.parametrize("spec", ["a3", "a3:check_layer=1"])
 def test_hooks_and_attention_are_restored_even_when_a_strategy_fails(monkeypatch, spec):
     from kvlab.fusion.strategies import A3
 

@@ -73,12 +73,15 @@ def test_surprisal_ranks_within_each_chunk_and_unknown_first_tokens_first():
 
 
 def test_check_layer_starts_the_selective_layers():
-    assert make_strategy("a3").first_selective_layer() == 2
+    assert make_strategy("a3:check_layer=1").first_selective_layer() == 2
     assert make_strategy("cacheblend:check_layer=0").first_selective_layer() == 1
     assert make_strategy("epic").first_selective_layer() == 0
-    assert make_strategy("a3:scout=true").first_selective_layer() == 0
-    assert make_strategy("a3:scout=true,check_layer=3").scout_layer == 3 and make_strategy("a3").scout_layer is None
-    assert make_strategy("a3:check_layer=3", 0.3).spec() == "a3:check_layer=3,per_chunk=false,pool=5,scout=false"
+    # a3 at layer 0 (its default) scores over the stored cache, so its first layer is already selective
+    assert make_strategy("a3").first_selective_layer() == 0 and make_strategy("a3").scout_layer == 0
+    assert make_strategy("a3:check_layer=0,scout=false").first_selective_layer() == 1
+    assert make_strategy("a3:scout=true,check_layer=3").scout_layer == 3
+    assert make_strategy("a3:check_layer=3").scout_layer is None
+    assert make_strategy("a3:check_layer=3", 0.3).spec() == "a3:check_layer=3,per_chunk=false,pool=5"
 
 
 @pytest.mark.parametrize("text, fragment", [

@@ -4,17 +4,18 @@ A strategy turns what the check layer saw (or static facts: chunk spans, surpris
 document rows to recompute; the question is always recomputed on top. `rate` is the fraction
 of document tokens to recompute, and the count is clamped to at least 1 and at most the number
 of document tokens (a tiny rate never selects nothing). Strategies that look at the model
-(`cacheblend`, `a3`) compute every token up to and including `check_layer` (`a3:scout=true` only
-the question's); the others select before the forward pass and compute only the selected tokens
-from layer 0.
+(`cacheblend`, `a3`) compute every token up to and including `check_layer` (`a3` at layer 0 or
+with `scout=true`: only the question's); the others select before the forward pass and compute
+only the selected tokens from layer 0.
 
     full        full prefill, the baseline (no cache reuse)
     reuse       recompute the question only
     last        the last document tokens (those nearest the question)
     cacheblend  largest squared L2 of V_fresh - V_cached at the check layer (CacheBlend)
-    a3          attention of the user's question tokens to each document token at the check layer,
-                summed over heads and question tokens, average-pooled with width `pool` (A^3);
-                `scout=true` scores it over the stored cache with the question's rows alone
+    a3          attention of the user's question tokens to each document token at the check layer
+                (default 0; A^3 uses 1), summed over heads and question tokens, average-pooled with
+                width `pool` (A^3); scored over the stored cache by the question's rows alone at
+                check layer 0 or with `scout=true`, so no layer runs over every token
     epic        the first tokens of every chunk (EPIC's LegoLink; `k` per chunk, or the rate)
     surprisal   budget split across chunks by length, the most surprising tokens of each chunk
 """
@@ -214,22 +215,29 @@ class CacheBlend(CheckedStrategy):
 @register_strategy("a3")
 class A3(CheckedStrategy):
     needs: ClassVar[frozenset[str]] = frozenset({"attention"})
+    check_layer: int = 0  # A^3 scores at layer 1; layer 0 kept the same answers, faster (BENCHMARKS.md)
     pool: int = 5  # average-pool width over neighbouring tokens (1 = none)
     # score over the stored cache (only the question runs up to check_layer), then recompute the
-    # selected rows from layer 0; otherwise every token runs up to check_layer and is scored fresh
-    scout: bool = False
+    # selected rows from layer 0; otherwise every token runs up to check_layer and is scored fresh.
+    # Unset: at check layer 0 only, where the stored keys are the fresh ones (a token's layer-0
+    # K/V depend on the token and its position alone), so both give the same selection.
+    scout: bool | None = None
 
     def validate(self) -> None:
         super().validate()
         if self.pool < 1 or self.pool % 2 == 0:
             raise ValueError(f"pool must be an odd width of at least 1, got {self.pool}")
 
+    @property
+    def scouts(self) -> bool:
+        return self.check_layer == 0 if self.scout is None else self.scout
+
     def first_selective_layer(self) -> int:
-        return 0 if self.scout else super().first_selective_layer()
+        return 0 if self.scouts else super().first_selective_layer()
 
     @property
     def scout_layer(self) -> int | None:
-        return self.check_layer if self.scout else None
+        return self.check_layer if self.scouts else None
 
     def select(self, inputs: SelectionInputs) -> torch.Tensor:
         scores = _required(inputs.attention, "attention").float()
