@@ -330,7 +330,7 @@ class _Selector:
         outputs = []
         for a, b, end in self.state["blocks"]:
             mask = attention_mask[:, :, a:b, :end] if attention_mask is not None else None
-            out, _ = kernel(module, query[:, :, a:b], key[:, :, :end], value[:, :, :end], mask, **kwargs)
+            out, _ = _masked(kernel, module, query[:, :, a:b], key[:, :, :end], value[:, :, :end], mask, kwargs)
             outputs.append(out)
         return torch.cat(outputs, dim=1), None
 
@@ -350,6 +350,21 @@ class _Selector:
             kwargs["hidden_states"] = hidden
             return args, kwargs
         return (hidden, *args[1:]), kwargs
+
+
+def _masked(kernel, module, query, key, value, mask, kwargs: dict[str, Any]):
+    """`kernel` over one block of rows with its mask.
+
+    transformers' sdpa repeats each KV head for its query heads (a copy of the keys and values
+    per call) unless there is no mask; it adds a position bias to the scores as it would a mask,
+    so the mask given as a bias lets the kernel use the KV head groups as they are: same result,
+    fewer copies. Any other kernel gets the mask as a mask.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if kernel is sdpa_attention_forward and mask is not None and "position_bias" not in kwargs:
+        return kernel(module, query, key, value, None, **{**kwargs, "position_bias": mask, "is_causal": False})
+    return kernel(module, query, key, value, mask, **kwargs)
 
 
 @contextlib.contextmanager
