@@ -15,11 +15,19 @@ import click
 from kvlab.errors import KvlabError
 
 
+# Output to a file or a pipe has no width of its own: rich would assume 80 columns and cut a wide
+# table's labels short; tables take only the width they need, so a generous one costs nothing.
+_PIPE_WIDTH = 200
+
+
 def console(json_path: str | None = None, *, stderr: bool = False):
     """The terminal console; silent when the JSON goes to stdout (`--json -`), which then holds JSON only."""
     from rich.console import Console
 
-    return Console(stderr=stderr, quiet=json_path == "-", highlight=False, soft_wrap=True)
+    out = Console(stderr=stderr, quiet=json_path == "-", highlight=False, soft_wrap=True)
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out.width = _PIPE_WIDTH
+    return out
 
 
 def make_table(title: str, columns: Sequence[str], *, labels: int = 0, no_wrap: bool = False, **options: Any):
