@@ -9,7 +9,9 @@
    decoder layer keeps only the selected rows (selected document tokens + the whole question;
    the prefix stays as stored, it is exact), with their positions and a mask that lets each see
    every key up to its own position; their fresh K/V overwrite the loaded ones. Their attention
-   runs in blocks of rows, each over the keys it can see.
+   runs in blocks of rows, each over the keys it can see. A strategy that scouts (`a3` at its
+   default layer 0) first runs the question alone up to its check layer over the stored cache
+   and selects from that, so every layer of this pass is selective.
 4. The last row's logits give the first token; the cache then decodes like any other.
 
 Everything goes through transformers' own interfaces: cache layers, forward pre-hooks with
