@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-BACKENDS = ["memory", "local", "redis"]
+BACKENDS = ["memory", "local", "redis", "redis-parts"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -15,6 +15,8 @@ def store_url(request, tmp_path):
         return "memory://"
     if request.param == "local":
         return str(tmp_path / "store")
+    if request.param == "redis-parts":  # every chunk in parts of 256 bytes
+        return request.getfixturevalue("fresh_redis") + "?part=256"
     return request.getfixturevalue("fresh_redis")
 
 

@@ -60,8 +60,9 @@ def flip_stored_byte(store, key: ChunkKey, offset: int = -1) -> None:
         data = bytearray(path.read_bytes())
         data[offset] ^= 0x10
         path.write_bytes(bytes(data))
-    elif isinstance(store, RedisStore):
-        name = store._name(digest, "data")
+    elif isinstance(store, RedisStore):  # the last part holds the end of the tensor data
+        row = json.loads(store._r.get(store._name(digest, "meta")))
+        name = store._part_names(digest, len(row.get("parts", [0])))[-1]
         data = bytearray(store._r.get(name))
         data[offset] ^= 0x10
         store._r.set(name, bytes(data), keepttl=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Sequence
 
 import torch
 
@@ -46,6 +47,26 @@ class BulkReader:
 
     def mget(self, *names: str) -> list[torch.Tensor | None]:
         """The values of `names` as uint8 tensors (None for a missing key)."""
+        return self._exchange(names, lambda: [self._bulk() for _ in names])
+
+    def mget_into(self, names: Sequence[str], sizes: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+        """The values of `names` end to end in one uint8 tensor, where each is expected to have its
+        size in `sizes`; also each value's actual length (-1: missing). A value of another length is
+        read and dropped, and its share of the tensor left as it was."""
+        buf = torch.empty(sum(sizes), dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+
+        def read() -> list[int]:
+            lengths, offset = [], 0
+            for size in sizes:
+                lengths.append(self._bulk_into(view[offset:offset + size]))
+                offset += size
+            return lengths
+
+        return buf, self._exchange(names, read)
+
+    def _exchange(self, names: Sequence[str], read):
+        """Send one MGET of `names` and let `read` take its values off the connection."""
         with self._lock:
             if self._pid != os.getpid():  # a forked child: the parent's connection is not ours to use
                 self._sock, self._pid = None, os.getpid()
@@ -56,7 +77,7 @@ class BulkReader:
                 count = self._header("*")
                 if count != len(names):
                     raise RespError(f"MGET of {len(names)} keys answered {count} values")
-                return [self._bulk() for _ in range(count)]
+                return read()
             except BaseException:
                 self.close()  # a reply half read leaves the connection in an unknown state
                 raise
@@ -122,16 +143,25 @@ class BulkReader:
         if size < 0:
             return None
         buf = torch.empty(size, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
+        self._receive(memoryview(buf.numpy()), size)
+        return buf
+
+    def _bulk_into(self, view: memoryview) -> int:
+        """One value into `view` if it has exactly its length (else read and dropped); its length, -1 if missing."""
+        size = self._header("$")
+        if size >= 0:
+            self._receive(view if size == len(view) else memoryview(bytearray(size)), size)
+        return size
+
+    def _receive(self, view: memoryview, size: int) -> None:
         done = min(size, len(self._pending))
         view[:done] = self._pending[:done]
         del self._pending[:done]
         assert self._sock is not None
         while done < size:
-            got = self._sock.recv_into(view[done:])
+            got = self._sock.recv_into(view[done:size])
             if not got:
                 raise RespError("connection closed in the middle of a value")
             done += got
         if self._line() != b"":
             raise RespError("a value did not end where its length said")
-        return buf
