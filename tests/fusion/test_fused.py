@@ -75,6 +75,31 @@ def test_store_is_filled_on_a_miss_and_read_on_a_hit():
     assert store.stats()["entries"] == n_parts
 
 
+def test_a_cold_store_runs_the_prefix_once_for_every_missing_chunk_surprisal():
+    from kvlab.fusion.chunks import compute_chunk_kv
+
+    loaded = tiny("tiny-llama")
+    prompt = tiny_prompt(loaded, chat=True)  # a real prefix before three chunks
+    assert prompt.prefix and len(prompt.chunks) > 1
+    prefix_runs = []
+
+    def count(module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is not None and ids.shape[-1] == len(prompt.prefix):
+            prefix_runs.append(1)
+
+    handle = loaded.model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        store = MemoryStore()
+        prefill(loaded, prompt, make_strategy("surprisal", 0.3), store)
+    finally:
+        handle.remove()
+    assert len(prefix_runs) == 2  # the prefix's own cache, then its logits once (not once per chunk)
+    for ids in prompt.chunks:  # and every chunk's surprisal is what a chunk computed on its own has
+        key, alone = compute_chunk_kv(loaded, list(ids), list(prompt.prefix), surprisal=True)
+        assert torch.allclose(store.get(key).surprisal, alone.surprisal, atol=1e-5)
+
+
 def test_a_damaged_chunk_is_recomputed_and_replaced():
     loaded = tiny("tiny-llama")
     prompt = tiny_prompt(loaded)

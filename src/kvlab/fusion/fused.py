@@ -84,13 +84,23 @@ def load_chunks(loaded: "LoadedModel", store: ChunkStore, prompt: FusionPrompt, 
     prefix_cache = None
     if prefix is not None:
         prefix_cache = DynamicCache(ddp_cache_data=list(zip(prefix.keys, prefix.values)))
-    chunks = [_fetch(loaded, store, list(ids), prefix_ids, surprisal, stats, prefix_cache) for ids in prompt.chunks]
+    logits: list[torch.Tensor] = []
+
+    def prefix_logits() -> torch.Tensor | None:
+        """The logits after the prefix (a missing chunk's first surprisal), computed once for all misses."""
+        if prefix_ids and not logits:
+            with torch.no_grad():
+                logits.append(loaded.model(torch.tensor([prefix_ids], device=loaded.model.device)).logits[0, -1])
+        return logits[0] if logits else None
+
+    chunks = [_fetch(loaded, store, list(ids), prefix_ids, surprisal, stats, prefix_cache, prefix_logits)
+              for ids in prompt.chunks]
     stats.seconds = time.perf_counter() - started
     return prefix, chunks, stats
 
 
 def _fetch(loaded, store: ChunkStore, ids: list[int], prefix_ids: list[int], surprisal: bool, stats: LoadStats,
-           prefix_cache) -> ChunkKV:
+           prefix_cache, prefix_logits=lambda: None) -> ChunkKV:
     key = chunk_key(loaded, ids, prefix_ids)
     try:
         chunk = store.get(key)
@@ -105,7 +115,8 @@ def _fetch(loaded, store: ChunkStore, ids: list[int], prefix_ids: list[int], sur
     if chunk is not None:
         stats.hits += 1
         return chunk
-    key, chunk = compute_chunk_kv(loaded, ids, prefix_ids, surprisal=True, prefix_cache=prefix_cache)
+    key, chunk = compute_chunk_kv(loaded, ids, prefix_ids, surprisal=True, prefix_cache=prefix_cache,
+                                  prefix_logits=prefix_logits() if prefix_ids else None)
     store.put(key, chunk)
     stats.misses += 1
     return chunk
