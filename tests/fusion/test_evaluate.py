@@ -79,3 +79,12 @@ def test_fuse_tasks_writes_what_fuse_eval_generates(cli, tmp_path):
     assert [t.to_dict() for t in read_task_file(out)] == [t.to_dict() for t in made]
     code, _, err = cli("fuse", "tasks", "--model", "tiny-llama", "--task", "other", "--out", out)
     assert code == 2 and "not one of needle, kvqa, needles, twohop, mixed" in err
+
+
+def test_a_plot_whose_drawing_fails_leaves_no_open_figure():
+    from kvlab.fusion.report import draw_plot, pyplot
+
+    before = set(pyplot().get_fignums())
+    with pytest.raises(KeyError):
+        draw_plot([{"label": "a3", "strategy": "a3", "rate": 0.15, "accuracy": 0.5}], "no ttft_s in the row")
+    assert set(pyplot().get_fignums()) == before

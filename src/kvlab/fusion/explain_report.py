@@ -9,7 +9,7 @@ from pathlib import Path
 
 from kvlab.atomic import write_text_atomic
 from kvlab.fusion.explain import Explanation
-from kvlab.fusion.report import png_bytes, pyplot
+from kvlab.fusion.report import closed_on_error, png_bytes, pyplot
 
 _STYLE = (
     "body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:1em 0}"
@@ -88,12 +88,13 @@ def _prompt_html(e: Explanation, selected: set[int], divergence: int | None) -> 
 
 def _attention_png(e: Explanation) -> str:
     figure, axes = pyplot().subplots(figsize=(7, 3.2), dpi=100)
-    layers = range(len(e.attention_full))
-    axes.plot(layers, e.attention_full, marker="o", color="black", label="full prefill")
-    axes.plot(layers, e.attention_fused, marker="o", label=e.strategy.label())
-    axes.set_xlabel("layer")
-    axes.set_ylabel("attention mass on the evidence")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
+    with closed_on_error(figure):
+        layers = range(len(e.attention_full))
+        axes.plot(layers, e.attention_full, marker="o", color="black", label="full prefill")
+        axes.plot(layers, e.attention_fused, marker="o", label=e.strategy.label())
+        axes.set_xlabel("layer")
+        axes.set_ylabel("attention mass on the evidence")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+        figure.tight_layout()
     return base64.b64encode(png_bytes(figure)).decode()

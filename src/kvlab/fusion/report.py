@@ -5,9 +5,10 @@ task kind."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,25 @@ def draw_plot(rows: Sequence[dict[str, Any]], title: str):
     rate labels, each moved off the points' other labels (rates of nearby points, or of several
     strategies at one spot, would otherwise print on top of each other)."""
     figure, axes = pyplot().subplots(figsize=(7.5, 4.8), dpi=110)
+    with closed_on_error(figure):
+        labels = _draw_lines(axes, rows, title)
+        figure.tight_layout()
+        _separate(figure, labels)
+    return figure, labels
+
+
+@contextlib.contextmanager
+def closed_on_error(figure) -> Iterator[None]:
+    """Close `figure` if drawing it raises (once drawn, `png_bytes` closes it)."""
+    try:
+        yield
+    except BaseException:
+        pyplot().close(figure)
+        raise
+
+
+def _draw_lines(axes, rows: Sequence[dict[str, Any]], title: str) -> list:
+    """One line per strategy through its rates, full prefill as a star; the rate labels."""
     labels = []
     by_strategy: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -60,9 +80,7 @@ def draw_plot(rows: Sequence[dict[str, Any]], title: str):
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="best")
-    figure.tight_layout()
-    _separate(figure, labels)
-    return figure, labels
+    return labels
 
 
 # Offsets (points) tried in turn for a label, nearest first: right-above, right-below, left, above, below, ...
