@@ -104,3 +104,4 @@ def test_a_strategy_list_keeps_each_strategy_with_its_parameters():
     assert split_strategies("reuse,a3") == ["reuse", "a3"]
     # a parameter with nothing before it is left alone, for make_strategy to refuse by name
     assert split_strategies("pool=3,a3") == ["pool=3", "a3"]
+    assert split_strategies("reuse,pool=3") == ["reuse", "pool=3"]  # reuse has no parameters to extend

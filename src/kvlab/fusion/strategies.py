@@ -286,14 +286,15 @@ def _required(value: torch.Tensor | None, what: str) -> torch.Tensor:
 def split_strategies(text: str) -> list[str]:
     """`a3:check_layer=0,scout=true,cacheblend` -> ["a3:check_layer=0,scout=true", "cacheblend"].
 
-    A comma starts a new strategy unless what follows is a `name=value` parameter (strategy
-    names have no `=`; a strategy's own parameters follow its `:`).
+    A comma starts a new strategy unless what follows is a `name=value` parameter and the spec
+    before it already has parameters (after its `:`); a stray parameter stays an item of its own,
+    for `make_strategy` to refuse by name.
     """
     specs: list[str] = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        if specs and "=" in item and ":" not in item.split("=", 1)[0]:
+        if specs and ":" in specs[-1] and "=" in item and ":" not in item.split("=", 1)[0]:
             specs[-1] += "," + item
         else:
             specs.append(item)
