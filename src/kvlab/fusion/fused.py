@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvlab.caches.eviction import EvictionPolicy
 from kvlab.caches.fusion import FusionLayer, FusionPlan
@@ -116,7 +117,7 @@ def _fetch(loaded, store: ChunkStore, ids: list[int], prefix_ids: list[int], sur
         stats.hits += 1
         return chunk
     key, chunk = compute_chunk_kv(loaded, ids, prefix_ids, surprisal=True, prefix_cache=prefix_cache,
-                                  prefix_logits=prefix_logits() if prefix_ids else None)
+                                  prefix_logits=prefix_logits())
     store.put(key, chunk)
     stats.misses += 1
     return chunk
@@ -373,8 +374,6 @@ def _masked(kernel, module, query, key, value, mask, kwargs: dict[str, Any]):
     so the mask given as a bias lets the kernel use the KV head groups as they are: same result,
     fewer copies. Any other kernel gets the mask as a mask.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if kernel is sdpa_attention_forward and mask is not None and "position_bias" not in kwargs:
         return kernel(module, query, key, value, None, **{**kwargs, "position_bias": mask, "is_causal": False})
     return kernel(module, query, key, value, mask, **kwargs)
